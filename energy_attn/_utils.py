@@ -1,0 +1,96 @@
+"""A tiny helper vocabulary and the input checks every public entry point shares.
+
+Public functions validate at the boundary and raise ``ValueError``/``TypeError`` naming the
+argument; internals trust their callers.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def exists(x) -> bool:
+    return x is not None
+
+
+def default(x, d):
+    return x if x is not None else d
+
+
+def check_float_tensor(name: str, t, ndim: int | None = None) -> None:
+    """``t`` is a floating-point tensor (optionally of ``ndim`` dimensions)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{name} must be a floating-point tensor (float16/bfloat16/float32/float64), "
+            f"got dtype {t.dtype}"
+        )
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+
+
+def check_same_device(**tensors) -> None:
+    """All given (non-None) tensors live on one device."""
+    items = [(n, t) for n, t in tensors.items() if isinstance(t, torch.Tensor)]
+    if not items:
+        return
+    n0, t0 = items[0]
+    for n, t in items[1:]:
+        if t.device != t0.device:
+            raise ValueError(
+                f"{n} is on {t.device} but {n0} is on {t0.device}; all inputs must share a device"
+            )
+
+
+def check_num_steps(num_steps, name: str = "num_steps") -> int:
+    """A non-negative Python integer (bools rejected)."""
+    if isinstance(num_steps, bool) or not isinstance(num_steps, numbers.Integral):
+        raise TypeError(f"{name} must be a non-negative int, got {num_steps!r}")
+    if num_steps < 0:
+        raise ValueError(f"{name} must be >= 0, got {num_steps}")
+    return int(num_steps)
+
+
+def check_finite_number(name: str, x, *, positive: bool = False, allow_tensor: bool = False):
+    """A finite real number (a Python number, or a 0-d/broadcastable tensor if allowed)."""
+    if isinstance(x, torch.Tensor):
+        if not allow_tensor:
+            raise TypeError(f"{name} must be a Python number, got a tensor")
+        if not x.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        # A data-dependent check on a tensor would sync with the host; tensors are trusted.
+        return x
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(x).__name__}")
+    x = float(x)
+    if not math.isfinite(x):
+        raise ValueError(f"{name} must be finite, got {x}")
+    if positive and x <= 0:
+        raise ValueError(f"{name} must be > 0, got {x}")
+    return x
+
+
+def check_bool_mask(name: str, mask, target_shape: tuple[int, ...]) -> None:
+    """``mask`` is a boolean tensor broadcastable to ``target_shape`` (True = may attend)."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a boolean torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool:
+        raise TypeError(f"{name} must have dtype torch.bool (True = may attend), got {mask.dtype}")
+    try:
+        torch.broadcast_shapes(tuple(mask.shape), tuple(target_shape))
+        ok = mask.dim() <= len(target_shape)
+    except RuntimeError:
+        ok = False
+    if ok:
+        # broadcast_shapes also accepts shapes that grow the target; require the target itself.
+        ok = torch.broadcast_shapes(tuple(mask.shape), tuple(target_shape)) == tuple(target_shape)
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} is not broadcastable to {tuple(target_shape)}"
+        )

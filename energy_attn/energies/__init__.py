@@ -1,0 +1,21 @@
+"""Energy functions: one per file, each with its value and closed-form gradient."""
+
+from .hopfield import (
+    elastic_energy,
+    elastic_energy_grad,
+    elastic_key_bias,
+    elastic_newton_direction,
+    hopfield_energy,
+    hopfield_energy_grad,
+    hopfield_newton_direction,
+)
+
+__all__ = [
+    "elastic_energy",
+    "elastic_energy_grad",
+    "elastic_key_bias",
+    "elastic_newton_direction",
+    "hopfield_energy",
+    "hopfield_energy_grad",
+    "hopfield_newton_direction",
+]

@@ -1,0 +1,151 @@
+"""Modern Hopfield energy and the elastic Helmholtz free energy (MATH.md §1, §2, §4).
+
+Both are one energy with an optional per-key bias ``b_j`` on the logits:
+
+    E(ξ_i) = ½‖ξ_i‖² − (1/β) log Σ_j exp(β ξ_i·k_j + b_j)        (masked j dropped)
+    ∇E(ξ_i) = ξ_i − μ_i,   μ_i = Σ_j p_ij k_j,   p_i = softmax_j(β ξ_i·k_j + b_j)
+
+``b = 0`` is the Hopfield energy; ``b_j = −½β‖k_j‖²`` is the Helmholtz free energy of the
+elastic local energy ``½‖z − k_j‖²`` at temperature ``1/β``. A query that may attend to nothing
+has an empty memory: potential 0, ``μ = 0``, ``∇E = ξ`` (finite, never NaN).
+
+Shapes: ``state`` ``[..., n, d]``, ``stored`` ``[..., m, d]`` (leading dims broadcast), ``mask``
+boolean broadcastable to ``[..., n, m]`` (True = may attend), ``key_bias`` ``[..., m]``.
+Energies are returned per query, ``[..., n]``, accumulated in float32 (float64 stays float64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._utils import exists
+
+
+def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _logits(state, stored, scale, mask=None, key_bias=None):
+    """Masked logits ``β ξ·k + b`` in the accumulation dtype and the row-validity mask.
+
+    Fully masked rows get all-zero logits (so softmax/lse stay finite) and ``valid = False``;
+    callers zero their read-out and potential.
+    """
+    dt = _acc_dtype(state, stored)
+    logits = torch.einsum("...id,...jd->...ij", state.to(dt), stored.to(dt)) * scale
+    if exists(key_bias):
+        logits = logits + key_bias.to(dt).unsqueeze(-2)
+    valid = None
+    if exists(mask):
+        logits = logits.masked_fill(~mask, float("-inf"))
+        valid = mask.any(dim=-1, keepdim=True)  # [..., n, 1]
+        logits = logits.masked_fill(~valid, 0.0)
+    return logits, valid
+
+
+def _readout(logits, valid, stored):
+    """``p = softmax(logits)``, ``μ = p K`` (zero on fully masked rows)."""
+    p = logits.softmax(dim=-1)
+    if exists(valid):
+        p = p * valid
+    return p, p @ stored.to(p.dtype)
+
+
+def hopfield_energy(state_patterns, stored_patterns, scale, mask=None, key_bias=None):
+    """Modern Hopfield energy per state pattern (the blog's ``hopfield_energy``).
+
+    Args:
+        state_patterns: queries ``ξ``, ``[..., n, d]``.
+        stored_patterns: keys ``K``, ``[..., m, d]``; held fixed (differentiate w.r.t. state).
+        scale: inverse temperature ``β`` (the blog uses ``d ** -0.5``).
+        mask: optional boolean mask broadcastable to ``[..., n, m]``, True = may attend.
+        key_bias: optional per-key logit bias ``[..., m]`` (see :func:`elastic_energy`).
+
+    Returns:
+        ``[..., n]`` energies ``½‖ξ‖² − (1/β) lse_j(β ξ·k_j + b_j)`` (float32 accumulation).
+        Works under autograd exactly like the blog's function; its closed-form gradient is
+        :func:`hopfield_energy_grad` (found by :func:`energy_attn.minimize_energy`).
+    """
+    logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
+    kinetic = 0.5 * state_patterns.to(logits.dtype).pow(2).sum(dim=-1)
+    lse = torch.logsumexp(logits, dim=-1)
+    if exists(valid):
+        lse = lse * valid.squeeze(-1)
+    return kinetic - lse / scale
+
+
+def hopfield_energy_grad(state_patterns, stored_patterns, scale, mask=None, key_bias=None):
+    """Closed-form ``∇_ξ E = ξ − softmax(β ξ Kᵀ + b) K`` (``ξ`` on fully masked rows).
+
+    Same arguments as :func:`hopfield_energy`; returns ``[..., n, d]`` in the state's dtype.
+    """
+    logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
+    _, mu = _readout(logits, valid, stored_patterns)
+    return (state_patterns.to(mu.dtype) - mu).to(state_patterns.dtype)
+
+
+def hopfield_newton_direction(
+    state_patterns, stored_patterns, scale, mask=None, key_bias=None, kind="2nd1st"
+):
+    """Preconditioned gradient ``d`` of the Newton-like steps (``ξ⁺ = ξ − η d``), MATH.md §4.
+
+    With ``H = I − βΣ`` (``Σ_i`` the attention-weighted key covariance) and ``g = ξ − μ``:
+
+    * ``kind="2nd1st"``: ``d = (I + βΣ) g = 2g − Hg``, using ``Σ r = Σ_j p_ij s_ij k_j`` with
+      ``s_ij = (k_j − μ_i)·r_i`` (a second pass over the keys).
+    * ``kind="light"``: ``d = (1 + β diag Σ) ⊙ g``, ``diag Σ = Σ_j p_ij k_j⊙k_j − μ⊙μ``.
+
+    ``I + βΣ`` is positive definite, so both are descent directions.
+    """
+    logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
+    p, mu = _readout(logits, valid, stored_patterns)
+    keys = stored_patterns.to(p.dtype)
+    g = state_patterns.to(p.dtype) - mu
+    if kind == "2nd1st":
+        # Σ g = Σ_j p_ij ((k_j − μ_i)·g_i) k_j ; the μ_i part cancels because Σ_j p_ij (k_j−μ_i)=0
+        s = torch.einsum("...jd,...id->...ij", keys, g) - (mu * g).sum(-1, keepdim=True)
+        sigma_g = (p * s) @ keys
+        d = g + scale * sigma_g
+    elif kind == "light":
+        diag = p @ keys.pow(2) - mu.pow(2)
+        d = (1.0 + scale * diag) * g
+    else:
+        raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
+    return d.to(state_patterns.dtype)
+
+
+def elastic_key_bias(stored_patterns, scale):
+    """Per-key logit bias ``−½ β ‖k_j‖²`` that turns the Hopfield energy into ``F*``."""
+    dt = _acc_dtype(stored_patterns)
+    return -0.5 * scale * stored_patterns.to(dt).pow(2).sum(dim=-1)
+
+
+def elastic_energy(state_patterns, stored_patterns, scale, mask=None):
+    """Helmholtz free energy with elastic local energy ``E_j(z) = ½‖z − k_j‖²`` (MATH.md §2).
+
+    ``F*(z) = −T log Σ_j exp(−E_j(z)/T) = ½‖z‖² − T lse_j((z·k_j − ½‖k_j‖²)/T)``, ``T = 1/scale``,
+    i.e. the Hopfield energy with key bias :func:`elastic_key_bias`. Returns ``[..., n]``.
+    """
+    bias = elastic_key_bias(stored_patterns, scale)
+    return hopfield_energy(state_patterns, stored_patterns, scale, mask, key_bias=bias)
+
+
+def elastic_energy_grad(state_patterns, stored_patterns, scale, mask=None):
+    """Closed-form ``∇F*(z) = z − Σ_j p_j k_j``, ``p = softmax((z·k_j − ½‖k_j‖²)/T)``."""
+    bias = elastic_key_bias(stored_patterns, scale)
+    return hopfield_energy_grad(state_patterns, stored_patterns, scale, mask, key_bias=bias)
+
+
+def elastic_newton_direction(state_patterns, stored_patterns, scale, mask=None, kind="2nd1st"):
+    """Newton-like direction for :func:`elastic_energy` (same Hessian form as Hopfield's)."""
+    bias = elastic_key_bias(stored_patterns, scale)
+    return hopfield_newton_direction(
+        state_patterns, stored_patterns, scale, mask, key_bias=bias, kind=kind
+    )
+
+
+# Closed forms that the descent engine discovers (also through functools.partial).
+hopfield_energy.gradient = hopfield_energy_grad
+hopfield_energy.newton_direction = hopfield_newton_direction
+elastic_energy.gradient = elastic_energy_grad
+elastic_energy.newton_direction = elastic_newton_direction

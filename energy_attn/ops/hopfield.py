@@ -1,0 +1,251 @@
+"""``hopfield_descent``: T optimizer steps on the Hopfield / elastic energy, in SDPA layout.
+
+One public function, three backends (DESIGN.md):
+
+* ``reference``: closed-form steps in plain PyTorch; the read-out ``μ = softmax(β ξ Kᵀ + b) K``
+  is one ``F.scaled_dot_product_attention(ξ, K, K)`` call per step, so autograd saves only
+  O(N·D) per step (no N×M matrix on the flash/efficient SDPA kernels). A float32 master copy
+  of ξ (and v) is kept across steps; each read-out runs in the input dtype, like the kernel.
+* ``autograd``: the blog's semantics, ``torch.autograd.grad(E, ξ, create_graph=True)``.
+* ``triton``: the fused kernel from ``energy_attn.kernels`` (CUDA tensors).
+
+``auto`` picks triton for supported CUDA inputs, else reference.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections import defaultdict
+
+import torch
+import torch.nn.functional as F
+
+from .._utils import (
+    check_bool_mask,
+    check_finite_number,
+    check_float_tensor,
+    check_num_steps,
+    check_same_device,
+    exists,
+)
+from ..descent import _NEWTON_KIND, check_optimizer, descend, minimize_energy
+from ..energies.hopfield import hopfield_energy, hopfield_newton_direction
+
+BACKENDS = ("auto", "reference", "autograd", "triton")
+
+
+def _check_inputs(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer,
+                  momentum, backend):
+    check_float_tensor("q", q, ndim=4)
+    check_float_tensor("k", k, ndim=4)
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must share a dtype, got q {q.dtype} and k {k.dtype}")
+    B, H, N, D = q.shape
+    Bk, Hk, M, Dk = k.shape
+    if Dk != D:
+        raise ValueError(f"q and k must share the head dim D, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if Bk != B:
+        raise ValueError(f"q and k must share the batch size, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if Hk < 1 or H % Hk != 0:
+        raise ValueError(f"k's head count ({Hk}) must divide q's ({H}) for grouped-query descent")
+    check_same_device(q=q, k=k, mask=mask, key_bias=key_bias)
+    if exists(mask):
+        check_bool_mask("mask", mask, (B, H, N, M))
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if is_causal and N != M:
+        raise ValueError(f"is_causal=True needs N == M, got N={N}, M={M}")
+    if exists(key_bias):
+        check_float_tensor("key_bias", key_bias)
+        if tuple(key_bias.shape) != (B, Hk, M):
+            raise ValueError(
+                f"key_bias must have shape [B, Hk, M] = {(B, Hk, M)}, got {tuple(key_bias.shape)}"
+            )
+    num_steps = check_num_steps(num_steps)
+    step_size = check_finite_number("step_size", step_size)
+    scale = check_finite_number("scale", scale, positive=True) if exists(scale) else D**-0.5
+    momentum = check_optimizer(optimizer, momentum)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return scale, step_size, num_steps, momentum
+
+
+def _expand_heads(t, heads: int):
+    """Grouped heads: ``[B, Hk, ...] -> [B, H, ...]``, head h reads group ``h // (H // Hk)``."""
+    g = heads // t.shape[1]
+    return t if g == 1 else t.repeat_interleave(g, dim=1)
+
+
+def _full_mask(mask, is_causal, N, M, device):
+    """Combine a boolean mask with the causal mask (True = may attend); None if neither."""
+    if is_causal:
+        causal = torch.ones(N, M, dtype=torch.bool, device=device).tril()
+        return causal if mask is None else mask & causal
+    return mask
+
+
+def _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer,
+               momentum, return_energies):
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    k = _expand_heads(k, H)
+    bias = _expand_heads(key_bias, H) if exists(key_bias) else None
+    full = _full_mask(mask, is_causal, N, M, q.device)
+
+    # One SDPA call per step. Fully masked rows would give NaN in SDPA: let them attend to every
+    # key and zero their read-out afterwards (MATH.md §1), which also keeps gradients finite.
+    valid = None
+    attn_mask = None
+    sdpa_causal = is_causal and mask is None and bias is None
+    if exists(mask):
+        valid = full.any(dim=-1, keepdim=True)
+        attn_mask = full | ~valid
+    elif is_causal and not sdpa_causal:
+        attn_mask = full
+    if exists(bias):
+        b = bias.to(q.dtype).unsqueeze(-2)  # [B, H, 1, M]
+        attn_mask = b if attn_mask is None else b.masked_fill(~attn_mask, float("-inf"))
+
+    def readout(xi32, values):
+        out = F.scaled_dot_product_attention(
+            xi32.to(q.dtype), k, values, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale
+        )
+        return out if valid is None else out * valid
+
+    if optimizer in _NEWTON_KIND:
+        # Newton-like steps need the covariance; see hopfield_newton_direction (explicit P).
+        kind = _NEWTON_KIND[optimizer]
+
+        def direction(xi32):
+            if kind == "light":
+                # μ and Σ_j p_ij k_j⊙k_j in one read-out with values [K, K⊙K].
+                both = readout(xi32, torch.cat([k, k * k], dim=-1)).float()
+                mu, second = both[..., :D], both[..., D:]
+                g = xi32 - mu
+                return (1.0 + scale * (second - mu * mu)) * g
+            return hopfield_newton_direction(xi32, k, scale, mask=full, key_bias=bias, kind=kind)
+
+    else:
+
+        def direction(xi32):
+            return xi32 - readout(xi32, k).float()
+
+    master = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
+    traj = defaultdict(list) if return_energies else None
+    out = descend(
+        direction,
+        master,
+        num_steps=num_steps,
+        step_size=step_size,
+        optimizer=optimizer,
+        momentum=momentum,
+        trajectory=traj,
+    )
+    out = out.to(q.dtype)
+    if not return_energies:
+        return out
+    energies = torch.stack(
+        [hopfield_energy(xi, k, scale, mask=full, key_bias=bias) for xi in traj["queries"]],
+        dim=-1,
+    )
+    return out, energies
+
+
+def _autograd(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer,
+              momentum, return_energies):
+    B, H, N, D = q.shape
+    M = k.shape[2]
+    k = _expand_heads(k, H)
+    bias = _expand_heads(key_bias, H) if exists(key_bias) else None
+    full = _full_mask(mask, is_causal, N, M, q.device)
+    energy = functools.partial(hopfield_energy, scale=scale, key_bias=bias)
+    if optimizer == "newton_light":
+        raise ValueError("backend='autograd' has no optimizer='newton_light' (needs a closed "
+                         "form); use backend='reference'")
+    res = minimize_energy(
+        energy, q, k, mask=full, step_size=step_size, num_steps=num_steps,
+        return_trajs=return_energies, optimizer=optimizer, momentum=momentum,
+        use_closed_form=False,
+    )
+    if not return_energies:
+        return res
+    return res["queries"][-1], torch.stack(res["energies"], dim=-1)
+
+
+def _triton_module():
+    """The kernel module, or the reason it cannot be used."""
+    try:
+        from energy_attn.kernels import hopfield_descent as kmod  # noqa: PLC0415
+    except ImportError as e:  # no Triton, or kernels not built for this install
+        return None, f"the Triton kernels are unavailable ({e})"
+    return kmod, None
+
+
+def _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer, num_steps):
+    """Why the triton backend cannot run this call (None when it can)."""
+    kmod, why = _triton_module()
+    if kmod is None:
+        return why
+    return kmod.unsupported_reason(
+        q, k, mask=mask, is_causal=is_causal, key_bias=key_bias, optimizer=optimizer,
+        num_steps=num_steps,
+    )
+
+
+def hopfield_descent(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | None = None,
+    step_size: float = 1.0,
+    num_steps: int = 1,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    key_bias: torch.Tensor | None = None,
+    return_energies: bool = False,
+    optimizer: str = "gd",
+    momentum: float = 0.0,
+    backend: str = "auto",
+):
+    """Descend the Hopfield energy of queries ``q`` against fixed keys ``k`` for T steps.
+
+    With ``step_size=1, num_steps=1`` this is softmax attention with values = keys:
+    ``softmax(β q kᵀ + b) k``. The elastic (Helmholtz) energy is ``key_bias = −½β‖k_j‖²``.
+
+    Args:
+        q: queries ``[B, H, N, D]`` (float32/float16/bfloat16/float64).
+        k: keys ``[B, Hk, M, D]``, same dtype; ``Hk`` divides ``H`` (grouped-query).
+        scale: inverse temperature ``β``; default ``D ** -0.5``.
+        step_size: ``η``.
+        num_steps: ``T >= 0`` (Python int; ``T = 0`` returns ``q``).
+        mask: boolean, broadcastable to ``[B, H, N, M]``, True = may attend (SDPA's convention);
+            a key-padding mask is ``[B, 1, 1, M]``. Fully masked rows: ``μ = 0``, finite.
+        is_causal: query ``i`` attends keys ``j <= i`` (needs ``N == M``); combines with ``mask``.
+        key_bias: per-key logit bias ``[B, Hk, M]`` (float32 recommended).
+        return_energies: also return the energy of every iterate, ``[B, H, N, T+1]`` float32.
+        optimizer: ``"gd" | "momentum" | "nesterov" | "newton_2nd1st" | "newton_light"``.
+        momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).
+        backend: ``"auto" | "reference" | "autograd" | "triton"``.
+
+    Returns:
+        ``ξ_T`` ``[B, H, N, D]`` in ``q``'s dtype, or ``(ξ_T, energies)``.
+    """
+    scale, step_size, num_steps, momentum = _check_inputs(
+        q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum, backend
+    )
+    args = (q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum,
+            return_energies)
+    if backend == "auto":
+        backend = "reference"
+        if q.is_cuda and _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer,
+                                             num_steps) is None:
+            backend = "triton"
+    if backend == "reference":
+        return _reference(*args)
+    if backend == "autograd":
+        return _autograd(*args)
+    why = _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer, num_steps)
+    if why is not None:
+        raise ValueError(f"backend='triton' cannot run this call: {why}")
+    kmod, _ = _triton_module()
+    return kmod.hopfield_descent_triton(*args)
