@@ -119,7 +119,7 @@ def _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, opt
         def direction(xi32):
             if kind == "light":
                 # μ and Σ_j p_ij k_j⊙k_j in one read-out with values [K, K⊙K].
-                both = readout(xi32, torch.cat([k, k * k], dim=-1)).float()
+                both = readout(xi32, torch.cat([k, k * k], dim=-1)).to(xi32.dtype)
                 mu, second = both[..., :D], both[..., D:]
                 g = xi32 - mu
                 return (1.0 + scale * (second - mu * mu)) * g
@@ -128,7 +128,7 @@ def _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, opt
     else:
 
         def direction(xi32):
-            return xi32 - readout(xi32, k).float()
+            return xi32 - readout(xi32, k).to(xi32.dtype)
 
     master = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
     traj = defaultdict(list) if return_energies else None

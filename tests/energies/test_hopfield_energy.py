@@ -1,0 +1,107 @@
+import math
+
+import pytest
+import torch
+
+from energy_attn import elastic_energy, elastic_energy_grad, hopfield_energy, hopfield_energy_grad
+from energy_attn.energies import hopfield_newton_direction
+
+f64 = torch.float64
+
+
+def _data(b=2, n=5, m=7, d=4, dtype=f64):
+    return torch.randn(b, n, d, dtype=dtype), torch.randn(b, m, d, dtype=dtype)
+
+
+def _mask(b, n, m, full_row=True):
+    mask = torch.rand(b, n, m) > 0.4
+    if full_row:
+        mask[0, 1] = False  # a query that may attend to nothing
+    return mask
+
+
+def test_value_matches_definition():
+    xi, k = _data()
+    beta = 0.7
+    expected = 0.5 * (xi**2).sum(-1) - torch.logsumexp(beta * xi @ k.transpose(-1, -2), -1) / beta
+    torch.testing.assert_close(hopfield_energy(xi, k, beta), expected)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_closed_form_gradient_equals_autograd(masked, bias):
+    xi, k = _data()
+    xi.requires_grad_(True)
+    mask = _mask(2, 5, 7) if masked else None
+    key_bias = torch.randn(2, 7, dtype=f64) if bias else None
+    e = hopfield_energy(xi, k, 0.9, mask=mask, key_bias=key_bias)
+    (g_auto,) = torch.autograd.grad(e.sum(), xi)
+    g = hopfield_energy_grad(xi.detach(), k, 0.9, mask=mask, key_bias=key_bias)
+    torch.testing.assert_close(g, g_auto, atol=1e-12, rtol=1e-10)
+
+
+def test_fully_masked_row_rule():
+    xi, k = _data()
+    xi.requires_grad_(True)
+    k.requires_grad_(True)
+    mask = torch.zeros(2, 5, 7, dtype=torch.bool)
+    mask[1] = True
+    e = hopfield_energy(xi, k, 0.5, mask=mask)
+    # Empty memory: potential 0, energy ½‖ξ‖², gradient ξ.
+    torch.testing.assert_close(e[0], 0.5 * (xi[0] ** 2).sum(-1))
+    torch.testing.assert_close(hopfield_energy_grad(xi, k, 0.5, mask=mask)[0], xi[0])
+    e.sum().backward()
+    assert torch.isfinite(xi.grad).all() and torch.isfinite(k.grad).all()
+    torch.testing.assert_close(xi.grad[0], xi[0].detach())
+
+
+def test_masking_a_stored_pattern_equals_removing_it():
+    xi, k = _data(m=9)
+    keep = torch.ones(2, 1, 9, dtype=torch.bool)
+    keep[..., [0, 4, 8]] = False
+    kept = k[:, [1, 2, 3, 5, 6, 7]]
+    torch.testing.assert_close(hopfield_energy(xi, k, 1.3, mask=keep), hopfield_energy(xi, kept, 1.3))
+    torch.testing.assert_close(
+        hopfield_energy_grad(xi, k, 1.3, mask=keep), hopfield_energy_grad(xi, kept, 1.3)
+    )
+
+
+def test_elastic_energy_is_helmholtz_free_energy():
+    z, k = _data()
+    beta = 0.8
+    temp = 1 / beta
+    local = 0.5 * ((z[:, :, None] - k[:, None]) ** 2).sum(-1)  # E_j(z) = ½‖z − k_j‖²
+    expected = -temp * torch.logsumexp(-local / temp, dim=-1)
+    torch.testing.assert_close(elastic_energy(z, k, beta), expected)
+    z.requires_grad_(True)
+    (g,) = torch.autograd.grad(elastic_energy(z, k, beta).sum(), z)
+    torch.testing.assert_close(elastic_energy_grad(z.detach(), k, beta), g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs_accumulate_in_float32(dtype):
+    xi, k = _data(d=64, dtype=dtype)
+    e = hopfield_energy(xi, k, 64**-0.5)
+    assert e.dtype == torch.float32
+    e64 = hopfield_energy(xi.double(), k.double(), 64**-0.5)
+    # Inputs are exact in float64; only float32 accumulation error remains.
+    torch.testing.assert_close(e.double(), e64, atol=1e-4, rtol=1e-5)
+
+
+def test_newton_directions_vs_dense_covariance():
+    xi, k = _data(b=1, n=3, m=6, d=4)
+    beta = 1.1
+    mask = torch.ones(1, 3, 6, dtype=torch.bool)
+    mask[0, 2, :2] = False
+    p = torch.softmax((beta * xi @ k.transpose(-1, -2)).masked_fill(~mask, -math.inf), -1)
+    mu = p @ k
+    g = xi - mu
+    for kind in ("2nd1st", "light"):
+        d = hopfield_newton_direction(xi, k, beta, mask=mask, kind=kind)
+        for i in range(3):
+            c = k[0] - mu[0, i]
+            sigma = (p[0, i, :, None, None] * c[:, :, None] * c[:, None, :]).sum(0)
+            if kind == "light":
+                sigma = torch.diag(torch.diagonal(sigma))
+            expected = (torch.eye(4, dtype=f64) + beta * sigma) @ g[0, i]
+            torch.testing.assert_close(d[0, i], expected)
