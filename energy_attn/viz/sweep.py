@@ -53,7 +53,8 @@ def norm_sweep(dims, beta_scales, *, n_patterns=32, seed=0, dtype=torch.float32,
 
     dims = _as_1d("dims", dims, integer=True)
     beta_scales = _as_1d("beta_scales", beta_scales, integer=False)
-    if isinstance(n_patterns, bool) or not isinstance(n_patterns, numbers.Integral) or n_patterns < 1:
+    if (isinstance(n_patterns, bool) or not isinstance(n_patterns, numbers.Integral)
+            or n_patterns < 1):
         raise ValueError(f"n_patterns must be an int >= 1, got {n_patterns!r}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
