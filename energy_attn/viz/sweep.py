@@ -3,9 +3,10 @@
 For every latent dimension ``d`` and scale factor ``s`` the blog samples ``x ∈ R^{32×d}`` and
 measures ``‖x − softmax(β x xᵀ) x‖`` with ``β = s / √d`` (bare self-attention, one energy step).
 Each pattern's own logit ``β‖x_i‖² ≈ s√d`` beats the others' by about that much, so the move
-shrinks like ``exp(−s√d)``: below float32 rounding (``~1e-7`` per element) for ``d`` in the
-hundreds. In float32 the plot therefore bottoms out at the rounding floor (the blog's
-``5.6e-6`` at ``d = 512`` is that floor); ``dtype=torch.float64`` shows the true decay.
+shrinks like ``exp(−s√d)``. At ``d = 512`` and the default scale the true move is ~1e-6 (the
+blog measured 5.6e-6), i.e. ~1e-8 per element: below float32's resolution of O(1) numbers, so
+float32 mostly rounds it away, and at larger ``d`` or scale returns the input unchanged (an
+exact 0, drawn blank). ``dtype=torch.float64`` shows the true decay.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ def norm_sweep(dims, beta_scales, *, n_patterns=32, seed=0, dtype=torch.float32,
             temperature is ``β = s · d_k ** -0.5``. Length ``S``.
         n_patterns: number of patterns sampled per point (the blog's 32).
         seed: seed of the sampling (fresh patterns for every point, like the blog).
-        dtype: ``torch.float32`` reproduces the blog (rounding floor ~1e-6);
-            ``torch.float64`` shows the true, much smaller, moves.
+        dtype: ``torch.float32`` reproduces the blog (rounding-dominated below ~1e-6, exact
+            zeros further out); ``torch.float64`` shows the true moves.
         progress: optional ``progress(done, total)`` called after each ``d_k``.
 
     Returns:
