@@ -36,7 +36,7 @@ def test_runs_headless_on_agg():
 @pytest.mark.parametrize("num_steps", [0, 1, 4])
 def test_one_trajectory_per_state_pattern_with_contour(num_steps):
     state, stored = toy_patterns(1, n_state=7, n_stored=5)
-    fig, ax, trajs = simulate_and_plot_patterns(
+    _fig, ax, trajs = simulate_and_plot_patterns(
         hopfield_energy, state, context=stored, num_steps=num_steps, plot_grid_size=3,
         grid_points=21, return_trajs=True, plot_title="t",
     )
@@ -91,7 +91,7 @@ def test_value_map_outputs_are_drawn():
 
 def test_plot_3d_surface_and_trajectories():
     state, stored = toy_patterns(5, n_state=4)
-    fig, ax = simulate_and_plot_patterns(hopfield_energy, state, context=stored, num_steps=3,
+    _fig, ax = simulate_and_plot_patterns(hopfield_energy, state, context=stored, num_steps=3,
                                          plot_3d=True, grid_points=15)
     assert ax.name == "3d"
     assert len(trajectories(ax)) == 4
