@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from .._utils import check_finite_number, check_float_tensor, exists
+from .._utils import check_finite_number, check_float_tensor, check_same_device, exists
 from ..descent import minimize_energy
 from ._mpl import new_axes, require_matplotlib
 
@@ -100,6 +100,7 @@ def simulate_and_plot_patterns(
         raise TypeError(f"energy_func must be callable, got {type(energy_func).__name__}")
     state = _as_patterns("state_patterns", state_patterns)
     stored = state if context is None else _as_patterns("context", context)
+    check_same_device(state_patterns=state, context=stored)
     if stored.dtype != state.dtype:
         stored, state = stored.double(), state.double()
     scale = check_finite_number("scale", scale, positive=True) if exists(scale) else 2**-0.5
@@ -139,7 +140,7 @@ def simulate_and_plot_patterns(
         half = plot_grid_size or _auto_half_width(
             state, stored, path.reshape(-1, 2), *([values] if exists(values) else [])
         )
-        axis = torch.linspace(-half, half, grid_points, dtype=state.dtype)
+        axis = torch.linspace(-half, half, grid_points, dtype=state.dtype, device=state.device)
         gx, gy = torch.meshgrid(axis, axis, indexing="xy")  # [G, G] each
         grid = torch.stack((gx, gy), dim=-1).reshape(1, -1, 2)  # [1, G·G, 2]
         landscape = energy(grid, stored[None], mask=None).reshape(grid_points, grid_points)
