@@ -155,7 +155,7 @@ def simulate_and_plot_patterns(
     if plot_3d:
         surf = ax.plot_surface(gx, gy, landscape, cmap=cmap, alpha=0.55, linewidth=0,
                                antialiased=True)
-        fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.1, label="energy")
+        fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.1)  # the z axis is labelled "energy"
         with torch.no_grad():
             e_stored = energy(stored[None], stored[None], mask=None)[0]
         ax.scatter(*np_(stored).T, np_(e_stored), facecolors="none", edgecolors=STORED,
