@@ -198,7 +198,7 @@ def test_descent_speed_matches_theory(beta):
       ρ = 0.3), where gd contracts only by |1 − ηλ| per step.
     """
     torch.manual_seed(0)
-    q, k = torch.randn(2, 48, 16, dtype=f64) * 2, torch.randn(2, 48, 16, dtype=f64)
+    q, k = torch.randn(2, 32, 16, dtype=f64) * 2, torch.randn(2, 32, 16, dtype=f64)
     for eta in (0.3, 0.6, 1.0):
         gd = steps_to_tolerance(q, k, beta, eta, "gd", 0.0).double().median()
         for opt in ("newton_2nd1st", "newton_light"):

@@ -13,6 +13,20 @@ EXPECTED = {
     "hopfield_energy",
     "hopfield_energy_grad",
     "minimize_energy",
+    # optimizer zoo: blocks, GPT, linear energies
+    "GPT",
+    "GPTConfig",
+    "LightMHA2nd1st",
+    "LinearAttention",
+    "MHA",
+    "MHA2nd1st",
+    "MomenMHA",
+    "MultiHeadSelfAttention",
+    "NagMHA",
+    "OptimizerBlock",
+    "gated_linear_energy",
+    "linear_attention",
+    "linear_energy",
 }
 
 
