@@ -3,6 +3,8 @@
     python benchmarks/blocks_cpu.py [--batch 8 --seq 256 --d-model 256 --heads 4 --reps 15
                                      --threads 1]
 
+FLOPs are given twice: counted by ``torch.utils.flop_counter`` over forward+backward (it does not
+see the fused CPU SDPA kernel, so it misses MHA's attention core) and analytic forward FLOPs.
 Blocks are timed interleaved, rep by rep; the ratio uses the minimum over reps (the
 least disturbed by other jobs), the median is printed too. Prints a table relative to ``MHA`` and writes ``benchmarks/results/blocks_cpu.json``. Memory is
 reported two ways: bytes saved for backward (deterministic, from saved-tensor hooks) and the
@@ -28,6 +30,10 @@ from _machine import machine  # noqa: E402
 
 from energy_attn.layers.blocks import BLOCKS  # noqa: E402
 
+# Attention-core forward FLOPs per sequence in units of N²·C (QKᵀ and PV = 4; the full Newton
+# correction adds R Vᵀ and (P⊙S)V = 4; the light one reads out 2d-wide values = 2).
+CORE = {"mha": 4, "momen": 4, "nag": 4, "2nd1st": 8, "light2nd1st": 6}
+
 NAMES = {"mha": "MHA", "momen": "MomenMHA", "nag": "NagMHA", "2nd1st": "MHA2nd1st",
          "light2nd1st": "LightMHA2nd1st"}
 
@@ -38,6 +44,12 @@ def setup(variant, a):
     x = torch.randn(a.batch, a.seq, a.d_model, requires_grad=True)
     state = torch.randn(a.batch, a.seq, a.d_model) if variant in ("momen", "nag") else None
     return block, x, state
+
+
+def model_flops(variant, a):
+    """Analytic forward FLOPs: projections + FFN ``24·N·C²`` and the full (unmasked) core."""
+    N, C = a.seq, a.d_model
+    return a.batch * (24 * N * C * C + CORE[variant] * N * N * C)
 
 
 def step(block, x, state):
@@ -95,6 +107,8 @@ def main():
                    help="torch threads (1 keeps timings comparable on a shared machine)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                  "blocks_cpu.json"))
+    p.add_argument("--no-peak", action="store_true",
+                   help="skip the per-block subprocess that measures peak RSS (smoke runs)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
@@ -117,34 +131,41 @@ def main():
     for variant, (block, x, state) in setups.items():
         with FlopCounterMode(display=False) as fc:
             step(block, x, state)
-        child = subprocess.run(
-            [sys.executable, __file__, "--child", variant, "--threads", str(a.threads),
-             "--batch", str(a.batch), "--seq",
-             str(a.seq), "--d-model", str(a.d_model), "--heads", str(a.heads)],
-            capture_output=True, text=True, check=True,
-            env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
-        )
+        peak = None
+        if not a.no_peak:
+            child = subprocess.run(
+                [sys.executable, __file__, "--child", variant, "--threads", str(a.threads),
+                 "--batch", str(a.batch), "--seq", str(a.seq), "--d-model", str(a.d_model),
+                 "--heads", str(a.heads)],
+                capture_output=True, text=True, check=True,
+                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+            )
+            peak = int(child.stdout.strip())
         rows.append(dict(block=NAMES[variant], variant=variant,
                          median_s=statistics.median(times[variant]), min_s=min(times[variant]),
-                         flops=fc.get_total_flops(), saved_bytes=saved_bytes(block, x, state),
-                         peak_rss_bytes=int(child.stdout.strip())))
+                         flops=fc.get_total_flops(), model_fwd_flops=model_flops(variant, a), saved_bytes=saved_bytes(block, x, state),
+                         peak_rss_bytes=peak))
     base = rows[0]
     for r in rows:
         r["time_x"] = r["min_s"] / base["min_s"]
         r["median_x"] = r["median_s"] / base["median_s"]
         r["flops_x"] = r["flops"] / base["flops"]
+        r["model_fwd_x"] = r["model_fwd_flops"] / base["model_fwd_flops"]
         r["saved_x"] = r["saved_bytes"] / base["saved_bytes"]
-        r["peak_x"] = r["peak_rss_bytes"] / base["peak_rss_bytes"]
+        r["peak_x"] = None if a.no_peak else r["peak_rss_bytes"] / base["peak_rss_bytes"]
     m = machine()
     print(f"# blocks fwd+bwd, B={a.batch} N={a.seq} d_model={a.d_model} heads={a.heads} float32, "
           f"causal, {a.threads} thread(s); {m['cpu']}, {m['cores']} cores ({m['note']})")
-    print(f"{'block':<16}{'min ms':>8}{'x MHA':>7}{'median ms':>10}{'x':>6}{'GFLOP':>8}{'x':>6}"
-          f"{'saved MB':>10}{'x':>6}{'peak MB':>9}{'x':>6}")
+    print(f"{'block':<16}{'min ms':>8}{'x MHA':>7}{'median ms':>10}{'x':>6}{'cnt GF':>8}{'x':>6}{'fwd GF':>8}{'x':>6}"
+          f"{'saved MB':>10}{'x':>6}" + ("" if a.no_peak else f"{'peak MB':>9}{'x':>6}"))
     for r in rows:
         print(f"{r['block']:<16}{1e3 * r['min_s']:>8.1f}{r['time_x']:>7.2f}"
               f"{1e3 * r['median_s']:>10.1f}{r['median_x']:>6.2f}"
-              f"{r['flops'] / 1e9:>8.2f}{r['flops_x']:>6.2f}{r['saved_bytes'] / 2**20:>10.1f}"
-              f"{r['saved_x']:>6.2f}{r['peak_rss_bytes'] / 2**20:>9.1f}{r['peak_x']:>6.2f}")
+              f"{r['flops'] / 1e9:>8.2f}{r['flops_x']:>6.2f}"
+              f"{r['model_fwd_flops'] / 1e9:>8.2f}{r['model_fwd_x']:>6.2f}"
+              f"{r['saved_bytes'] / 2**20:>10.1f}"
+              f"{r['saved_x']:>6.2f}" + ("" if a.no_peak else
+                                           f"{r['peak_rss_bytes'] / 2**20:>9.1f}{r['peak_x']:>6.2f}"))
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump(dict(machine=m, config=dict(batch=a.batch, seq=a.seq, d_model=a.d_model,
