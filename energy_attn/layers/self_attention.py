@@ -32,12 +32,23 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .._utils import check_bool_mask, check_finite_number, check_float_tensor, check_num_steps
 from ..descent import check_optimizer
 from ..ops.hopfield import hopfield_descent
 
 SECOND_ORDER = (None, "2nd1st", "light")
+
+
+def _newton_correction(p, v, mu):
+    """``Σ_i r_i = (P ⊙ S) V`` per head, ``r = μ − v`` (the token's own value is the iterate).
+
+    ``S_ij = (v_j − μ_i)·r_i = r_i·v_j − μ_i·r_i`` and ``P V = μ``, so
+    ``(P ⊙ S) V = (P ⊙ R Vᵀ) V − (μ·r) μ``. Shapes: ``p [.., N, N]``, ``v, mu [.., N, d]``.
+    """
+    r = mu - v
+    return (p * (r @ v.transpose(-1, -2))) @ v - (mu * r).sum(-1, keepdim=True) * mu
 ATTENTIONS = ("softmax", "energy")
 
 
@@ -190,20 +201,22 @@ class MultiHeadSelfAttention(nn.Module):
     def _attend_2nd1st(self, q, k, v, mask, is_causal, p_drop):
         logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, N]
         allowed = allowed_mask(mask, is_causal, q.shape[-2], q.device)
+        valid = None
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
             valid = allowed.any(dim=-1, keepdim=True)
             logits = logits.masked_fill(~valid, 0.0)  # fully masked rows: finite, zeroed below
-        p = logits.softmax(dim=-1)
-        if allowed is not None:
-            p = p * valid
-        p = F.dropout(p, p_drop, training=p_drop > 0)
+        p = F.dropout(logits.softmax(dim=-1), p_drop, training=p_drop > 0)
         mu = p @ v
-        r = mu - v  # the token's own value is the iterate
-        # (P ⊙ S) V with S_ij = (v_j − μ_i)·r_i = r_i·v_j − μ_i·r_i; P V = μ
-        corr = (p * (r @ v.transpose(-1, -2))) @ v - (mu * r).sum(-1, keepdim=True) * mu
+        # S and P ⊙ S are recomputed in backward: autograd keeps one N×N matrix (P), as a
+        # math-path attention call does, instead of three.
+        if torch.is_grad_enabled() and (p.requires_grad or v.requires_grad):
+            corr = checkpoint(_newton_correction, p, v, mu, use_reentrant=False)
+        else:
+            corr = _newton_correction(p, v, mu)
         gamma = self.gamma().to(v.dtype).view(-1, 1, 1)
-        return mu + gamma * corr
+        out = mu + gamma * corr
+        return out if valid is None else out * valid
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_head={self.n_head}, second_order={self.second_order}, "
