@@ -7,7 +7,8 @@ One step ``a(x) = W_O · attend(W_Q x, W_K x, W_V x)``, where ``attend`` is, per
 * ``second_order="2nd1st"`` (MHA2nd1st, MATH.md §5): with the same probabilities ``P``,
   ``r_i = μ_i − v_i`` (``v_i`` the token's own value) and ``S_ij = (v_j − μ_i)·r_i``,
   ``o = μ + γ_h (P ⊙ S) V``. ``P`` is built explicitly (one N×N matrix, like a math-path
-  attention call); the correction costs two more N×N×d matmuls (``R Vᵀ`` and ``(P⊙S) V``).
+  attention call, and the only one autograd keeps: ``S`` is recomputed in backward); the
+  correction costs two more N×N×d matmuls (``R Vᵀ`` and ``(P⊙S) V``).
 * ``second_order="light"`` (LightMHA2nd1st, MATH.md §5): ``o = μ + γ_h (P(V⊙V) − μ⊙μ) ⊙ r``;
   ``μ`` and ``P(V⊙V)`` come from **one** SDPA call with values ``[V, V⊙V]`` (width 2d).
 
@@ -39,6 +40,7 @@ from ..descent import check_optimizer
 from ..ops.hopfield import hopfield_descent
 
 SECOND_ORDER = (None, "2nd1st", "light")
+ATTENTIONS = ("softmax", "energy")
 
 
 def _newton_correction(p, v, mu):
@@ -49,7 +51,6 @@ def _newton_correction(p, v, mu):
     """
     r = mu - v
     return (p * (r @ v.transpose(-1, -2))) @ v - (mu * r).sum(-1, keepdim=True) * mu
-ATTENTIONS = ("softmax", "energy")
 
 
 class ConstrainedScalars(nn.Module):
