@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 
 
-def _progress_bar(stream=sys.stderr, width=28):
+def _progress_bar(stream=None, width=28):
     """A plain text progress bar: ``\\r``-redrawn on a terminal, one line per update otherwise."""
+    stream = sys.stderr if stream is None else stream  # looked up now, not at import time
     tty = stream.isatty()
 
     def update(done, total, label):
