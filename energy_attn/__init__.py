@@ -12,6 +12,7 @@ from .energies import (
     hopfield_energy_grad,
 )
 from .layers import EnergyBasedAttention, VanillaSoftmaxAttention
+from .layers.hopfield import Hopfield, HopfieldLayer, HopfieldPooling
 from .ops import hopfield_descent
 
 __version__ = "0.1.0"
@@ -26,4 +27,7 @@ __all__ = [
     "hopfield_energy",
     "hopfield_energy_grad",
     "minimize_energy",
+    "Hopfield",
+    "HopfieldLayer",
+    "HopfieldPooling",
 ]
