@@ -11,7 +11,9 @@ from .energies import (
     hopfield_energy,
     hopfield_energy_grad,
 )
+from .energies.energy_transformer import energy_transformer_energy, energy_transformer_energy_grad
 from .layers import EnergyBasedAttention, VanillaSoftmaxAttention
+from .layers.energy_transformer import EnergyTransformerAttention
 from .layers.hopfield import Hopfield, HopfieldLayer, HopfieldPooling
 from .ops import hopfield_descent
 
@@ -30,4 +32,7 @@ __all__ = [
     "Hopfield",
     "HopfieldLayer",
     "HopfieldPooling",
+    "EnergyTransformerAttention",
+    "energy_transformer_energy",
+    "energy_transformer_energy_grad",
 ]
