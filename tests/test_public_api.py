@@ -13,6 +13,12 @@ EXPECTED = {
     "hopfield_energy",
     "hopfield_energy_grad",
     "minimize_energy",
+    "Hopfield",
+    "HopfieldLayer",
+    "HopfieldPooling",
+    "EnergyTransformerAttention",
+    "energy_transformer_energy",
+    "energy_transformer_energy_grad",
 }
 
 

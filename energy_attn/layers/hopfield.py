@@ -109,7 +109,8 @@ class Hopfield(nn.Module):
         input_size = check_num_steps(input_size, "input_size")
         num_heads = check_num_steps(num_heads, "num_heads")
         if input_size < 1 or num_heads < 1:
-            raise ValueError(f"input_size and num_heads must be >= 1, got {input_size}, {num_heads}")
+            raise ValueError(f"input_size and num_heads must be >= 1, got {input_size}, "
+                             f"{num_heads}")
         if update_steps_max is None:
             raise ValueError("update_steps_max=None (unbounded) is not supported: give a fixed "
                              "int (steps are fixed counts; update_steps_eps stops early, masked)")
@@ -159,7 +160,8 @@ class Hopfield(nn.Module):
         self.stored_pattern_as_static = stored_pattern_as_static
         self.pattern_projection_as_static = pattern_projection_as_static
         self.norm_stored_pattern = _layer_norm(
-            normalize_stored_pattern, normalize_stored_pattern_affine, stored_size, "stored_pattern")
+            normalize_stored_pattern, normalize_stored_pattern_affine, stored_size,
+            "stored_pattern")
         self.norm_state_pattern = _layer_norm(
             normalize_state_pattern, normalize_state_pattern_affine, input_size, "state_pattern")
         self.norm_pattern_projection = _layer_norm(
@@ -218,7 +220,7 @@ class Hopfield(nn.Module):
         return stored, state, proj
 
     def _mask(self, stored_pattern_padding_mask, association_mask, B, N, M, device):
-        """hopfield-layers' masks (True = blocked) -> one mask ``[B, 1|H, 1|N, M]``, True = may attend."""
+        """hopfield-layers' masks (True = blocked) -> ``[B, 1|H, 1|N, M]``, True = may attend."""
         allowed = None
         if exists(stored_pattern_padding_mask):
             pad = stored_pattern_padding_mask
@@ -243,7 +245,7 @@ class Hopfield(nn.Module):
             raise ValueError(f"{name} is on {mask.device} but the patterns are on {device}")
 
     def _project(self, input, stored_pattern_padding_mask=None, association_mask=None):
-        """Normalise, project and split heads: ``q [B,H,N,d]``, ``k [B,H,M,d]``, ``v [B,H,M,dv]``."""
+        """Normalise, project, split heads: ``q [B,H,N,d]``, ``k [B,H,M,d]``, ``v [B,H,M,dv]``."""
         stored, state, proj = self._split_input(input)
         B, N, M = state.shape[0], state.shape[1], stored.shape[1]
         mask = self._mask(stored_pattern_padding_mask, association_mask, B, N, M, state.device)
@@ -378,7 +380,8 @@ class HopfieldPooling(_LearnedPatterns):
         elif isinstance(input, (tuple, list)) and len(input) == 2:
             stored, proj = input
         else:
-            raise TypeError("input must be a tensor or a tuple (stored_pattern, pattern_projection)")
+            raise TypeError("input must be a tensor or a tuple (stored_pattern, "
+                            "pattern_projection)")
         check_float_tensor("stored_pattern", stored, ndim=3)
         state = self._expand(self.pooling_weights.to(stored.dtype), self._batch(stored))
         return stored, state, proj

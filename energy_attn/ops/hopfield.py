@@ -297,7 +297,8 @@ def hopfield_descent(
             raise ValueError(f"tol > 0 runs on backend='reference', got backend={backend!r}")
     if solver == "fixed_point":
         if optimizer != "gd":
-            raise ValueError(f"solver='fixed_point' iterates the gd map, got optimizer={optimizer!r}")
+            raise ValueError(f"solver='fixed_point' iterates the gd map, got "
+                             f"optimizer={optimizer!r}")
         if return_energies or tol > 0:
             raise ValueError("solver='fixed_point' takes no return_energies and no tol (it runs "
                              "a fixed number of iterations; see hopfield_fixed_point's residual)")
