@@ -65,7 +65,8 @@ class Hopfield(nn.Module):
             ``pattern_projection_size // num_heads`` when the projection is static).
         num_heads: number of parallel associations.
         scaling: inverse temperature ``β`` (a float); default ``hidden_size ** -0.5``, or 1.0
-            when all three patterns are static (as the original).
+            when all three patterns are static and the output projection is disabled (as the
+            original).
         update_steps_max: ``T >= 0``. 0 is one association (plain attention); ``T`` first
             runs T descent steps of the state patterns. A Python int (fixed count).
         update_steps_eps: masked tolerance stop of those steps (``>= 0``; 0 disables it).
@@ -74,7 +75,8 @@ class Hopfield(nn.Module):
             (needs the normalisation on).
         stored_pattern_as_static, state_pattern_as_static, pattern_projection_as_static:
             use the (normalised) raw pattern without a linear projection; its size must then be
-            ``num_heads * hidden_size`` (``num_heads * pattern_size`` for the projection).
+            ``num_heads * hidden_size`` (``num_heads * pattern_size`` for the projection), split
+            into the heads (the original expects ``hidden_size``: the same for one head).
         stored_pattern_size, pattern_projection_size: sizes of those inputs (default
             ``input_size``).
         batch_first: inputs and outputs are ``[batch, seq, feature]`` (else ``[seq, batch,
@@ -181,11 +183,24 @@ class Hopfield(nn.Module):
             self.output_size = default(output_size, input_size)
             self.out_proj = nn.Linear(inner_v, self.output_size)
 
-        all_static = stored_pattern_as_static and state_pattern_as_static and \
-            pattern_projection_as_static
+        static_only = stored_pattern_as_static and state_pattern_as_static and \
+            pattern_projection_as_static and disable_out_projection
         if scaling is None:
-            scaling = 1.0 if all_static else hidden_size**-0.5
+            scaling = 1.0 if static_only else hidden_size**-0.5
         self.scaling = check_finite_number("scaling", scaling, positive=True)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The original's initialisation: weights ``N(0, 0.02)``, biases 0, LayerNorms (1, 0)."""
+        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
+            if exists(lin):
+                nn.init.normal_(lin.weight, mean=0.0, std=0.02)
+                if exists(lin.bias):
+                    nn.init.zeros_(lin.bias)
+        for norm in (self.norm_stored_pattern, self.norm_state_pattern,
+                     self.norm_pattern_projection):
+            if exists(norm):
+                norm.reset_parameters()
 
     # -- input handling ------------------------------------------------------------------------
 
