@@ -48,13 +48,15 @@ def run_one(solver: str, T: int, B: int, H: int, N: int, D: int, repeats: int,
         q.grad = k.grad = None
 
     cuda = device.startswith("cuda")
-    step()  # warm-up (allocator, kernels)
     if cuda:
+        step()  # warm-up (allocator, kernels)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        # ru_maxrss is a high-water mark (KiB on Linux): take the baseline before any step
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        step()  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
