@@ -125,6 +125,10 @@ class Hopfield(nn.Module):
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.backend = backend
+        if backend not in ("auto", "reference") and solver == "unrolled" and \
+                self.update_steps_max > 0 and self.update_steps_eps > 0:
+            raise ValueError(f"update_steps_eps > 0 (the masked stop) runs on backend='reference'; "
+                             f"pass update_steps_eps=0 to use backend={backend!r}")
         dropout = check_finite_number("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")

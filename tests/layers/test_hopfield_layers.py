@@ -166,6 +166,15 @@ def test_layer_shapes_gradients_parameters():
     assert shared(x).shape == (2, 4, 6)
 
 
+def test_autograd_backend_without_tolerance_matches_reference():
+    a = Hopfield(6, update_steps_max=2, update_steps_eps=0.0, backend="autograd").to(DT)
+    b = Hopfield(6, update_steps_max=2, update_steps_eps=0.0).to(DT)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 5, 6, dtype=DT)
+    atol, rtol = tol(DT)
+    torch.testing.assert_close(a(x), b(x), atol=atol, rtol=rtol)
+
+
 def test_fixed_point_solver_in_hopfield_matches_long_unrolled():
     torch.manual_seed(1)
     unrolled = Hopfield(6, update_steps_max=80, update_steps_eps=0.0, scaling=0.3).to(DT)
@@ -198,6 +207,7 @@ def test_compile_fullgraph_with_steps():
         (dict(solver="newton"), ValueError),
         (dict(anderson=2), ValueError),
         (dict(dropout=1.0), ValueError),
+        (dict(update_steps_max=2, backend="autograd"), ValueError),  # eps > 0 needs reference
     ],
 )
 def test_bad_constructor_arguments(kwargs, error):
