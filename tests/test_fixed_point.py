@@ -17,11 +17,11 @@ def _problem(B=2, H=2, N=5, M=7, D=4, dtype=DT):
     return q, k, b
 
 
-@pytest.mark.parametrize("scale, steps, anderson", [(0.5, 300, 0), (0.2, 40, 4)])
+@pytest.mark.parametrize("scale, steps, anderson", [(0.5, 120, 0), (0.2, 40, 4)])
 def test_implicit_gradients_match_unrolled_at_convergence(scale, steps, anderson):
     q, k, b = _problem()
     w = torch.randn(2, 2, 5, 4, dtype=DT)
-    unrolled = hopfield_descent(q, k, scale=scale, num_steps=300, key_bias=b)
+    unrolled = hopfield_descent(q, k, scale=scale, num_steps=120, key_bias=b)
     fixed, residual = hopfield_fixed_point(q, k, scale=scale, num_steps=steps, key_bias=b,
                                            anderson=anderson, return_residual=True)
     eps = torch.finfo(DT).eps
