@@ -84,9 +84,9 @@ class _FixedPoint(torch.autograd.Function):
     """Forward: iterate ``f`` to ``z*``. Backward: adjoint fixed point, then ``uᵀ ∂f/∂θ``."""
 
     @staticmethod
-    def forward(ctx, f, num_iters, anderson, z0, *params):
+    def forward(ctx, f, vjp, num_iters, anderson, z0, *params):
         z = _iterate(lambda z: f(z, *params), z0, num_iters, anderson)
-        ctx.f, ctx.num_iters, ctx.anderson = f, num_iters, anderson
+        ctx.f, ctx.vjp, ctx.num_iters, ctx.anderson = f, vjp, num_iters, anderson
         ctx.save_for_backward(z, *params)
         return z
 
@@ -94,7 +94,13 @@ class _FixedPoint(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         z, *params = ctx.saved_tensors
-        wants = ctx.needs_input_grad[4:]
+        wants = ctx.needs_input_grad[5:]
+        if ctx.vjp is not None:  # closed-form products: no graph, compile-friendly
+            jt, param_vjp = ctx.vjp(z, *params)
+            u = _iterate(lambda u: grad + jt(u), grad, ctx.num_iters, ctx.anderson)
+            grads = param_vjp(u)
+            return (None, None, None, None, None,
+                    *(g if w else None for g, w in zip(grads, wants)))
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             ps = [p.detach().requires_grad_(w) for p, w in zip(params, wants)]
@@ -108,7 +114,7 @@ class _FixedPoint(torch.autograd.Function):
             needed = [p for p, w in zip(ps, wants) if w]
             grads = iter(torch.autograd.grad(fz, needed, u, allow_unused=True) if needed else ())
         # z0 gets no gradient: the fixed point does not depend on the starting point.
-        return (None, None, None, None, *(next(grads) if w else None for w in wants))
+        return (None, None, None, None, None, *(next(grads) if w else None for w in wants))
 
 
 def fixed_point(
@@ -118,6 +124,7 @@ def fixed_point(
     *,
     num_iters: int,
     anderson: int = 0,
+    vjp: Callable | None = None,
 ) -> torch.Tensor:
     """Solve ``z = f(z, *params)`` by ``num_iters`` iterations; differentiate implicitly.
 
@@ -133,6 +140,10 @@ def fixed_point(
             ``z[..., :]`` as an independent system, so use it only for row-separable ``f``.
             It speeds up contractive maps a lot; where several fixed points compete (e.g. a
             Hopfield descent at large β) it may jump between basins: iterate plainly there.
+        vjp: optional closed-form products at the fixed point, ``vjp(z*, *params) -> (jt,
+            param_vjp)`` with ``jt(u) = Jᵀu`` (``J = ∂f/∂z``) and ``param_vjp(u)`` the tuple of
+            ``uᵀ ∂f/∂θ_i``, one per param. Without it, backward uses autograd through one
+            recomputed ``f(z*)`` (which ``torch.compile(fullgraph=True)`` cannot trace).
 
     Returns:
         ``z*`` shaped like ``z0``. Autograd saves ``z*`` and ``params`` only: memory does not
@@ -148,7 +159,9 @@ def fixed_point(
     for i, p in enumerate(params):
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"params[{i}] must be a torch.Tensor, got {type(p).__name__}")
-    return _FixedPoint.apply(f, num_iters, anderson, z0, *params)
+    if exists(vjp) and not callable(vjp):
+        raise TypeError(f"vjp must be callable or None, got {type(vjp).__name__}")
+    return _FixedPoint.apply(f, vjp, num_iters, anderson, z0, *params)
 
 
 def hopfield_fixed_point(
@@ -210,10 +223,54 @@ def _hopfield_fixed_point(q, k, scale, step_size, num_steps, mask, is_causal, ke
         mu = _sdpa_readout(xi, keys, scale, mask=mask, is_causal=is_causal, key_bias=bias)
         return xi - step_size * (xi - mu)
 
-    z = fixed_point(f, q.to(work), params, num_iters=num_steps, anderson=anderson)
+    z = fixed_point(f, q.to(work), params, num_iters=num_steps, anderson=anderson,
+                    vjp=_hopfield_step_vjp(scale, step_size, mask, is_causal))
     out = z.to(q.dtype)
     if not return_residual:
         return out
     with torch.no_grad():
         residual = (f(z, *params) - z).norm(dim=-1)
     return out, residual
+
+
+def _hopfield_step_vjp(scale, step_size, mask, is_causal):
+    """Closed-form products of the step ``f(ξ) = (1 − η) ξ + η μ(ξ)``, ``μ = softmax(β ξ Kᵀ + b) K``.
+
+    With ``p_i`` the attention of query ``i`` and ``s_ij(w) = (k_j − μ_i)·w_i``:
+
+        Jᵀ u   = (1 − η) u + η β Σ_j p_ij s_ij(u) k_j      (J = I(1−η) + ηβ Σ_i: symmetric)
+        ∂/∂k_j = Σ_i p_ij w_i + β Σ_i p_ij s_ij(w) ξ_i       with w = η u
+        ∂/∂b_j = Σ_i p_ij s_ij(w)
+
+    (the attention-weighted key covariance ``Σ_i`` of MATH.md §4). ``P`` is built once per
+    backward and reused by the T adjoint iterations.
+    """
+    from .energies.hopfield import _logits, _readout  # noqa: PLC0415
+    from .ops.hopfield import _full_mask  # noqa: PLC0415
+
+    def vjp(z, keys, bias=None):
+        N, M = z.shape[-2], keys.shape[-2]
+        full = _full_mask(mask, is_causal, N, M, z.device)
+        logits, valid = _logits(z, keys, scale, full, bias)
+        p, mu = _readout(logits, valid, keys)  # [B, H, N, M], [B, H, N, D]
+        kk, zz = keys.to(p.dtype), z.to(p.dtype)
+
+        def weighted_s(w):  # p_ij s_ij(w), [B, H, N, M]
+            return p * (w @ kk.transpose(-1, -2) - (mu * w).sum(-1, keepdim=True))
+
+        def jt(u):
+            uu = u.to(p.dtype)
+            return ((1 - step_size) * uu + step_size * scale * (weighted_s(uu) @ kk)).to(u.dtype)
+
+        def param_vjp(u):
+            w = step_size * u.to(p.dtype)
+            ps = weighted_s(w)
+            dk = p.transpose(-1, -2) @ w + scale * ps.transpose(-1, -2) @ zz
+            grads = [dk.to(keys.dtype)]
+            if exists(bias):
+                grads.append(ps.sum(dim=-2).to(bias.dtype))
+            return grads
+
+        return jt, param_vjp
+
+    return vjp

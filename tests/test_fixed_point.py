@@ -6,6 +6,7 @@ from conftest import tol
 
 from energy_attn import Hopfield, hopfield_descent
 from energy_attn.fixed_point import fixed_point, hopfield_fixed_point
+from energy_attn.ops.hopfield import _sdpa_readout
 
 DT = torch.float64
 
@@ -34,6 +35,27 @@ def test_implicit_gradients_match_unrolled_at_convergence(scale, steps, anderson
         torch.testing.assert_close(a, u, atol=atol * u.abs().max(), rtol=rtol)
     # the fixed point forgets its start: the unrolled gradient w.r.t. q has vanished too
     assert g_unrolled[2].abs().max() < atol
+
+
+@pytest.mark.parametrize("step_size", [1.0, 0.6])
+def test_closed_form_backward_equals_autograd_backward(step_size):
+    # hopfield_fixed_point's closed-form Jᵀu and ∂/∂(k, b) against autograd through one step
+    q, k, b = _problem()
+    mask = torch.rand(2, 1, 5, 7) > 0.3
+    mask[0, 0, 1] = False  # a query that sees nothing
+
+    def f(z, keys, bias):
+        return z - step_size * (z - _sdpa_readout(z, keys, 0.5, mask=mask, key_bias=bias))
+
+    w = torch.randn(2, 2, 5, 4, dtype=DT)
+    generic = fixed_point(f, q.detach(), (k, b), num_iters=25)
+    closed = hopfield_fixed_point(q, k, scale=0.5, step_size=step_size, num_steps=25,
+                                  mask=mask, key_bias=b)
+    atol, rtol = tol(DT)
+    torch.testing.assert_close(closed, generic, atol=atol, rtol=rtol)
+    for a, g in zip(torch.autograd.grad((closed * w).sum(), (k, b)),
+                    torch.autograd.grad((generic * w).sum(), (k, b))):
+        torch.testing.assert_close(a, g, atol=atol * g.abs().max(), rtol=rtol)
 
 
 def test_residual_is_reported_and_shrinks():

@@ -184,14 +184,22 @@ def test_fixed_point_solver_in_hopfield_matches_long_unrolled():
     torch.testing.assert_close(fixed(x), unrolled(x), atol=1e-7, rtol=1e-7)
 
 
-def test_compile_fullgraph_with_steps():
-    hop = Hopfield(8, num_heads=2, update_steps_max=3)
+@pytest.mark.parametrize("solver", ["unrolled", "fixed_point"])
+def test_compile_fullgraph_with_steps(solver):
+    # fullgraph=True fails on any graph break (a host sync, a Python branch on tensor values);
+    # aot_eager traces forward and backward without paying for code generation.
+    hop = Hopfield(8, num_heads=2, update_steps_max=3, solver=solver,
+                   anderson=2 if solver == "fixed_point" else 0)
     x = torch.randn(2, 5, 8)
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
     eager = hop(x, stored_pattern_padding_mask=pad)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), hop.k_proj.weight)
     compiled = torch.compile(hop, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x, stored_pattern_padding_mask=pad), eager)
+    out = compiled(x, stored_pattern_padding_mask=pad)
+    (g_compiled,) = torch.autograd.grad(out.square().sum(), hop.k_proj.weight)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_compiled, g_eager)
 
 
 @pytest.mark.parametrize(
