@@ -8,9 +8,11 @@ gives the gradient of a loss ``L(z*)`` without storing the iterations that found
 i.e. ``u`` solves the adjoint fixed point ``(I − Jᵀ) u = g``. :func:`fixed_point` runs a fixed
 number of forward iterations (optionally Anderson-accelerated) under ``no_grad``, saves only
 ``z*`` and ``θ``, and in backward iterates the adjoint the same number of times with one
-vector-Jacobian product per iteration through a single recomputed ``f(z*, θ)``. Memory is
-therefore independent of the number of iterations; compute is the same as unrolling. Step
-counts are Python ints: nothing syncs with the host.
+vector-Jacobian product per iteration: closed-form products when given (the Hopfield step has
+them, :func:`_hopfield_step_vjp`), else autograd through a single recomputed ``f(z*, θ)``.
+Memory is therefore independent of the number of iterations. Step counts are Python ints:
+nothing syncs with the host, and with closed-form products ``torch.compile(fullgraph=True)``
+traces forward and backward.
 
 Both solves converge when ``f`` is a contraction near ``z*`` (spectral radius of ``J`` below 1).
 :func:`hopfield_fixed_point` applies this to the Hopfield descent (MATH.md §1): the fixed point
@@ -234,7 +236,7 @@ def _hopfield_fixed_point(q, k, scale, step_size, num_steps, mask, is_causal, ke
 
 
 def _hopfield_step_vjp(scale, step_size, mask, is_causal):
-    """Closed-form products of the step ``f(ξ) = (1 − η) ξ + η μ(ξ)``, ``μ = softmax(β ξ Kᵀ + b) K``.
+    """Closed-form products of the step ``f(ξ) = (1 − η) ξ + η μ(ξ)``, ``μ = softmax(βξKᵀ+b) K``.
 
     With ``p_i`` the attention of query ``i`` and ``s_ij(w) = (k_j − μ_i)·w_i``:
 
