@@ -89,6 +89,9 @@ class Hopfield(nn.Module):
         anderson: Anderson history size for ``solver="fixed_point"``.
         backend: backend of :func:`energy_attn.hopfield_descent` for the iteration.
 
+    The arguments up to ``update_steps_eps`` are positional in the original's order; the rest
+    are keyword-only (the original interleaves ``*_eps`` arguments this module does not take).
+
     ``forward(input, stored_pattern_padding_mask=None, association_mask=None)``:
         ``input`` is one tensor ``[B, L, input_size]`` (used as stored, state and projection:
         self-association) or a tuple ``(stored [B, M, stored_size], state [B, N, input_size],
@@ -99,7 +102,7 @@ class Hopfield(nn.Module):
     """
 
     def __init__(self, input_size, hidden_size=None, output_size=None, pattern_size=None,
-                 num_heads=1, scaling=None, update_steps_max=0, update_steps_eps=1e-4,
+                 num_heads=1, scaling=None, update_steps_max=0, update_steps_eps=1e-4, *,
                  normalize_stored_pattern=True, normalize_stored_pattern_affine=True,
                  normalize_state_pattern=True, normalize_state_pattern_affine=True,
                  normalize_pattern_projection=True, normalize_pattern_projection_affine=True,
@@ -376,13 +379,16 @@ class HopfieldPooling(_LearnedPatterns):
         **kwargs: any :class:`Hopfield` argument (``num_heads``, ``update_steps_max``, ...).
             ``stored_pattern_size`` / ``pattern_projection_size`` default to ``input_size``.
 
+    All arguments but ``input_size`` are keyword-only (the original's positional order puts
+    ``hidden_size`` second).
+
     ``forward(input, stored_pattern_padding_mask=None, association_mask=None)``: ``input`` is
     ``[B, M, input_size]`` (stored patterns and projection) or a tuple ``(stored,
     pattern_projection)``; returns ``[B, quantity * output_size]`` (batch first whatever
     ``batch_first``). Masks as :class:`Hopfield` (True = blocked).
     """
 
-    def __init__(self, input_size, quantity=1, trainable=True, **kwargs):
+    def __init__(self, input_size, *, quantity=1, trainable=True, **kwargs):
         super().__init__()
         self.hopfield = Hopfield(input_size, **kwargs)
         self.quantity = check_num_steps(quantity, "quantity")
@@ -425,12 +431,14 @@ class HopfieldLayer(_LearnedPatterns):
         **kwargs: any :class:`Hopfield` argument. ``stored_pattern_size`` defaults to
             ``input_size``; ``pattern_projection_size`` to the lookup weights' size.
 
+    All arguments but ``input_size`` are keyword-only.
+
     ``forward(input [B, N, input_size], stored_pattern_padding_mask=None [B, quantity],
     association_mask=None)`` returns ``[B, N, output_size]``. Masks as :class:`Hopfield`.
     """
 
-    def __init__(self, input_size, quantity=1, trainable=True, lookup_weights_as_separated=False,
-                 lookup_targets_as_trainable=True, **kwargs):
+    def __init__(self, input_size, *, quantity=1, trainable=True,
+                 lookup_weights_as_separated=False, lookup_targets_as_trainable=True, **kwargs):
         quantity = check_num_steps(quantity, "quantity")
         if quantity < 1:
             raise ValueError(f"quantity must be >= 1, got {quantity}")
