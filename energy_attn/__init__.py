@@ -13,9 +13,14 @@ from .energies import (
     hopfield_energy_grad,
     linear_energy,
 )
+from .energies.energy_transformer import energy_transformer_energy, energy_transformer_energy_grad
 from .layers import (
     MHA,
     EnergyBasedAttention,
+    EnergyTransformerAttention,
+    Hopfield,
+    HopfieldLayer,
+    HopfieldPooling,
     LightMHA2nd1st,
     LinearAttention,
     MHA2nd1st,
@@ -53,4 +58,10 @@ __all__ = [
     "gated_linear_energy",
     "linear_attention",
     "linear_energy",
+    "Hopfield",
+    "HopfieldLayer",
+    "HopfieldPooling",
+    "EnergyTransformerAttention",
+    "energy_transformer_energy",
+    "energy_transformer_energy_grad",
 ]

@@ -90,14 +90,17 @@ def _bound(energy_func, name: str):
     return getattr(energy_func, name, None)
 
 
-def _autograd_direction(energy_func, keys, mask, optimizer, create_graph):
-    """Direction by autograd on a user energy (the blog's path); HVP for ``newton_2nd1st``."""
+def _autograd_direction(energy_func, keys, mask, optimizer, create_graph, self_consistent=False):
+    """Direction by autograd on a user energy (the blog's path); HVP for ``newton_2nd1st``.
+
+    ``self_consistent``: the keys are the iterate itself, ``energy_func(ξ, ξ)``.
+    """
 
     def direction(xi):
         with torch.enable_grad():
             if not xi.requires_grad:
                 xi = xi.detach().requires_grad_(True)
-            energies = energy_func(xi, keys, mask=mask)
+            energies = energy_func(xi, xi if self_consistent else keys, mask=mask)
             (g,) = torch.autograd.grad(
                 energies, xi, grad_outputs=torch.ones_like(energies), create_graph=True
             )
@@ -122,6 +125,7 @@ def minimize_energy(
     optimizer: str = "gd",
     momentum: float = 0.0,
     use_closed_form: bool = True,
+    self_consistent: bool = False,
 ):
     """Minimise ``energy_func`` with respect to ``queries`` for ``num_steps`` steps.
 
@@ -144,6 +148,13 @@ def minimize_energy(
             ``newton_2nd1st`` falls back to a Hessian-vector product.
         momentum: ``ρ`` in ``[0, 1)`` for momentum/Nesterov.
         use_closed_form: set False to force the autograd path even when a closed form exists.
+        self_consistent: self-attention whose stored patterns *are* the moving state patterns
+            (MATH.md §1, the blog's footnote 3): pass ``keys=None`` (or ``queries`` itself);
+            every step descends the global energy ``Σ_i E(ξ_i; Ξ)`` with its true gradient,
+            through the state both as query and as key (closed form ``energy_func.
+            self_gradient`` when present, else autograd of ``energy_func(Ξ, Ξ)``). Energies in
+            the trajectory are ``energy_func(ξ_t, ξ_t)``. Off by default: with fixed keys one
+            step with ``η = 1`` is softmax attention; with this option it is not.
 
     Returns:
         The final queries ``[..., n, d]`` (differentiable w.r.t. queries and keys), or the
@@ -151,6 +162,13 @@ def minimize_energy(
     """
     if not callable(energy_func):
         raise TypeError(f"energy_func must be callable, got {type(energy_func).__name__}")
+    if not isinstance(self_consistent, bool):
+        raise TypeError(f"self_consistent must be a bool, got {type(self_consistent).__name__}")
+    if self_consistent:
+        if keys is not None and keys is not queries:
+            raise ValueError("self_consistent=True: the keys are the moving queries; pass "
+                             "keys=None (or the queries tensor itself)")
+        keys = queries
     for name, t in (("queries", queries), ("keys", keys)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -169,7 +187,17 @@ def minimize_energy(
     momentum = check_optimizer(optimizer, momentum)
 
     direction = None
-    if use_closed_form:
+    if self_consistent:
+        if optimizer == "newton_light":
+            raise ValueError("optimizer='newton_light' has no self-consistent form; use 'gd', "
+                             "'momentum', 'nesterov' or 'newton_2nd1st' (Hessian-vector product)")
+        self_grad = _bound(energy_func, "self_gradient") if use_closed_form else None
+        if self_grad is not None and optimizer not in _NEWTON_KIND:
+
+            def direction(xi):
+                return self_grad(xi, xi, mask=mask)
+
+    elif use_closed_form:
         if optimizer in _NEWTON_KIND:
             newton = _bound(energy_func, "newton_direction")
             if newton is not None:
@@ -192,7 +220,8 @@ def minimize_energy(
                 "`newton_direction` attribute, e.g. hopfield_energy); this energy has none"
             )
         create_graph = torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)
-        direction = _autograd_direction(energy_func, keys, mask, optimizer, create_graph)
+        direction = _autograd_direction(energy_func, keys, mask, optimizer, create_graph,
+                                        self_consistent)
 
     traj = defaultdict(list) if return_trajs else None
     out = descend(
@@ -206,5 +235,7 @@ def minimize_energy(
     )
     if not return_trajs:
         return out
-    traj["energies"] = [energy_func(xi, keys, mask=mask) for xi in traj["queries"]]
+    traj["energies"] = [
+        energy_func(xi, xi if self_consistent else keys, mask=mask) for xi in traj["queries"]
+    ]
     return traj

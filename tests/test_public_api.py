@@ -27,6 +27,12 @@ EXPECTED = {
     "gated_linear_energy",
     "linear_attention",
     "linear_energy",
+    "Hopfield",
+    "HopfieldLayer",
+    "HopfieldPooling",
+    "EnergyTransformerAttention",
+    "energy_transformer_energy",
+    "energy_transformer_energy_grad",
 }
 
 

@@ -1,5 +1,6 @@
 """Energy functions: one per file, each with its value and closed-form gradient."""
 
+from .energy_transformer import energy_transformer_energy, energy_transformer_energy_grad
 from .hopfield import (
     elastic_energy,
     elastic_energy_grad,
@@ -21,6 +22,8 @@ __all__ = [
     "elastic_energy_grad",
     "elastic_key_bias",
     "elastic_newton_direction",
+    "energy_transformer_energy",
+    "energy_transformer_energy_grad",
     "hopfield_energy",
     "hopfield_energy_grad",
     "hopfield_newton_direction",

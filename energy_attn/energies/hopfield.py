@@ -84,6 +84,40 @@ def hopfield_energy_grad(state_patterns, stored_patterns, scale, mask=None, key_
     return (state_patterns.to(mu.dtype) - mu).to(state_patterns.dtype)
 
 
+def hopfield_energy_self_grad(state_patterns, stored_patterns, scale, mask=None, key_bias=None):
+    """Gradient of the *self-consistent* global energy (MATH.md §1, the blog's footnote 3).
+
+    When the stored patterns are the state patterns and move with them,
+    ``E(Ξ) = Σ_i ½‖ξ_i‖² − (1/β) Σ_i lse_j(β ξ_i·ξ_j + b_j)`` and every pattern is also a key:
+
+        ∇_i E = ξ_i − Σ_j p_ij ξ_j − Σ_j p_ji ξ_j
+
+    (``key_bias`` held constant). ``stored_patterns`` must be ``state_patterns`` itself (the
+    signature matches :func:`hopfield_energy_grad` so the descent engine binds it alike).
+    """
+    if stored_patterns is not state_patterns:
+        raise ValueError("the self-consistent gradient needs stored_patterns is state_patterns")
+    logits, valid = _logits(state_patterns, state_patterns, scale, mask, key_bias)
+    p, mu = _readout(logits, valid, state_patterns)
+    xi = state_patterns.to(p.dtype)
+    return (xi - mu - p.transpose(-1, -2) @ xi).to(state_patterns.dtype)
+
+
+def elastic_energy_self_grad(state_patterns, stored_patterns, scale, mask=None):
+    """Self-consistent gradient of :func:`elastic_energy` (its key bias moves too).
+
+    With ``b_j = −½β‖ξ_j‖²``: ``∇_i = ξ_i − Σ_j p_ij ξ_j − Σ_j p_ji (ξ_j − ξ_i)``.
+    """
+    if stored_patterns is not state_patterns:
+        raise ValueError("the self-consistent gradient needs stored_patterns is state_patterns")
+    bias = elastic_key_bias(state_patterns, scale)
+    logits, valid = _logits(state_patterns, state_patterns, scale, mask, bias)
+    p, mu = _readout(logits, valid, state_patterns)
+    xi = state_patterns.to(p.dtype)
+    pt = p.transpose(-1, -2)  # pt[i, j] = p_ji: pattern i read as a key by query j
+    return (xi - mu - pt @ xi + pt.sum(-1, keepdim=True) * xi).to(state_patterns.dtype)
+
+
 def hopfield_newton_direction(
     state_patterns, stored_patterns, scale, mask=None, key_bias=None, kind="2nd1st"
 ):
@@ -148,4 +182,6 @@ def elastic_newton_direction(state_patterns, stored_patterns, scale, mask=None, 
 hopfield_energy.gradient = hopfield_energy_grad
 hopfield_energy.newton_direction = hopfield_newton_direction
 elastic_energy.gradient = elastic_energy_grad
+hopfield_energy.self_gradient = hopfield_energy_self_grad
+elastic_energy.self_gradient = elastic_energy_self_grad
 elastic_energy.newton_direction = elastic_newton_direction

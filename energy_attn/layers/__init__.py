@@ -9,12 +9,18 @@ from .blocks import (
     NagMHA,
     OptimizerBlock,
 )
+from .energy_transformer import EnergyTransformerAttention
+from .hopfield import Hopfield, HopfieldLayer, HopfieldPooling
 from .linear import LinearAttention
 from .self_attention import MultiHeadSelfAttention
 
 __all__ = [
     "MHA",
     "EnergyBasedAttention",
+    "EnergyTransformerAttention",
+    "Hopfield",
+    "HopfieldLayer",
+    "HopfieldPooling",
     "LightMHA2nd1st",
     "LinearAttention",
     "MHA2nd1st",

@@ -132,9 +132,14 @@ class EnergyBasedAttention(nn.Module):
         optimizer, momentum: default descent optimizer (MATH.md §4), overridable per call.
 
     ``forward(x, context=None, mask=None, scale=None, bare_attn=False, step_size=1.0,
-    num_steps=1, return_trajs=False, optimizer=None, momentum=None)`` returns
-    ``[b, n, query_dim]``, or with ``return_trajs`` the trajectory dict of
+    num_steps=1, return_trajs=False, optimizer=None, momentum=None, self_consistent=False)``
+    returns ``[b, n, query_dim]``, or with ``return_trajs`` the trajectory dict of
     :func:`minimize_energy` with heads folded into the batch (``(b h) n d``).
+
+    ``self_consistent=True`` (self-attention only, ``context=None``): the stored patterns are
+    the moving state patterns themselves (MATH.md §1, the blog's footnote 3), and each step
+    follows the true gradient of the global energy ``Σ_i E(ξ_i; Ξ)``. The state starts at the
+    queries ``to_q(x)`` (``x`` itself with ``bare_attn``); ``to_k`` is not used.
     """
 
     def __init__(self, query_dim, context_dim=None, heads=1, dim_head=64, scale=None,
@@ -155,8 +160,11 @@ class EnergyBasedAttention(nn.Module):
         self.optimizer = optimizer
 
     def forward(self, x, context=None, mask=None, scale=None, bare_attn=False, step_size=1.0,
-                num_steps=1, return_trajs=False, optimizer=None, momentum=None):
+                num_steps=1, return_trajs=False, optimizer=None, momentum=None,
+                self_consistent=False):
         _check_forward(x, context, mask, self.query_dim, self.context_dim, bare_attn)
+        if self_consistent and exists(context):
+            raise ValueError("self_consistent=True is self-attention: pass context=None")
         if bare_attn:
             _check_bare(self.heads, x, context)
         scale = check_finite_number("scale", scale, positive=True) if exists(scale) else self.scale
@@ -164,12 +172,14 @@ class EnergyBasedAttention(nn.Module):
         momentum = default(momentum, self.momentum if optimizer == self.optimizer else 0.0)
         context = default(context, x)
         q = x if bare_attn else self.to_q(x)
-        k = context if bare_attn else self.to_k(context)
+        k = q if self_consistent else context if bare_attn else self.to_k(context)
         h = self.heads
 
-        if return_trajs or self.energy_func not in (hopfield_energy, elastic_energy):
+        if return_trajs or self_consistent or \
+                self.energy_func not in (hopfield_energy, elastic_energy):
             # The blog's path: heads folded into the batch, any energy, full trajectories.
             q, k = (rearrange(t, "b n (h d) -> (b h) n d", h=h) for t in (q, k))
+            k = None if self_consistent else k
             m = None
             if exists(mask):
                 m = _mask_to_bhnm(mask).expand(-1, h, -1, -1)
@@ -177,7 +187,7 @@ class EnergyBasedAttention(nn.Module):
             out = minimize_energy(
                 functools.partial(self.energy_func, scale=scale), q, k, mask=m,
                 step_size=step_size, num_steps=num_steps, return_trajs=return_trajs,
-                optimizer=optimizer, momentum=momentum,
+                optimizer=optimizer, momentum=momentum, self_consistent=self_consistent,
             )
             if return_trajs:
                 return out

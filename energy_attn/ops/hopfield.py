@@ -30,6 +30,7 @@ from .._utils import (
 )
 from ..descent import _NEWTON_KIND, check_optimizer, descend, minimize_energy
 from ..energies.hopfield import hopfield_energy, hopfield_newton_direction
+from ..fixed_point import _hopfield_fixed_point, check_solver
 
 BACKENDS = ("auto", "reference", "autograd", "triton")
 
@@ -84,27 +85,58 @@ def _full_mask(mask, is_causal, N, M, device):
     return mask
 
 
+def _readout_masks(mask, is_causal, N, M, device):
+    """SDPA masking for the read-out: ``(attn_mask, valid, sdpa_causal)``.
+
+    Fully masked rows would give NaN in SDPA: they attend to every key and their read-out is
+    zeroed afterwards with ``valid`` (MATH.md §1), which also keeps gradients finite. Without a
+    mask, causality stays SDPA's ``is_causal`` flag (its fast path).
+    """
+    if mask is None:
+        return None, None, is_causal
+    full = _full_mask(mask, is_causal, N, M, device)
+    valid = full.any(dim=-1, keepdim=True)  # [..., N, 1]
+    return full | ~valid, valid, False
+
+
+def _fold_key_bias(attn_mask, sdpa_causal, key_bias, N, M):
+    """Fold a per-key bias ``[B, H, M]`` into SDPA's float mask: ``(attn_mask, is_causal)``."""
+    if key_bias is None:
+        return attn_mask, sdpa_causal
+    if sdpa_causal:
+        attn_mask = torch.ones(N, M, dtype=torch.bool, device=key_bias.device).tril()
+    b = key_bias.unsqueeze(-2)  # [B, H, 1, M]
+    return (b if attn_mask is None else b.masked_fill(~attn_mask, float("-inf"))), False
+
+
+def _sdpa_readout(xi, k, scale, mask=None, is_causal=False, key_bias=None):
+    """``μ = softmax(β ξ Kᵀ + b) K`` (zero on fully masked rows), in ``k``'s dtype.
+
+    ``xi [B, H, N, D]``, ``k [B, H, M, D]``, ``key_bias [B, H, M]`` (heads already expanded).
+    """
+    N, M = xi.shape[-2], k.shape[-2]
+    attn_mask, valid, sdpa_causal = _readout_masks(mask, is_causal, N, M, xi.device)
+    bias = key_bias.to(k.dtype) if exists(key_bias) else None
+    attn_mask, sdpa_causal = _fold_key_bias(attn_mask, sdpa_causal, bias, N, M)
+    out = F.scaled_dot_product_attention(
+        xi.to(k.dtype), k, k, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale
+    )
+    return out if valid is None else out * valid
+
+
 def _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer,
-               momentum, return_energies):
+               momentum, return_energies, tol=0.0):
     B, H, N, D = q.shape
     M = k.shape[2]
     k = _expand_heads(k, H)
     bias = _expand_heads(key_bias, H) if exists(key_bias) else None
     full = _full_mask(mask, is_causal, N, M, q.device)
 
-    # One SDPA call per step. Fully masked rows would give NaN in SDPA: let them attend to every
-    # key and zero their read-out afterwards (MATH.md §1), which also keeps gradients finite.
-    valid = None
-    attn_mask = None
-    sdpa_causal = is_causal and mask is None and bias is None
-    if exists(mask):
-        valid = full.any(dim=-1, keepdim=True)
-        attn_mask = full | ~valid
-    elif is_causal and not sdpa_causal:
-        attn_mask = full
-    if exists(bias):
-        b = bias.to(q.dtype).unsqueeze(-2)  # [B, H, 1, M]
-        attn_mask = b if attn_mask is None else b.masked_fill(~attn_mask, float("-inf"))
+    # One SDPA call per step, its masks built once (see _readout_masks, _fold_key_bias).
+    attn_mask, valid, sdpa_causal = _readout_masks(mask, is_causal, N, M, q.device)
+    attn_mask, sdpa_causal = _fold_key_bias(
+        attn_mask, sdpa_causal, bias.to(q.dtype) if exists(bias) else None, N, M
+    )
 
     def readout(xi32, values):
         out = F.scaled_dot_product_attention(
@@ -129,6 +161,15 @@ def _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, opt
 
         def direction(xi32):
             return xi32 - readout(xi32, k).to(xi32.dtype)
+
+    if tol > 0:
+        unmasked = direction
+
+        def direction(xi32):
+            # Masked tolerance stop: a row whose step would move it less than `tol` stays put.
+            # Its direction is a pure function of ξ, so it then stays stopped (no host sync).
+            d = unmasked(xi32)
+            return d * ((step_size * d).norm(dim=-1, keepdim=True) >= tol)
 
     master = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
     traj = defaultdict(list) if return_energies else None
@@ -206,6 +247,9 @@ def hopfield_descent(
     optimizer: str = "gd",
     momentum: float = 0.0,
     backend: str = "auto",
+    tol: float = 0.0,
+    solver: str = "unrolled",
+    anderson: int = 0,
 ):
     """Descend the Hopfield energy of queries ``q`` against fixed keys ``k`` for T steps.
 
@@ -226,6 +270,14 @@ def hopfield_descent(
         optimizer: ``"gd" | "momentum" | "nesterov" | "newton_2nd1st" | "newton_light"``.
         momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).
         backend: ``"auto" | "reference" | "autograd" | "triton"``.
+        tol: masked tolerance stop (``0`` = off): a query whose next step would move it less
+            than ``tol`` (Euclidean norm) stops there for the remaining steps. The step count
+            stays fixed (no host sync). ``gd``/Newton optimizers, reference backend.
+        solver: ``"unrolled"`` (differentiate through the T steps) or ``"fixed_point"``
+            (:func:`energy_attn.fixed_point.hopfield_fixed_point`: T forward iterations, implicit
+            backward with T adjoint iterations, memory independent of T; ``gd`` only, and
+            ``q`` gets no gradient since the fixed point does not depend on it).
+        anderson: Anderson history size for ``solver="fixed_point"`` (0 = plain iteration).
 
     Returns:
         ``ξ_T`` ``[B, H, N, D]`` in ``q``'s dtype, or ``(ξ_T, energies)``.
@@ -233,6 +285,32 @@ def hopfield_descent(
     scale, step_size, num_steps, momentum = _check_inputs(
         q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum, backend
     )
+    anderson = check_solver(solver, anderson)
+    tol = check_finite_number("tol", tol)
+    if tol < 0:
+        raise ValueError(f"tol must be >= 0, got {tol}")
+    if tol > 0:
+        if optimizer in ("momentum", "nesterov"):
+            raise ValueError(f"tol > 0 stops a query by freezing its step; optimizer={optimizer!r} "
+                             "carries a velocity, use 'gd' or a Newton optimizer")
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"tol > 0 runs on backend='reference', got backend={backend!r}")
+    if solver == "fixed_point":
+        if optimizer != "gd":
+            raise ValueError(f"solver='fixed_point' iterates the gd map, got "
+                             f"optimizer={optimizer!r}")
+        if return_energies or tol > 0:
+            raise ValueError("solver='fixed_point' takes no return_energies and no tol (it runs "
+                             "a fixed number of iterations; see hopfield_fixed_point's residual)")
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"solver='fixed_point' runs on backend='reference', got {backend!r}")
+        if step_size == 0.0:
+            raise ValueError("step_size must be nonzero for solver='fixed_point'")
+        return _hopfield_fixed_point(q, k, scale, step_size, num_steps, mask, is_causal,
+                                     key_bias, anderson)
+    if tol > 0:
+        return _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias,
+                          optimizer, momentum, return_energies, tol)
     args = (q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum,
             return_energies)
     if backend == "auto":

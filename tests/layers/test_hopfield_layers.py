@@ -1,0 +1,242 @@
+"""Hopfield, HopfieldPooling, HopfieldLayer: hopfield-layers semantics on the shared core."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import tol
+
+from energy_attn import Hopfield, HopfieldLayer, HopfieldPooling
+from energy_attn.energies import hopfield_energy
+
+DT = torch.float64
+
+
+def _manual(hop, stored, state, proj, allowed=None, steps=0):
+    """softmax(β q kᵀ) v with the module's own normalisations and projections, by hand."""
+    h = hop.num_heads
+    q = hop.q_proj(hop.norm_state_pattern(state))
+    k = hop.k_proj(hop.norm_stored_pattern(stored))
+    v = hop.v_proj(hop.norm_pattern_projection(proj))
+    split = lambda t: t.unflatten(-1, (h, -1)).transpose(1, 2)  # noqa: E731  [B,L,(h d)]->[B,h,L,d]
+    q, k, v = split(q), split(k), split(v)
+    for _ in range(steps):
+        logits = hop.scaling * q @ k.transpose(-1, -2)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        q = logits.softmax(-1) @ k
+    logits = hop.scaling * q @ k.transpose(-1, -2)
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    out = (logits.softmax(-1) @ v).transpose(1, 2).flatten(2)
+    return hop.out_proj(out)
+
+
+def test_zero_steps_is_softmax_attention_with_same_projections():
+    hop = Hopfield(8, num_heads=2, stored_pattern_size=6, pattern_projection_size=5,
+                   output_size=7).to(DT)
+    stored, state, proj = torch.randn(3, 9, 6, dtype=DT), torch.randn(3, 4, 8, dtype=DT), \
+        torch.randn(3, 9, 5, dtype=DT)
+    out = hop((stored, state, proj))
+    assert out.shape == (3, 4, 7)
+    assert hop.scaling == (8 // 2) ** -0.5
+    atol, rtol = tol(DT)
+    torch.testing.assert_close(out, _manual(hop, stored, state, proj), atol=atol, rtol=rtol)
+
+
+def test_iterated_association_matches_hand_loop():
+    hop = Hopfield(6, num_heads=3, update_steps_max=3, update_steps_eps=0.0).to(DT)
+    x = torch.randn(2, 5, 6, dtype=DT)
+    atol, rtol = tol(DT)
+    torch.testing.assert_close(hop(x), _manual(hop, x, x, x, steps=3), atol=atol, rtol=rtol)
+
+
+def test_padding_mask_equals_removing_padded_patterns():
+    hop = Hopfield(8, num_heads=2, update_steps_max=2).to(DT)
+    stored, state = torch.randn(2, 7, 8, dtype=DT), torch.randn(2, 3, 8, dtype=DT)
+    pad = torch.zeros(2, 7, dtype=torch.bool)
+    pad[:, 5:] = True  # True = padding (hopfield-layers convention)
+    masked = hop((stored, state, stored), stored_pattern_padding_mask=pad)
+    removed = hop((stored[:, :5], state, stored[:, :5]))
+    atol, rtol = tol(DT)
+    torch.testing.assert_close(masked, removed, atol=atol, rtol=rtol)
+    # the padded patterns are really ignored: changing them changes nothing
+    stored2 = stored.clone()
+    stored2[:, 5:] = 1e3 * torch.randn(2, 2, 8, dtype=DT)
+    torch.testing.assert_close(hop((stored2, state, stored2), stored_pattern_padding_mask=pad),
+                               masked, atol=atol, rtol=rtol)
+
+
+def test_association_mask_both_shapes_and_fully_blocked_rows_are_finite():
+    hop = Hopfield(4, num_heads=2, update_steps_max=2)
+    x = torch.randn(2, 5, 4, requires_grad=True)
+    causal_blocked = torch.ones(5, 5, dtype=torch.bool).triu(1)  # True = blocked
+    a = hop(x, association_mask=causal_blocked)
+    b = hop(x, association_mask=causal_blocked.expand(2 * 2, 5, 5))
+    torch.testing.assert_close(a, b)
+    allowed = ~causal_blocked
+    p = hop.get_association_matrix(x, association_mask=causal_blocked)
+    assert p.shape == (2, 2, 5, 5)
+    assert torch.all(p[..., ~allowed] == 0)
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 2, 5))
+    blocked = torch.ones(5, 5, dtype=torch.bool)
+    blocked[:3] = causal_blocked[:3]  # rows 3, 4 see nothing
+    out = hop(x, association_mask=blocked)
+    out.sum().backward()
+    assert torch.isfinite(out).all() and torch.isfinite(x.grad).all()
+    assert torch.all(hop.get_association_matrix(x, association_mask=blocked)[:, :, 3:] == 0)
+
+
+def test_energy_and_trace():
+    hop = Hopfield(6, num_heads=2, update_steps_max=4, update_steps_eps=0.0).to(DT)
+    x = torch.randn(2, 5, 6, dtype=DT)
+    e = hop.energy(x)
+    trace = hop.energy(x, return_trace=True)
+    assert e.shape == (2, 2, 5) and trace.shape == (2, 2, 5, 5)
+    torch.testing.assert_close(trace[..., -1], e)
+    q, k, _, _ = hop._project(x)
+    torch.testing.assert_close(trace[..., 0], hopfield_energy(q, k, hop.scaling))
+    # step 1 on the Hopfield energy is a CCCP step: the energy never increases
+    atol, _ = tol(DT)
+    assert torch.all(trace.diff(dim=-1) <= atol * trace.abs().max())
+
+
+def test_tolerance_stop_is_masked_and_fixed_count():
+    x = torch.randn(2, 5, 6, dtype=DT)
+    loose = Hopfield(6, update_steps_max=6, update_steps_eps=1e9).to(DT)  # stops immediately
+    zero = Hopfield(6, update_steps_max=0).to(DT)
+    zero.load_state_dict(loose.state_dict())
+    torch.testing.assert_close(loose(x), zero(x))
+    tight = Hopfield(6, update_steps_max=6, update_steps_eps=0.0).to(DT)
+    tight.load_state_dict(loose.state_dict())
+    assert not torch.allclose(tight(x), zero(x))
+
+
+def test_static_patterns_and_batch_first_false():
+    hop = Hopfield(4, num_heads=2, stored_pattern_as_static=True, state_pattern_as_static=True,
+                   pattern_projection_as_static=True, normalize_stored_pattern=False,
+                   normalize_stored_pattern_affine=False, normalize_state_pattern=False,
+                   normalize_state_pattern_affine=False, normalize_pattern_projection=False,
+                   normalize_pattern_projection_affine=False, disable_out_projection=True)
+    assert hop.scaling == 1.0 and hop.q_proj is None and hop.out_proj is None
+    assert len(list(hop.parameters())) == 0
+    s, q = torch.randn(2, 6, 4), torch.randn(2, 3, 4)
+    out = hop((s, q, s))
+    ref = F.scaled_dot_product_attention(q.view(2, 3, 2, 2).transpose(1, 2),
+                                         s.view(2, 6, 2, 2).transpose(1, 2),
+                                         s.view(2, 6, 2, 2).transpose(1, 2), scale=1.0)
+    torch.testing.assert_close(out, ref.transpose(1, 2).flatten(2))
+    seq_first = Hopfield(4, batch_first=False)
+    seq_first.load_state_dict(Hopfield(4).state_dict())
+    assert seq_first(q.transpose(0, 1)).shape == (3, 2, 4)
+
+
+def test_pooling_shapes_gradients_parameters():
+    pool = HopfieldPooling(8, quantity=3, num_heads=2, output_size=5, update_steps_max=1)
+    names = dict(pool.named_parameters())
+    assert "pooling_weights" in names and names["pooling_weights"].shape == (3, 8)
+    x = torch.randn(4, 10, 8)
+    pad = torch.zeros(4, 10, dtype=torch.bool)
+    pad[0, 6:] = True
+    out = pool(x, stored_pattern_padding_mask=pad)
+    assert out.shape == (4, 3 * 5)
+    out.square().sum().backward()
+    for n, p in pool.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), n
+    assert pool.pooling_weights.grad.abs().sum() > 0
+    assert pool.get_association_matrix(x).shape == (4, 2, 3, 10)
+    assert pool.energy(x).shape == (4, 2, 3)
+    frozen = HopfieldPooling(8, trainable=False)
+    assert not frozen.pooling_weights.requires_grad
+
+
+def test_layer_shapes_gradients_parameters():
+    layer = HopfieldLayer(6, quantity=7, num_heads=3, update_steps_max=2,
+                          lookup_weights_as_separated=True)
+    names = dict(layer.named_parameters())
+    assert names["lookup_weights"].shape == (7, 6) and names["target_weights"].shape == (7, 6)
+    x = torch.randn(2, 4, 6, requires_grad=True)
+    out = layer(x)
+    assert out.shape == (2, 4, 6)
+    out.square().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    for n, p in layer.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+    assert layer.get_association_matrix(x).shape == (2, 3, 4, 7)
+    shared = HopfieldLayer(6, quantity=7)
+    assert shared.target_weights is None
+    assert shared(x).shape == (2, 4, 6)
+
+
+def test_autograd_backend_without_tolerance_matches_reference():
+    a = Hopfield(6, update_steps_max=2, update_steps_eps=0.0, backend="autograd").to(DT)
+    b = Hopfield(6, update_steps_max=2, update_steps_eps=0.0).to(DT)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(2, 5, 6, dtype=DT)
+    atol, rtol = tol(DT)
+    torch.testing.assert_close(a(x), b(x), atol=atol, rtol=rtol)
+
+
+def test_fixed_point_solver_in_hopfield_matches_long_unrolled():
+    torch.manual_seed(1)
+    unrolled = Hopfield(6, update_steps_max=80, update_steps_eps=0.0, scaling=0.3).to(DT)
+    fixed = Hopfield(6, update_steps_max=80, scaling=0.3, solver="fixed_point").to(DT)
+    fixed.load_state_dict(unrolled.state_dict())
+    x = torch.randn(2, 5, 6, dtype=DT)
+    torch.testing.assert_close(fixed(x), unrolled(x), atol=1e-7, rtol=1e-7)
+
+
+@pytest.mark.parametrize("solver", ["unrolled", "fixed_point"])
+def test_compile_fullgraph_with_steps(solver):
+    # fullgraph=True fails on any graph break (a host sync, a Python branch on tensor values);
+    # aot_eager traces forward and backward without paying for code generation.
+    hop = Hopfield(8, num_heads=2, update_steps_max=3, solver=solver,
+                   anderson=2 if solver == "fixed_point" else 0)
+    x = torch.randn(2, 5, 8)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    eager = hop(x, stored_pattern_padding_mask=pad)
+    (g_eager,) = torch.autograd.grad(eager.square().sum(), hop.k_proj.weight)
+    compiled = torch.compile(hop, fullgraph=True, backend="aot_eager")
+    out = compiled(x, stored_pattern_padding_mask=pad)
+    (g_compiled,) = torch.autograd.grad(out.square().sum(), hop.k_proj.weight)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(g_compiled, g_eager)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(update_steps_max=-1), ValueError),
+        (dict(update_steps_max=None), ValueError),
+        (dict(update_steps_max=1.5), TypeError),
+        (dict(update_steps_eps=-1.0), ValueError),
+        (dict(num_heads=3), ValueError),
+        (dict(normalize_state_pattern=False), ValueError),
+        (dict(state_pattern_as_static=True, hidden_size=3), ValueError),
+        (dict(solver="newton"), ValueError),
+        (dict(anderson=2), ValueError),
+        (dict(dropout=1.0), ValueError),
+        (dict(update_steps_max=2, backend="autograd"), ValueError),  # eps > 0 needs reference
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error):
+    with pytest.raises(error):
+        Hopfield(8, **kwargs)
+
+
+def test_bad_forward_inputs():
+    hop = Hopfield(8, stored_pattern_size=6)
+    s, q = torch.randn(2, 5, 6), torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="stored_pattern must have 6"):
+        hop((torch.randn(2, 5, 7), q, torch.randn(2, 5, 8)))
+    with pytest.raises(ValueError, match="same number of patterns"):
+        hop((s, q, torch.randn(2, 4, 8)))
+    with pytest.raises(ValueError, match="batch size"):
+        hop((s, torch.randn(3, 3, 8), torch.randn(2, 5, 8)))
+    with pytest.raises(TypeError, match="stored_pattern_padding_mask"):
+        hop((s, q, torch.randn(2, 5, 8)), stored_pattern_padding_mask=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="association_mask"):
+        hop((s, q, torch.randn(2, 5, 8)),
+            association_mask=torch.zeros(3, 3, dtype=torch.bool))
+    with pytest.raises(TypeError, match="tuple"):
+        hop((s, q))
