@@ -267,7 +267,7 @@ def swap_attention(model: nn.Module, *, return_report: bool = False, **energy_op
         return (model, [""]) if return_report else model
     replaced, new = [], {}  # new: id(old module) -> its replacement (a shared module stays shared)
     for name, parent in list(model.named_modules(remove_duplicate=False)):
-        for child_name, child in list(parent.named_children()):
+        for child_name, child in list(parent._modules.items()):  # duplicates included
             if swappable(child):
                 if id(child) not in new:
                     new[id(child)] = EnergyMultiheadAttention.from_mha(child, **energy_options)
