@@ -11,6 +11,7 @@ from .energies import (
     hopfield_energy,
     hopfield_energy_grad,
 )
+from .integrations import EnergyMultiheadAttention, swap_attention
 from .layers import EnergyBasedAttention, VanillaSoftmaxAttention
 from .ops import hopfield_descent
 
@@ -19,6 +20,7 @@ __version__ = "0.1.0"
 __all__ = [
     "OPTIMIZERS",
     "EnergyBasedAttention",
+    "EnergyMultiheadAttention",
     "VanillaSoftmaxAttention",
     "elastic_energy",
     "elastic_energy_grad",
@@ -26,4 +28,5 @@ __all__ = [
     "hopfield_energy",
     "hopfield_energy_grad",
     "minimize_energy",
+    "swap_attention",
 ]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from energy_attn import EnergyBasedAttention, VanillaSoftmaxAttention, hopfield_descent
-from energy_attn.integrations import EnergyMultiheadAttention
+from energy_attn.integrations import EnergyMultiheadAttention, swap_attention
 
 pytestmark = pytest.mark.slow
 
@@ -51,6 +51,11 @@ LAYERS = [
          lambda: EnergyMultiheadAttention(16, 2, batch_first=True, num_steps=3, step_size=0.5),
          lambda: ((x := torch.randn(2, 6, 16), x, x), dict(key_padding_mask=~_padding())),
          inductor=True),
+    *case("swap_attention(TransformerEncoder)",
+          lambda: swap_attention(torch.nn.TransformerEncoder(
+              torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
+              enable_nested_tensor=False), num_steps=2),
+          lambda: (_tokens()[0], dict(src_key_padding_mask=~_padding()))),
 ]
 
 

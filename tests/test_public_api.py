@@ -6,6 +6,7 @@ import energy_attn
 EXPECTED = {
     "OPTIMIZERS",
     "EnergyBasedAttention",
+    "EnergyMultiheadAttention",
     "VanillaSoftmaxAttention",
     "elastic_energy",
     "elastic_energy_grad",
@@ -13,6 +14,7 @@ EXPECTED = {
     "hopfield_energy",
     "hopfield_energy_grad",
     "minimize_energy",
+    "swap_attention",
 }
 
 
