@@ -42,20 +42,20 @@ LAYERS = [
          lambda: ((torch.randn(2, 4, 6, 8), torch.randn(2, 2, 6, 8)), {})),
     *case("VanillaSoftmaxAttention",
          lambda: VanillaSoftmaxAttention(16, heads=2, dim_head=8),
-         lambda: (_tokens()[0], dict(mask=_padding()))),
+         lambda: (_tokens()[0], {"mask": _padding()})),
     *case("EnergyBasedAttention",
          lambda: partial(EnergyBasedAttention(16, heads=2, dim_head=8), num_steps=3,
                          step_size=0.5),
-         lambda: (_tokens()[0], dict(mask=_padding()))),
+         lambda: (_tokens()[0], {"mask": _padding()})),
     *case("EnergyMultiheadAttention",
          lambda: EnergyMultiheadAttention(16, 2, batch_first=True, num_steps=3, step_size=0.5),
-         lambda: ((x := torch.randn(2, 6, 16), x, x), dict(key_padding_mask=~_padding())),
+         lambda: ((x := torch.randn(2, 6, 16), x, x), {"key_padding_mask": ~_padding()}),
          inductor=True),
     *case("swap_attention(TransformerEncoder)",
           lambda: swap_attention(torch.nn.TransformerEncoder(
               torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,
               enable_nested_tensor=False), num_steps=2),
-          lambda: (_tokens()[0], dict(src_key_padding_mask=~_padding()))),
+          lambda: (_tokens()[0], {"src_key_padding_mask": ~_padding()})),
 ]
 
 

@@ -27,7 +27,6 @@ def _keep_energy_forward(module, args):
     (``torch._transformer_encoder_layer_fwd``) that reads the attention's weights and never
     calls its ``forward``; it is disabled for any layer holding a module with hooks, so this
     hook guarantees the energy forward always runs."""
-    return None
 
 
 def _check_energy_options(num_steps=2, step_size=1.0, optimizer="gd", momentum=0.0, scale=None):
@@ -37,8 +36,8 @@ def _check_energy_options(num_steps=2, step_size=1.0, optimizer="gd", momentum=0
     step_size = check_finite_number("step_size", step_size)
     momentum = check_optimizer(optimizer, momentum)
     scale = check_finite_number("scale", scale, positive=True) if exists(scale) else None
-    return dict(num_steps=num_steps, step_size=step_size, optimizer=optimizer,
-                momentum=momentum, scale=scale)
+    return {"num_steps": num_steps, "step_size": step_size, "optimizer": optimizer,
+                "momentum": momentum, "scale": scale}
 
 
 def _mha_mask(name: str, mask, dtype, shape: tuple[int, ...]):

@@ -5,10 +5,10 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # the [hf] extra; installed by [test]
 
-from energy_attn.integrations.huggingface import register  # noqa: E402
+from energy_attn.integrations.huggingface import register
 
 VOCAB, N = 64, 9
-TOL = dict(atol=64 * torch.finfo(torch.float32).eps, rtol=16 * torch.finfo(torch.float32).eps)
+TOL = {"atol": 64 * torch.finfo(torch.float32).eps, "rtol": 16 * torch.finfo(torch.float32).eps}
 
 
 def gpt2():
@@ -98,8 +98,8 @@ def test_padding_masks_are_respected(name):
 def test_generate_with_cache_equals_without(name):
     model = build(name)
     ids, mask, _ = left_padded()
-    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
-              return_dict_in_generate=True, output_scores=True)
+    kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0,
+              "return_dict_in_generate": True, "output_scores": True}
     cached = model.generate(ids, use_cache=True, **kw)
     uncached = model.generate(ids, use_cache=False, **kw)
     assert torch.equal(cached.sequences, uncached.sequences)
