@@ -37,7 +37,7 @@ def _check_energy_options(num_steps=2, step_size=1.0, optimizer="gd", momentum=0
     momentum = check_optimizer(optimizer, momentum)
     scale = check_finite_number("scale", scale, positive=True) if exists(scale) else None
     return {"num_steps": num_steps, "step_size": step_size, "optimizer": optimizer,
-                "momentum": momentum, "scale": scale}
+            "momentum": momentum, "scale": scale}
 
 
 def _mha_mask(name: str, mask, dtype, shape: tuple[int, ...]):

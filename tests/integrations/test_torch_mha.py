@@ -147,6 +147,21 @@ def test_masked_keys_are_invisible_to_the_descent():
     assert (w[..., -2:] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_tracks_float64(dtype):
+    """The error in a low-precision dtype is of the order of that dtype's rounding."""
+    ref = EnergyMultiheadAttention(E, H, batch_first=True, num_steps=3, step_size=0.5).double()
+    low = copy.deepcopy(ref).to(dtype)
+    q, k, v = (t.double() for t in inputs(batch_first=True))
+    kpm = torch.zeros(B, S, dtype=torch.bool)
+    kpm[0, -3:] = True
+    expected, _ = ref(q, k, v, key_padding_mask=kpm, need_weights=False)
+    out, _ = low(q.to(dtype), k.to(dtype), v.to(dtype), key_padding_mask=kpm, need_weights=False)
+    assert out.dtype == dtype and out.isfinite().all()
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(out.double(), expected, atol=4 * eps, rtol=4 * eps)  # seen: < 1 eps
+
+
 def test_gradients_flow_to_every_parameter():
     energy = EnergyMultiheadAttention(E, H, num_steps=3, add_bias_kv=True, kdim=5, vdim=7)
     q, k, v = inputs(batch_first=False, kdim=5, vdim=7)
