@@ -30,6 +30,10 @@ from .torch_mha import _check_energy_options
 
 __all__ = ["energy_mask", "make_attention_function", "register"]
 
+# Extra logit terms some models pass to their attention function: logit soft-capping (Gemma 2),
+# additive position biases (T5-style), attention sinks (gpt-oss). Not part of the energy.
+_UNSUPPORTED = ("softcap", "position_bias", "s_aux")
+
 
 def energy_mask(*args, **kwargs):
     """``AttentionMaskInterface`` function: ``sdpa_mask`` that never skips the causal mask.
@@ -53,6 +57,10 @@ def make_attention_function(num_steps=2, step_size=1.0, optimizer="gd", momentum
         (True = may attend) or additive float ``[B, 1|H, N, M]`` -> ``([B, N, H, D], weights)``."""
         for name, t in (("query", query), ("key", key), ("value", value)):
             check_float_tensor(name, t, ndim=4)
+        for name in _UNSUPPORTED:
+            if kwargs.get(name) is not None:
+                raise ValueError(f"energy attention does not support the model's {name!r} "
+                                 "(it would be silently ignored); use another attn_implementation")
         N, M = query.shape[2], key.shape[2]
         mask = bias = None
         causal = False

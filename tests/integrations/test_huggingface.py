@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # the [hf] extra; installed by [test]
 
-from energy_attn.integrations.huggingface import register
+from energy_attn.integrations.huggingface import make_attention_function, register
 
 VOCAB, N = 64, 9
 TOL = {"atol": 64 * torch.finfo(torch.float32).eps, "rtol": 16 * torch.finfo(torch.float32).eps}
@@ -124,8 +124,14 @@ def test_training_step_and_attention_weights():
     assert (weights[1, ..., :3] == 0).all()
 
 
-def test_register_validates_and_import_stays_optional():
+def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="num_steps"):
         register("energy_bad", num_steps=0)
     with pytest.raises(TypeError, match="name"):
         register("")
+    fn = make_attention_function()
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="softcap"):
+        fn(torch.nn.Module(), q, k, k, None, softcap=30.0)
+    with pytest.raises(ValueError, match="query"):
+        fn(torch.nn.Module(), q[0], k, k, None)
