@@ -181,9 +181,14 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
                 bias = F.pad(bias, (0, extra), value=0.0)
         return allowed, bias, causal
 
-    def _project(self, query, key, value):
-        """Input projections: ``[B, L, E] -> [B, L, E]`` (and ``[B, S, kdim|vdim] -> [B, S, E]``)."""
+    def _project(self, query, key, value, packed):
+        """Input projections: ``[B, L, E] -> [B, L, E]`` (and ``[B, S, kdim|vdim] -> [B, S, E]``).
+
+        ``packed`` (self-attention, one input tensor): one ``[E, 3E]`` matmul, as nn.MHA does.
+        """
         E = self.embed_dim
+        if packed:
+            return F.linear(query, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
         b_q = b_k = b_v = None
         if exists(self.in_proj_bias):
             b_q, b_k, b_v = self.in_proj_bias.chunk(3)
@@ -196,6 +201,7 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         self._check_inputs(query, key, value)
+        packed = self._qkv_same_embed_dim and query is key and key is value
         batched = query.dim() == 3
         if not batched:  # [L, E] -> [1, L, E]
             query, key, value = (t.unsqueeze(0) for t in (query, key, value))
@@ -210,7 +216,7 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
         allowed, bias, causal = self._masks(key_padding_mask, attn_mask, is_causal, B, L, S,
                                             query.dtype, query.device)
 
-        q, k, v = self._project(query, key, value)
+        q, k, v = self._project(query, key, value, packed)
         if exists(self.bias_k):  # one learned key/value appended: [B, S, E] -> [B, S+1, E]
             k = torch.cat([k, self.bias_k.expand(B, 1, -1)], dim=1)
             v = torch.cat([v, self.bias_v.expand(B, 1, -1)], dim=1)
