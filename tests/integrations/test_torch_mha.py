@@ -240,6 +240,18 @@ def test_swap_trains():
     assert losses[-1] < 0.8 * losses[0]
 
 
+@pytest.mark.parametrize("config", CONFIGS)
+def test_from_mha_shares_parameters_for_every_config(config):
+    kw = CONFIGS[config]
+    mha = nn.MultiheadAttention(E, H, dropout=0.1, **kw).eval()
+    energy = EnergyMultiheadAttention.from_mha(mha, num_steps=1)
+    assert not energy.training and energy.dropout == 0.1
+    assert [n for n, _ in energy.named_parameters()] == [n for n, _ in mha.named_parameters()]
+    assert all(a is b for a, b in zip(energy.parameters(), mha.parameters()))
+    q, k, v = inputs(False, kw.get("kdim", E), kw.get("vdim", E))
+    torch.testing.assert_close(energy(q, k, v)[0], mha(q, k, v)[0], **TOL)
+
+
 def test_swap_edge_cases():
     mha = nn.MultiheadAttention(E, H)
     new, report = swap_attention(mha, num_steps=2, return_report=True)
