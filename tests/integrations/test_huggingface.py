@@ -100,10 +100,12 @@ def test_generate_with_cache_equals_without(name):
     ids, mask, _ = left_padded()
     kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0,
               "return_dict_in_generate": True, "output_scores": True}
-    cached = model.generate(ids, use_cache=True, **kw)
     uncached = model.generate(ids, use_cache=False, **kw)
-    assert torch.equal(cached.sequences, uncached.sequences)
-    torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores), **TOL)
+    for cache in ("dynamic", "static"):  # static: keys longer than the sequence, masked
+        cached = model.generate(ids, use_cache=True, cache_implementation=cache, **kw)
+        assert torch.equal(cached.sequences, uncached.sequences), cache
+        torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores),
+                                   **TOL, msg=cache)
 
 
 def test_training_step_and_attention_weights():
