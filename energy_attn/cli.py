@@ -14,6 +14,7 @@ import sys
 # One module per subcommand, in help order.
 COMMAND_MODULES = [
     "energy_attn.checks",
+    "energy_attn.landscape_cli",
 ]
 
 
