@@ -9,8 +9,13 @@ from __future__ import annotations
 import sys
 
 
-def _progress_bar(stream=sys.stderr, width=28):
-    """A plain text progress bar: ``\\r``-redrawn on a terminal, one line per update otherwise."""
+def _progress_bar(stream=None, width=28):
+    """A plain text progress bar: ``\\r``-redrawn on a terminal, one line per update otherwise.
+
+    ``stream`` defaults to the ``sys.stderr`` of the call, not of the import (a default bound
+    at import time goes stale when stderr is swapped, e.g. by pytest's capture).
+    """
+    stream = sys.stderr if stream is None else stream
     tty = stream.isatty()
 
     def update(done, total, label):
