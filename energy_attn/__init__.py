@@ -14,6 +14,7 @@ from .energies import (
     linear_energy,
 )
 from .energies.energy_transformer import energy_transformer_energy, energy_transformer_energy_grad
+from .integrations import EnergyMultiheadAttention, swap_attention
 from .layers import (
     MHA,
     EnergyBasedAttention,
@@ -38,6 +39,7 @@ __version__ = "0.1.0"
 __all__ = [
     "OPTIMIZERS",
     "EnergyBasedAttention",
+    "EnergyMultiheadAttention",
     "VanillaSoftmaxAttention",
     "elastic_energy",
     "elastic_energy_grad",
@@ -64,4 +66,5 @@ __all__ = [
     "EnergyTransformerAttention",
     "energy_transformer_energy",
     "energy_transformer_energy_grad",
+    "swap_attention",
 ]

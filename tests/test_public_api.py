@@ -6,6 +6,7 @@ import energy_attn
 EXPECTED = {
     "OPTIMIZERS",
     "EnergyBasedAttention",
+    "EnergyMultiheadAttention",
     "VanillaSoftmaxAttention",
     "elastic_energy",
     "elastic_energy_grad",
@@ -33,6 +34,7 @@ EXPECTED = {
     "EnergyTransformerAttention",
     "energy_transformer_energy",
     "energy_transformer_energy_grad",
+    "swap_attention",
 }
 
 

@@ -1,0 +1,108 @@
+"""The cost of the drop-in: nn.MultiheadAttention vs EnergyMultiheadAttention on CPU.
+
+Forward+backward of one self-attention layer (``need_weights=False``, as nn.Transformer*
+layers call it), float32: ``nn.MultiheadAttention``, then ``EnergyMultiheadAttention`` with
+``num_steps`` 1 (the same computation: the adapter's overhead), 2 and 4 (each extra step is one
+more SDPA-sized read-out of the keys). Also the bytes autograd saves for backward
+(distinct storages: a tensor saved twice counts once).
+
+    python benchmarks/mha_cpu.py            # B=4, L=512, E=256, H=8
+    python benchmarks/mha_cpu.py --quick    # small sizes, a smoke run
+
+Prints a table and writes ``benchmarks/results/mha_cpu.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from energy_attn import EnergyMultiheadAttention
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def measure(layer: nn.Module, x: torch.Tensor, repeats: int) -> dict:
+    def step():
+        out, _ = layer(x, x, x, need_weights=False)
+        out.sum().backward()
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+
+    step()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    saved = {}  # one entry per storage: a tensor saved twice (or two views of it) counts once
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, x, x, need_weights=False)
+    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+            "saved_for_backward_mib": sum(saved.values()) / 2**20}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--B", type=int, default=4)
+    p.add_argument("--L", type=int, default=512)
+    p.add_argument("--E", type=int, default=256)
+    p.add_argument("--H", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
+    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "mha_cpu.json"))
+    args = p.parse_args(argv)
+    if args.quick:
+        args.B, args.L, args.E, args.H, args.repeats = 2, 64, 32, 2, 2
+    sizes = {"B": args.B, "L": args.L, "E": args.E, "H": args.H}
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(args.E, args.H, batch_first=True)
+    x = torch.randn(args.B, args.L, args.E, requires_grad=True)
+    rows = [{"layer": "nn.MultiheadAttention", **measure(mha, x, args.repeats)}]
+    for T in (1, 2, 4):
+        energy = EnergyMultiheadAttention.from_mha(mha, num_steps=T)
+        rows.append({"layer": f"EnergyMultiheadAttention T={T}", **measure(energy, x, args.repeats)})
+
+    base = rows[0]["median_ms"]
+    print(f"one self-attention layer, forward+backward, float32, CPU; {sizes}")
+    print(f"machine: {machine()} (torch threads: {torch.get_num_threads()})")
+    print(f"{'layer':<32}{'median ms':>11}{'min ms':>9}{'x MHA':>8}{'saved MiB':>11}")
+    for r in rows:
+        r["relative_to_mha"] = r["median_ms"] / base
+        print(f"{r['layer']:<32}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}"
+              f"{r['relative_to_mha']:>8.2f}{r['saved_for_backward_mib']:>11.1f}")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"sizes": sizes, "dtype": "float32", "machine": machine(),
+                               "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Energy attention inside tiny, randomly initialised Hugging Face models (built offline)."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")  # the [hf] extra; installed by [test]
+
+from energy_attn.integrations.huggingface import make_attention_function, register
+
+VOCAB, N = 64, 9
+TOL = {"atol": 64 * torch.finfo(torch.float32).eps, "rtol": 16 * torch.finfo(torch.float32).eps}
+
+
+def gpt2():
+    return transformers.GPT2Config(vocab_size=VOCAB, n_positions=32, n_embd=16, n_layer=2,
+                                   n_head=2, bos_token_id=0, eos_token_id=0,
+                                   initializer_range=0.3)
+
+
+def llama():  # grouped-query attention: 4 query heads share 2 key/value heads
+    return transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=2, num_attention_heads=4,
+                                    num_key_value_heads=2, max_position_embeddings=32,
+                                    bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                    initializer_range=0.3)
+
+
+CONFIGS = {"gpt2": gpt2, "llama": llama}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    register("energy", num_steps=3, step_size=0.5)
+    register("energy_T1", num_steps=1)
+
+
+def build(name, attn="energy"):
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name](), attn_implementation=attn)
+    return model.eval()
+
+
+def left_padded(batch=3):  # rows: full, 3 pads, a single real token
+    ids = torch.randint(1, VOCAB, (batch, N))
+    mask = torch.ones(batch, N, dtype=torch.long)
+    mask[1, :3] = 0
+    mask[2, :N - 1] = 0  # a single real token
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids, mask, position_ids
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_num_steps_1_equals_sdpa(name):
+    model = build(name, "sdpa")
+    ids, mask, pos = left_padded()
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask, position_ids=pos).logits
+        model.set_attn_implementation("energy_T1")
+        out = model(ids, attention_mask=mask, position_ids=pos).logits
+        model.set_attn_implementation("energy")
+        energy = model(ids, attention_mask=mask, position_ids=pos).logits
+    real = mask.bool()
+    torch.testing.assert_close(out[real], expected[real], **TOL)
+    assert energy.isfinite().all()
+    assert (energy[real] - expected[real]).abs().max() > 1e-3  # T=3 really is different
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_future_tokens_never_change_past_logits(name):
+    model = build(name)
+    ids = torch.randint(1, VOCAB, (2, N))
+    changed = ids.clone()
+    changed[:, 5:] = torch.randint(1, VOCAB, (2, N - 5))
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+    torch.testing.assert_close(a[:, :5], b[:, :5], **TOL)
+    assert (a[:, 5:] - b[:, 5:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_padding_masks_are_respected(name):
+    """A left-padded row equals the same sequence alone, whatever the padding tokens are."""
+    model = build(name)
+    ids, mask, pos = left_padded()
+    noisy = ids.masked_fill(~mask.bool(), 7)
+    with torch.no_grad():
+        batch = model(ids, attention_mask=mask, position_ids=pos).logits
+        again = model(noisy, attention_mask=mask, position_ids=pos).logits
+        for row in range(ids.shape[0]):
+            real = mask[row].bool()
+            alone = model(ids[row:row + 1, real]).logits[0]
+            torch.testing.assert_close(batch[row, real], alone, **TOL)
+            torch.testing.assert_close(again[row, real], alone, **TOL)
+    assert batch.isfinite().all()
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_generate_with_cache_equals_without(name):
+    model = build(name)
+    ids, mask, _ = left_padded()
+    kw = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False, "pad_token_id": 0,
+              "return_dict_in_generate": True, "output_scores": True}
+    uncached = model.generate(ids, use_cache=False, **kw)
+    for cache in ("dynamic", "static"):  # static: keys longer than the sequence, masked
+        cached = model.generate(ids, use_cache=True, cache_implementation=cache, **kw)
+        assert torch.equal(cached.sequences, uncached.sequences), cache
+        torch.testing.assert_close(torch.stack(cached.scores), torch.stack(uncached.scores),
+                                   **TOL, msg=cache)
+
+
+def test_training_step_and_attention_weights():
+    model = build("llama")
+    model.train()
+    ids, mask, pos = left_padded()
+    out = model(ids, attention_mask=mask, position_ids=pos, labels=ids.masked_fill(mask == 0, -100),
+                output_attentions=True)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and g.isfinite().all() for g in grads)
+    weights = out.attentions[0]  # [B, H, N, N], the read-out's, causal and padding-masked
+    assert weights.shape == (3, 4, N, N)
+    real = mask.bool()
+    torch.testing.assert_close(weights.sum(-1)[real[:, None].expand(-1, 4, -1)],
+                               torch.ones(()).expand(int(real.sum()) * 4), **TOL)
+    assert (weights.triu(1) == 0).all()
+    assert (weights[1, ..., :3] == 0).all()
+
+
+def test_bad_arguments_raise_clear_errors():
+    with pytest.raises(ValueError, match="num_steps"):
+        register("energy_bad", num_steps=0)
+    with pytest.raises(TypeError, match="name"):
+        register("")
+    fn = make_attention_function()
+    q, k = torch.randn(1, 2, 3, 4), torch.randn(1, 1, 3, 4)
+    with pytest.raises(ValueError, match="softcap"):
+        fn(torch.nn.Module(), q, k, k, None, softcap=30.0)
+    with pytest.raises(ValueError, match="query"):
+        fn(torch.nn.Module(), q[0], k, k, None)
