@@ -1,0 +1,619 @@
+"""Fused Triton kernels for T steps of Hopfield / elastic energy descent (MATH.md §1, §4, §7).
+
+One step, for a query row ``ξ`` against fixed keys ``K`` (values = keys), with ``c = ρ`` for
+Nesterov and ``c = 0`` otherwise (GD is the ``ρ = 0`` case of momentum):
+
+    y_t = ξ_t + c v_t,   μ_t = softmax(β round(y_t) Kᵀ + b) K,   g_t = y_t − μ_t
+    v_{t+1} = ρ v_t − η g_t,   ξ_{t+1} = ξ_t + v_{t+1}        (GD: ξ_{t+1} = ξ_t − η g_t)
+
+``round`` is the cast to the input dtype: ``ξ`` and ``v`` stay in float32 registers across all
+T steps (the master copy), each read-out runs on the rounded iterate, like the reference.
+
+Kernels (see ``docs/kernels.md`` for the design):
+
+* ``_fwd_kernel``: one program per (query tile, batch·head); T steps on chip, key tiles streamed
+  flash-attention style with an exp2 online softmax (β·log₂e folded into the logits), or loaded
+  once before the step loop when all M keys fit (``SHORT``, the short-memory path). Saves per
+  step only the read-out ``μ_t`` (float32) and the row log-sum-exp: O(T·N·(D+1)).
+* ``_bwd_dq_kernel``: the reverse chain through the optimizer, one program per query tile;
+  the iterates are replayed from ``q`` and the saved read-outs, attention is recomputed from
+  the saved log-sum-exp. Writes ``dμ_t`` and ``Δ_t = rowsum(dμ_t ⊙ μ_t)`` per step for
+* ``_bwd_dk_kernel``: one program per (key tile, batch·key head), looping over the query heads
+  of its group, the query tiles and the steps: ``dK`` (score and value paths) and ``d key_bias``
+  accumulate in float32 registers, no atomics.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["hopfield_descent_triton", "unsupported_reason", "SHORT_MEMORY_BYTES"]
+
+OPTIMIZERS = ("gd", "momentum", "nesterov")
+MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
+
+#: The short-memory path runs when one (batch, head)'s keys, padded to a power of two, take at
+#: most this many bytes in the input dtype (M <= 256 at D=64 in bf16). Tests lower/raise it to
+#: exercise both paths at small sizes.
+SHORT_MEMORY_BYTES = 32 * 1024
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST: tl.constexpr):
+    """A key tile ``[BLOCK_M, BLOCK_D]`` (zero outside ``M × D``), upcast when interpreting bf16."""
+    k = tl.load(K + k_off + offs_m[:, None] * D + offs_d[None, :],
+                mask=(offs_m[:, None] < M) & (offs_d[None, :] < D), other=0.0)
+    if UPCAST:
+        k = k.to(tl.float32)
+    return k
+
+
+@triton.jit
+def _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+            HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+            PREC: tl.constexpr):
+    """``(β x̂·k_j + b_j)·log₂e`` for a query tile against a key tile; −inf where masked."""
+    s = tl.dot(xh, tl.trans(k), input_precision=PREC) * scale2
+    in_range = offs_m < M
+    keep = in_range[None, :]
+    if HAS_BIAS:
+        b = tl.load(BIAS + b_off + offs_m, mask=in_range, other=0.0)
+        s += b[None, :] * LOG2E
+    if HAS_PAD:
+        pad = tl.load(PAD + p_off + offs_m, mask=in_range, other=0)
+        keep = keep & (pad != 0)[None, :]
+    if CAUSAL:
+        keep = keep & (offs_m[None, :] <= offs_n[:, None])
+    return tl.where(keep, s, float("-inf"))
+
+
+@triton.jit
+def _online_update(s, k, m_i, l_i, acc, WITH_MU: tl.constexpr, PREC: tl.constexpr):
+    """One online-softmax update with a tile of base-2 logits ``s``."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked so far: stay finite
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - m_use[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if WITH_MU:
+        acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, hi, scale2,
+            WITH_MU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+            CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
+            PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_D: tl.constexpr):
+    """Read-out ``μ`` (if ``WITH_MU``) and base-2 log-sum-exp of a query tile over all keys.
+
+    Fully masked rows: ``μ = 0`` and ``lse = 0`` (their potential is 0; in backward every logit
+    of the row is −inf, so ``p = 0`` whatever the stored lse).
+    """
+    m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if SHORT:
+        offs_m = tl.arange(0, BLOCK_M)
+        s = _logits(xh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                    HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+        m_i, l_i, acc = _online_update(s, k_all, m_i, l_i, acc, WITH_MU, PREC)
+    else:
+        for start_m in range(0, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+            s = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                        HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            m_i, l_i, acc = _online_update(s, k, m_i, l_i, acc, WITH_MU, PREC)
+    valid = l_i > 0.0
+    l_safe = tl.where(valid, l_i, 1.0)
+    mu = acc / l_safe[:, None]
+    lse2 = tl.where(valid, m_i + tl.log2(l_safe), 0.0)
+    return mu, lse2
+
+
+@triton.jit
+def _round(y, DT: tl.constexpr, UPCAST: tl.constexpr):
+    """The float32 iterate rounded to the input dtype (the read-out's operand)."""
+    yh = y.to(DT)
+    if UPCAST:
+        yh = yh.to(tl.float32)
+    return yh
+
+
+# --------------------------------------------------------------------------------------------
+# Forward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY,
+                N, M, D, H, HK, mu_step, lse_step, scale2, inv_scale, eta, rho, nest,
+                T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
+                SAVE: tl.constexpr, ENERGIES: tl.constexpr, HAS_BIAS: tl.constexpr,
+                HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
+                UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)  # b * H + h
+    b = bh // H
+    hk = (bh % H) // (H // HK)  # grouped heads: query head h reads key head h // G
+    DT: tl.constexpr = Q.dtype.element_ty
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_n < N
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
+    q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+    k_off = (b * HK + hk) * M * D
+    b_off = (b * HK + hk) * M
+    p_off = b * M
+    hi = M
+    if CAUSAL:
+        hi = tl.minimum(M, (pid_n + 1) * BLOCK_N)  # query i sees keys j <= i
+    if SHORT:  # the short-memory path: every key of this (batch, head), loaded once
+        k_all = _load_keys(K, k_off, tl.arange(0, BLOCK_M), offs_d, M, D, UPCAST)
+    else:
+        k_all = tl.zeros([1, 1], tl.float32)  # unused
+
+    xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)  # float32 master copy
+    v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for t in range(T):
+        if NESTEROV:
+            y = xi + nest * v
+        else:
+            y = xi
+        mu, lse2 = _attend(_round(y, DT, UPCAST), k_all, K, k_off, BIAS, b_off, PAD, p_off,
+                           offs_n, offs_d, M, D, hi, scale2, True, HAS_BIAS, HAS_PAD, CAUSAL,
+                           SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
+        if SAVE:
+            tl.store(MU + t * mu_step + q_off, mu, mask=tile_ok)
+            tl.store(LSE + t * lse_step + bh * N + offs_n, lse2, mask=row_ok)
+        if ENERGIES:
+            if NESTEROV:  # the read-out point y_t is not ξ_t: one lse-only pass at ξ_t
+                _, lse2 = _attend(_round(xi, DT, UPCAST), k_all, K, k_off, BIAS, b_off, PAD,
+                                  p_off, offs_n, offs_d, M, D, hi, scale2, False, HAS_BIAS,
+                                  HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M,
+                                  BLOCK_D)
+            energy = 0.5 * tl.sum(xi * xi, 1) - lse2 * (LN2 * inv_scale)
+            tl.store(ENERGY + (bh * N + offs_n) * (T + 1) + t, energy, mask=row_ok)
+        g = y - mu
+        if VELOCITY:
+            v = rho * v - eta * g
+            xi = xi + v
+        else:
+            xi = xi - eta * g
+    if ENERGIES:  # energy of the final iterate
+        _, lse2 = _attend(_round(xi, DT, UPCAST), k_all, K, k_off, BIAS, b_off, PAD, p_off,
+                          offs_n, offs_d, M, D, hi, scale2, False, HAS_BIAS, HAS_PAD, CAUSAL,
+                          SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
+        energy = 0.5 * tl.sum(xi * xi, 1) - lse2 * (LN2 * inv_scale)
+        tl.store(ENERGY + (bh * N + offs_n) * (T + 1) + T, energy, mask=row_ok)
+    tl.store(OUT + q_off, xi.to(DT), mask=tile_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Backward
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
+            VELOCITY: tl.constexpr, NESTEROV: tl.constexpr):
+    """Step ``(ξ_t, v_t) -> (ξ_{t+1}, v_{t+1})`` from the saved read-out ``μ_t`` (the same float32
+    operations as the forward, so the replayed iterates are the forward's)."""
+    if NESTEROV:
+        y = xi + nest * v
+    else:
+        y = xi
+    g = y - tl.load(MU + t * mu_step + q_off, mask=tile_ok, other=0.0)
+    if VELOCITY:
+        v = rho * v - eta * g
+        xi = xi + v
+    else:
+        xi = xi - eta * g
+    return xi, v
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, DOUT, DQ, DMU, DELTA,
+                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest,
+                   T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                   SHORT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Reverse chain of one query tile: adjoints ``a = ∂L/∂ξ_{t+1}``, ``w`` (of ``v_{t+1}``)."""
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    hk = (bh % H) // (H // HK)
+    DT: tl.constexpr = Q.dtype.element_ty
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_n < N
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
+    q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+    k_off = (b * HK + hk) * M * D
+    b_off = (b * HK + hk) * M
+    p_off = b * M
+    hi = M
+    if CAUSAL:
+        hi = tl.minimum(M, (pid_n + 1) * BLOCK_N)
+    if SHORT:
+        k_all = _load_keys(K, k_off, tl.arange(0, BLOCK_M), offs_d, M, D, UPCAST)
+    else:
+        k_all = tl.zeros([1, 1], tl.float32)
+
+    xi0 = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
+    a = tl.load(DOUT + q_off, mask=tile_ok, other=0.0).to(tl.float32)
+    w = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for i in range(T):
+        t = T - 1 - i
+        # Replay ξ_t, v_t from q (O(T²) element-wise work, no N×M work).
+        xi = xi0
+        v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for s in range(t):
+            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest, VELOCITY,
+                            NESTEROV)
+        if NESTEROV:
+            y = xi + nest * v
+        else:
+            y = xi
+        yh = _round(y, DT, UPCAST)
+        mu = tl.load(MU + t * mu_step + q_off, mask=tile_ok, other=0.0)
+        lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+        dv = w + a  # ∂L/∂v_{t+1}: ξ_{t+1} = ξ_t + v_{t+1}
+        dmu = eta * dv  # v_{t+1} = ρ v_t − η (y_t − μ_t)
+        delta = tl.sum(dmu * mu, 1)
+        tl.store(DMU + t * mu_step + q_off, dmu, mask=tile_ok)
+        tl.store(DELTA + t * lse_step + bh * N + offs_n, delta, mask=row_ok)
+        # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ): flash-style, recomputing P.
+        dmu_c = dmu.to(DT)
+        if UPCAST:
+            dmu_c = dmu_c.to(tl.float32)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        if SHORT:
+            offs_m = tl.arange(0, BLOCK_M)
+            s2 = _logits(yh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                         HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            p = tl.exp2(s2 - lse2[:, None])
+            dp = tl.dot(dmu_c, tl.trans(k_all), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            acc += tl.dot(ds.to(k_all.dtype), k_all, input_precision=PREC)
+        else:
+            for start_m in range(0, hi, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+                s2 = _logits(yh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                             HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+                p = tl.exp2(s2 - lse2[:, None])
+                dp = tl.dot(dmu_c, tl.trans(k), input_precision=PREC)
+                ds = p * (dp - delta[:, None])
+                acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+        dy = scale * acc - dmu  # g_t = y_t − μ_t
+        a = a + dy  # y_t = ξ_t + c v_t
+        if VELOCITY:
+            w = rho * dv
+            if NESTEROV:
+                w += nest * dy
+    tl.store(DQ + q_off, a, mask=tile_ok)
+
+
+@triton.jit
+def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, DMU, DELTA, DK, DBIAS,
+                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest,
+                   T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``dK`` (score path β dSᵀŷ + value path Pᵀdμ) and ``d key_bias`` (Σ_i dS) of one key tile,
+    summed over the query heads of its group, every query tile and every step."""
+    pid_m = tl.program_id(0)
+    bhk = tl.program_id(1)  # b * HK + hk
+    b = bhk // HK
+    hk = bhk % HK
+    G = H // HK
+    DT: tl.constexpr = Q.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_m < M
+    k = _load_keys(K, bhk * M * D, offs_m, offs_d, M, D, UPCAST)
+    keep = key_ok
+    if HAS_PAD:
+        keep = keep & (tl.load(PAD + b * M + offs_m, mask=key_ok, other=0) != 0)
+    bias2 = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_BIAS:
+        bias2 = tl.load(BIAS + bhk * M + offs_m, mask=key_ok, other=0.0) * LOG2E
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    db = tl.zeros([BLOCK_M], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N  # earlier queries cannot see these keys
+    for g in range(G):
+        bh = b * H + hk * G + g
+        for start_n in range(lo, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            row_ok = offs_n < N
+            tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
+            q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+            mask_t = keep[:, None]
+            if CAUSAL:
+                mask_t = mask_t & (offs_m[:, None] <= offs_n[None, :])
+            xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
+            v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            for t in range(T):
+                if NESTEROV:
+                    y = xi + nest * v
+                else:
+                    y = xi
+                yh = _round(y, DT, UPCAST)
+                # Rows past N get lse = +inf, hence p = 0.
+                lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                               other=float("inf"))
+                delta = tl.load(DELTA + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+                dmu = tl.load(DMU + t * mu_step + q_off, mask=tile_ok, other=0.0).to(DT)
+                if UPCAST:
+                    dmu = dmu.to(tl.float32)
+                # Transposed tiles [BLOCK_M, BLOCK_N]: keys are rows here.
+                s2 = tl.dot(k, tl.trans(yh), input_precision=PREC) * scale2 + bias2[:, None]
+                s2 = tl.where(mask_t, s2, float("-inf"))
+                p = tl.exp2(s2 - lse2[None, :])
+                dp = tl.dot(k, tl.trans(dmu), input_precision=PREC)
+                ds = p * (dp - delta[None, :])
+                dk += scale * tl.dot(ds.to(k.dtype), yh, input_precision=PREC)
+                dk += tl.dot(p.to(k.dtype), dmu, input_precision=PREC)
+                db += tl.sum(ds, 1)
+                xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
+                                VELOCITY, NESTEROV)
+    tl.store(DK + bhk * M * D + offs_m[:, None] * D + offs_d[None, :], dk,
+             mask=key_ok[:, None] & (offs_d[None, :] < D))
+    if HAS_BIAS:
+        tl.store(DBIAS + bhk * M + offs_m, db, mask=key_ok)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------
+
+
+def _config(M: int, D: int, dtype: torch.dtype) -> dict:
+    """Tile sizes; the short-memory path when every key of a (batch, head) fits on chip.
+
+    Fixed configurations (no autotuning: it needs a GPU, and these were not yet tuned on one).
+    """
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m_all = max(16, triton.next_power_of_2(M))
+    short = block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES
+    if _interpreting():
+        # Small tiles so that small test sizes still cross tile boundaries.
+        block_n, block_m, warps, stages = 32, 32, 4, 1
+    elif block_d <= 64:
+        block_n, block_m, warps, stages = 128, 64, 4, 3
+    elif block_d <= 128:
+        block_n, block_m, warps, stages = 64, 64, 4, 3
+    else:
+        block_n, block_m, warps, stages = 32, 32, 8, 2
+    if short:
+        block_m = block_m_all
+    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, SHORT=short,
+                num_warps=warps, num_stages=stages)
+
+
+def _common(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer):
+    """Arguments and flags shared by the three kernels (inputs made contiguous)."""
+    B, H, N, D = q.shape
+    Hk, M = k.shape[1], k.shape[2]
+    cfg = _config(M, D, q.dtype)
+    interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
+    flags = dict(
+        T=num_steps, VELOCITY=optimizer != "gd", NESTEROV=optimizer == "nesterov",
+        HAS_BIAS=key_bias is not None, HAS_PAD=pad is not None, CAUSAL=is_causal,
+        UPCAST=interp_bf16,  # the interpreter mishandles bf16 dots: run them in float32
+        PREC="ieee",  # float32 inputs get true float32 dots (16-bit operands ignore it)
+    )
+    sizes = dict(N=N, M=M, D=D, H=H, HK=Hk, mu_step=B * H * N * D, lse_step=B * H * N)
+    q, k = q.contiguous(), k.contiguous()
+    bias = key_bias.float().contiguous() if key_bias is not None else q
+    pad = pad.to(torch.uint8) if pad is not None else q
+    rho = momentum if optimizer != "gd" else 0.0
+    nest = momentum if optimizer == "nesterov" else 0.0
+    coef = dict(eta=float(step_size), rho=float(rho), nest=float(nest))
+    return q, k, bias, pad, cfg, flags, sizes, coef
+
+
+def _forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer,
+             return_energies, save):
+    B, H, N, D = q.shape
+    q, k, bias, pad, cfg, flags, sizes, coef = _common(
+        q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer)
+    T = num_steps
+    out = torch.empty_like(q)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    mu = torch.empty(T if save else 0, B * H, N, D, **f32)
+    lse = torch.empty(T if save else 0, B * H, N, **f32)
+    energy = torch.empty(B * H if return_energies else 0, N, T + 1, **f32)
+    grid = (triton.cdiv(N, cfg["BLOCK_N"]), B * H)
+    _fwd_kernel[grid](
+        q, k, bias, pad, out, mu, lse, energy, **sizes,
+        scale2=scale * 1.4426950408889634, inv_scale=1.0 / scale, **coef,
+        SAVE=save, ENERGIES=return_energies, **flags, **cfg,
+    )
+    return out, energy.view(-1, H, N, T + 1), mu, lse
+
+
+def _backward(dout, q, k, key_bias, pad, mu, lse, scale, step_size, momentum, num_steps,
+              is_causal, optimizer):
+    B, H, N, D = q.shape
+    Hk, M = k.shape[1], k.shape[2]
+    q, k, bias, pad, cfg, flags, sizes, coef = _common(
+        q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer)
+    T = num_steps
+    dout = dout.contiguous()
+    f32 = dict(device=q.device, dtype=torch.float32)
+    dq = torch.empty(B, H, N, D, **f32)
+    dmu = torch.empty(T, B * H, N, D, **f32)
+    delta = torch.empty(T, B * H, N, **f32)
+    args = dict(scale2=scale * 1.4426950408889634, scale=scale, **coef)
+    _bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), B * H)](
+        q, k, bias, pad, mu, lse, dout, dq, dmu, delta, **sizes, **args, **flags, **cfg)
+    dk = torch.empty(B, Hk, M, D, **f32)
+    dbias = torch.empty(B, Hk, M, **f32) if key_bias is not None else torch.empty(0, **f32)
+    # Keys are the rows of the dK kernel's tiles: a short-path key block is just one tile.
+    cfg_k = dict(cfg)
+    cfg_k.pop("SHORT")
+    cfg_k["BLOCK_M"] = min(cfg["BLOCK_M"], 64 if not _interpreting() else 32)
+    _bwd_dk_kernel[(triton.cdiv(M, cfg_k["BLOCK_M"]), B * Hk)](
+        q, k, bias, pad, mu, lse, dmu, delta, dk, dbias, **sizes, **args, **flags, **cfg_k)
+    dbias = dbias.to(key_bias.dtype) if key_bias is not None else dbias
+    return dq.to(q.dtype), dk.to(k.dtype), dbias
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops (so torch.compile traces through them) and autograd
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("energy_attn::hopfield_descent_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, key_bias: Optional[torch.Tensor],
+            pad: Optional[torch.Tensor], scale: float, step_size: float, momentum: float,
+            num_steps: int, is_causal: bool, optimizer: str, return_energies: bool,
+            save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ξ_T, energies, μ_t saved, lse_t saved)``; empty tensors for what is not asked."""
+    return _forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal,
+                    optimizer, return_energies, save)
+
+
+@_fwd_op.register_fake
+def _(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer,
+      return_energies, save):
+    B, H, N, D = q.shape
+    T = num_steps
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            q.new_empty(B if return_energies else 0, H, N, T + 1, dtype=torch.float32),
+            q.new_empty(T if save else 0, B * H, N, D, **f32),
+            q.new_empty(T if save else 0, B * H, N, **f32))
+
+
+@torch.library.custom_op("energy_attn::hopfield_descent_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+            key_bias: Optional[torch.Tensor], pad: Optional[torch.Tensor], mu: torch.Tensor,
+            lse: torch.Tensor, scale: float, step_size: float, momentum: float, num_steps: int,
+            is_causal: bool, optimizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, d key_bias)``; ``d key_bias`` is empty when there is no bias."""
+    return _backward(dout, q, k, key_bias, pad, mu, lse, scale, step_size, momentum, num_steps,
+                     is_causal, optimizer)
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, key_bias, pad, mu, lse, scale, step_size, momentum, num_steps, is_causal,
+      optimizer):
+    dbias = (torch.empty_like(key_bias, memory_format=torch.contiguous_format)
+             if key_bias is not None else q.new_empty(0, dtype=torch.float32))
+    return (torch.empty_like(q, memory_format=torch.contiguous_format),
+            torch.empty_like(k, memory_format=torch.contiguous_format), dbias)
+
+
+_OP_ARGS = ("scale", "step_size", "momentum", "num_steps", "is_causal", "optimizer")
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer, *_ = inputs
+    _, energy, mu, lse = output
+    ctx.save_for_backward(q, k, key_bias, pad, mu, lse)
+    ctx.hyper = (scale, step_size, momentum, num_steps, is_causal, optimizer)
+    ctx.mark_non_differentiable(energy, mu, lse)
+
+
+def _backward_rule(ctx, dout, *_):
+    q, k, key_bias, pad, mu, lse = ctx.saved_tensors
+    if mu.shape[0] != ctx.hyper[3]:
+        raise RuntimeError("hopfield_descent_fwd was run with save=False; cannot backward")
+    dq, dk, dbias = _bwd_op(dout, q, k, key_bias, pad, mu, lse, *ctx.hyper)
+    return dq, dk, (dbias if key_bias is not None else None), None, *([None] * 8)
+
+
+_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry points (called by energy_attn.ops.hopfield)
+# --------------------------------------------------------------------------------------------
+
+
+def _key_padding(mask, B: int, M: int):
+    """A mask broadcastable as ``[B, 1, 1, M]`` -> a contiguous ``[B, M]`` bool tensor."""
+    if mask is None:
+        return None
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    return mask.expand(B, 1, 1, M).reshape(B, M).contiguous()
+
+
+def unsupported_reason(q, k, *, mask=None, is_causal=False, key_bias=None, optimizer="gd",
+                       num_steps=1, return_energies=False):
+    """Why the kernel cannot run this (validated) call, or ``None`` when it can.
+
+    Args mirror :func:`energy_attn.hopfield_descent`; ``return_energies`` matters only when
+    autograd records (the kernel's energies are not differentiable).
+    """
+    if optimizer not in OPTIMIZERS:
+        return f"optimizer={optimizer!r} (the kernel runs {', '.join(OPTIMIZERS)})"
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"dtype {q.dtype} (the kernel takes float32, float16 and bfloat16)"
+    D = q.shape[-1]
+    if not MIN_HEAD_DIM <= D <= MAX_HEAD_DIM:
+        return f"head dim D={D} (the kernel takes {MIN_HEAD_DIM} <= D <= {MAX_HEAD_DIM})"
+    if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0:
+        return "empty inputs"
+    if mask is not None:
+        shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+        if shape[1] != 1 or shape[2] != 1:
+            return (f"a mask of shape {tuple(mask.shape)} (the kernel takes key-padding masks "
+                    "broadcastable as [B, 1, 1, M]; combine with is_causal for causal)")
+    if key_bias is not None and key_bias.dtype == torch.float64:
+        return "a float64 key_bias"
+    if not q.is_cuda and not _interpreting():
+        return (f"tensors on {q.device} (the kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
+                "for the interpreter)")
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, key_bias))
+    if return_energies and needs_grad:
+        return ("return_energies=True while autograd records (the kernel's energies are not "
+                "differentiable; detach the inputs or use the reference backend)")
+    return None
+
+
+def hopfield_descent_triton(q, k, scale, step_size, num_steps, mask, is_causal, key_bias,
+                            optimizer, momentum, return_energies):
+    """The fused kernel behind ``hopfield_descent(..., backend="triton")``.
+
+    Same semantics as the reference backend (inputs already validated, ``scale`` resolved):
+    returns ``ξ_T`` ``[B, H, N, D]`` in ``q.dtype``, or ``(ξ_T, energies [B, H, N, T+1]
+    float32)``. Differentiable w.r.t. ``q``, ``k`` and ``key_bias`` (not through the energies).
+    """
+    B, _, _, _ = q.shape
+    M = k.shape[2]
+    pad = _key_padding(mask, B, M)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, key_bias))
+    out, energy, _, _ = _fwd_op(q, k, key_bias, pad, float(scale), float(step_size),
+                                float(momentum), int(num_steps), bool(is_causal), optimizer,
+                                bool(return_energies), save)
+    return (out, energy) if return_energies else out
