@@ -286,6 +286,8 @@ def hopfield_descent(
     scale, step_size, num_steps, momentum = _check_inputs(
         q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum, backend
     )
+    if exists(mask) and mask.dim() < 4:  # e.g. a [M] key mask: SDPA wants the 4-d layout
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     anderson = check_solver(solver, anderson)
     tol = check_finite_number("tol", tol)
     if tol < 0:

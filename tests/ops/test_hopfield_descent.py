@@ -216,3 +216,12 @@ def _bad(**over):
 def test_bad_inputs_name_the_argument(over, exc, match):
     with pytest.raises(exc, match=match):
         _bad(**over)
+
+
+@pytest.mark.parametrize("shape", [(7,), (1, 7), (2, 1, 1, 7)])
+def test_masks_with_fewer_dims_broadcast_like_sdpa(shape):
+    q, k = data(grad=False)
+    mask = torch.rand(shape) > 0.3
+    full = mask.reshape((1,) * (4 - mask.dim()) + shape).expand(2, 2, 7, 7)
+    torch.testing.assert_close(hopfield_descent(q, k, mask=mask, num_steps=2, backend="reference"),
+                               hopfield_descent(q, k, mask=full, num_steps=2, backend="reference"))
