@@ -1,0 +1,21 @@
+"""Kernel tests run on CUDA when it is available, else on CPU through Triton's interpreter."""
+
+import os
+
+import pytest
+import torch
+
+# Must happen before triton or energy_attn.kernels is imported (tests/conftest.py does the same).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+kernels = pytest.importorskip("energy_attn.kernels.hopfield_descent")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(params=["short", "stream"])
+def key_path(request, monkeypatch):
+    """Run the test on the short-memory path (keys loaded once) and on the streaming path."""
+    monkeypatch.setattr(kernels, "SHORT_MEMORY_BYTES", 1 << 30 if request.param == "short" else 0)
+    return request.param
