@@ -26,13 +26,12 @@ Kernels (see ``docs/kernels.md`` for the design):
 from __future__ import annotations
 
 import os
-from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["hopfield_descent_triton", "unsupported_reason", "SHORT_MEMORY_BYTES"]
+__all__ = ["SHORT_MEMORY_BYTES", "hopfield_descent_triton", "unsupported_reason"]
 
 OPTIMIZERS = ("gd", "momentum", "nesterov")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -491,8 +490,8 @@ def _backward(dout, q, k, key_bias, pad, mu, lse, scale, step_size, momentum, nu
 
 
 @torch.library.custom_op("energy_attn::hopfield_descent_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, key_bias: Optional[torch.Tensor],
-            pad: Optional[torch.Tensor], scale: float, step_size: float, momentum: float,
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None,
+            pad: torch.Tensor | None, scale: float, step_size: float, momentum: float,
             num_steps: int, is_causal: bool, optimizer: str, return_energies: bool,
             save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ξ_T, energies, μ_t saved, lse_t saved)``; empty tensors for what is not asked."""
@@ -514,7 +513,7 @@ def _(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, opt
 
 @torch.library.custom_op("energy_attn::hopfield_descent_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-            key_bias: Optional[torch.Tensor], pad: Optional[torch.Tensor], mu: torch.Tensor,
+            key_bias: torch.Tensor | None, pad: torch.Tensor | None, mu: torch.Tensor,
             lse: torch.Tensor, scale: float, step_size: float, momentum: float, num_steps: int,
             is_causal: bool, optimizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, d key_bias)``; ``d key_bias`` is empty when there is no bias."""

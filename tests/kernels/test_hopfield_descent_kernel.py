@@ -9,9 +9,9 @@ M=111) and cross the interpreter's 32-wide tiles.
 import pytest
 import torch
 import torch.nn.functional as F
+from energy_attn.kernels import hopfield_descent as kmod
 
 from energy_attn import hopfield_descent
-from energy_attn.kernels import hopfield_descent as kmod
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
