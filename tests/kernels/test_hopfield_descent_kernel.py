@@ -246,3 +246,21 @@ def test_supported_key_padding_shapes():
                                        optimizer="gd", num_steps=1) is None, shape
         torch.testing.assert_close(hopfield_descent(q, q, mask=mask, backend="triton"),
                                    hopfield_descent(q, q, mask=mask, backend="reference"))
+
+
+@pytest.mark.slow
+def test_benchmark_script_smoke_run(tmp_path):
+    """``benchmarks/kernels.py --smoke`` runs end to end and writes its JSON and table."""
+    import importlib.util  # noqa: PLC0415
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    path = Path(__file__).parents[2] / "benchmarks" / "kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    bench.main(["--smoke", "--reps", "1", "--out", str(tmp_path)])
+    (js,) = tmp_path.glob("kernels-*.json")
+    rows = json.loads(js.read_text())["rows"]
+    assert {r["provider"] for r in rows} == {"triton", "reference", "autograd"}
+    assert all(r["ms"] > 0 for r in rows if r["provider"] == "triton")
