@@ -33,7 +33,7 @@ import torch
 if not torch.cuda.is_available():  # the interpreter must be chosen before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from energy_attn import hopfield_descent  # noqa: E402
+from energy_attn import hopfield_descent
 
 PROVIDERS = ("triton", "reference", "autograd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -77,7 +77,7 @@ def grid(args):
 def bench(fn, reps: int, device: str) -> float:
     """Median milliseconds of ``fn()``."""
     if device == "cuda":
-        import triton.testing  # noqa: PLC0415
+        import triton.testing
 
         return triton.testing.do_bench(fn, warmup=10, rep=reps * 10, return_mode="median")
     fn()  # warm-up (compiles/specialises)

@@ -144,7 +144,7 @@ def _round(y, DT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY,
+def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
                 N, M, D, H, HK, mu_step, lse_step, scale2, inv_scale, eta, rho, nest,
                 T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
                 SAVE: tl.constexpr, ENERGIES: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -193,6 +193,8 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY,
                                   BLOCK_D)
             energy = 0.5 * tl.sum(xi * xi, 1) - lse2 * (LN2 * inv_scale)
             tl.store(ENERGY + (bh * N + offs_n) * (T + 1) + t, energy, mask=row_ok)
+            if SAVE:
+                tl.store(ELSE + t * lse_step + bh * N + offs_n, lse2, mask=row_ok)
         g = y - mu
         if VELOCITY:
             v = rho * v - eta * g
@@ -205,6 +207,8 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY,
                           SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         energy = 0.5 * tl.sum(xi * xi, 1) - lse2 * (LN2 * inv_scale)
         tl.store(ENERGY + (bh * N + offs_n) * (T + 1) + T, energy, mask=row_ok)
+        if SAVE:
+            tl.store(ELSE + T * lse_step + bh * N + offs_n, lse2, mask=row_ok)
     tl.store(OUT + q_off, xi.to(DT), mask=tile_ok)
 
 
@@ -232,9 +236,44 @@ def _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, DOUT, DQ, DMU, DELTA,
+def _energy_readout(xh, lse2, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D,
+                    hi, scale2, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+                    CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
+                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """``μ̃ = Σ_j p̃_ij k_j`` at an energy point, ``p̃`` recomputed from its saved lse."""
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    if SHORT:
+        offs_m = tl.arange(0, BLOCK_M)
+        s2 = _logits(xh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                     HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+        p = tl.exp2(s2 - lse2[:, None])
+        acc += tl.dot(p.to(k_all.dtype), k_all, input_precision=PREC)
+    else:
+        for start_m in range(0, hi, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+            s2 = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                         HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            p = tl.exp2(s2 - lse2[:, None])
+            acc += tl.dot(p.to(k.dtype), k, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _energy_dk(k, xh, lse2, e, bias2, mask_t, scale2, PREC: tl.constexpr):
+    """Energy-point terms of one key tile: ``(−Σ_i e_i p̃_ij x̂_i, −Σ_i e_i p̃_ij)``."""
+    s2 = tl.dot(k, tl.trans(xh), input_precision=PREC) * scale2 + bias2[:, None]
+    s2 = tl.where(mask_t, s2, float("-inf"))
+    w = -tl.exp2(s2 - lse2[None, :]) * e[None, :]
+    return tl.dot(w.to(k.dtype), xh, input_precision=PREC), tl.sum(w, 1)
+
+
+@triton.jit
+def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA,
                    N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest,
                    T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
+                   EGRAD: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                    SHORT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -263,6 +302,20 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, DOUT, DQ, DMU, DELTA,
     xi0 = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     a = tl.load(DOUT + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     w = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    de_off = (bh * N + offs_n) * (T + 1)
+    if EGRAD:  # energy of ξ_T: ∂E/∂ξ = ξ − μ̃ (the kinetic and the potential term)
+        xi = xi0
+        v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for s in range(T):
+            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest, VELOCITY,
+                            NESTEROV)
+        e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
+        lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+        mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, k_all, K, k_off, BIAS, b_off,
+                               PAD, p_off, offs_n, offs_d, M, D, hi, scale2, HAS_BIAS,
+                               HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M,
+                               BLOCK_D)
+        a += e[:, None] * (xi - mu_e)
     for i in range(T):
         t = T - 1 - i
         # Replay ξ_t, v_t from q (O(T²) element-wise work, no N×M work).
@@ -281,6 +334,10 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, DOUT, DQ, DMU, DELTA,
         dv = w + a  # ∂L/∂v_{t+1}: ξ_{t+1} = ξ_t + v_{t+1}
         dmu = eta * dv  # v_{t+1} = ρ v_t − η (y_t − μ_t)
         delta = tl.sum(dmu * mu, 1)
+        if EGRAD:
+            e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
+            if not NESTEROV:  # E(ξ_t) shares the read-out's logits: −lse/β adds e/β to Δ
+                delta += e / scale
         tl.store(DMU + t * mu_step + q_off, dmu, mask=tile_ok)
         tl.store(DELTA + t * lse_step + bh * N + offs_n, delta, mask=row_ok)
         # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ): flash-style, recomputing P.
@@ -308,6 +365,16 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, DOUT, DQ, DMU, DELTA,
                 acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         dy = scale * acc - dmu  # g_t = y_t − μ_t
         a = a + dy  # y_t = ξ_t + c v_t
+        if EGRAD:
+            if NESTEROV:  # E(ξ_t) at its own point
+                lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+                mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, k_all, K, k_off, BIAS,
+                                       b_off, PAD, p_off, offs_n, offs_d, M, D, hi, scale2,
+                                       HAS_BIAS, HAS_PAD, CAUSAL, SHORT, UPCAST, PREC,
+                                       BLOCK_N, BLOCK_M, BLOCK_D)
+                a += e[:, None] * (xi - mu_e)
+            else:
+                a += e[:, None] * xi  # the kinetic term (the potential went through Δ)
         if VELOCITY:
             w = rho * dv
             if NESTEROV:
@@ -316,9 +383,10 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, DOUT, DQ, DMU, DELTA,
 
 
 @triton.jit
-def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, DMU, DELTA, DK, DBIAS,
+def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIAS,
                    N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest,
                    T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
+                   EGRAD: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                    UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -357,9 +425,18 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, DMU, DELTA, DK, DBIAS,
                 mask_t = mask_t & (offs_m[:, None] <= offs_n[None, :])
             xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
             v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            de_off = (bh * N + offs_n) * (T + 1)
             for t in range(T):
                 if NESTEROV:
                     y = xi + nest * v
+                    if EGRAD:  # E(ξ_t) at its own point (else it is folded into Δ)
+                        e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
+                        lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                                        other=float("inf"))
+                        dk_e, db_e = _energy_dk(k, _round(xi, DT, UPCAST), lse_e, e, bias2,
+                                                mask_t, scale2, PREC)
+                        dk += dk_e
+                        db += db_e / scale
                 else:
                     y = xi
                 yh = _round(y, DT, UPCAST)
@@ -381,6 +458,14 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, DMU, DELTA, DK, DBIAS,
                 db += tl.sum(ds, 1)
                 xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
                                 VELOCITY, NESTEROV)
+            if EGRAD:  # E(ξ_T)
+                e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
+                lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok,
+                                other=float("inf"))
+                dk_e, db_e = _energy_dk(k, _round(xi, DT, UPCAST), lse_e, e, bias2, mask_t,
+                                        scale2, PREC)
+                dk += dk_e
+                db += db_e / scale
     tl.store(DK + bhk * M * D + offs_m[:, None] * D + offs_d[None, :], dk,
              mask=key_ok[:, None] & (offs_d[None, :] < D))
     if HAS_BIAS:
@@ -444,34 +529,38 @@ def _forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_caus
         q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer)
     T = num_steps
     out = torch.empty_like(q)
-    f32 = dict(device=q.device, dtype=torch.float32)
+    f32 = {"device": q.device, "dtype": torch.float32}
     mu = torch.empty(T if save else 0, B * H, N, D, **f32)
     lse = torch.empty(T if save else 0, B * H, N, **f32)
     energy = torch.empty(B * H if return_energies else 0, N, T + 1, **f32)
+    energy_lse = torch.empty(T + 1 if save and return_energies else 0, B * H, N, **f32)
     grid = (triton.cdiv(N, cfg["BLOCK_N"]), B * H)
     _fwd_kernel[grid](
-        q, k, bias, pad, out, mu, lse, energy, **sizes,
+        q, k, bias, pad, out, mu, lse, energy, energy_lse, **sizes,
         scale2=scale * 1.4426950408889634, inv_scale=1.0 / scale, **coef,
         SAVE=save, ENERGIES=return_energies, **flags, **cfg,
     )
-    return out, energy.view(-1, H, N, T + 1), mu, lse
+    return out, energy.view(-1, H, N, T + 1), mu, lse, energy_lse
 
 
-def _backward(dout, q, k, key_bias, pad, mu, lse, scale, step_size, momentum, num_steps,
-              is_causal, optimizer):
+def _backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
+              momentum, num_steps, is_causal, optimizer):
     B, H, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
     q, k, bias, pad, cfg, flags, sizes, coef = _common(
         q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer)
     T = num_steps
+    egrad = denergy is not None
     dout = dout.contiguous()
-    f32 = dict(device=q.device, dtype=torch.float32)
+    denergy = denergy.float().contiguous() if egrad else dout
+    f32 = {"device": q.device, "dtype": torch.float32}
     dq = torch.empty(B, H, N, D, **f32)
     dmu = torch.empty(T, B * H, N, D, **f32)
     delta = torch.empty(T, B * H, N, **f32)
-    args = dict(scale2=scale * 1.4426950408889634, scale=scale, **coef)
+    args = dict(scale2=scale * 1.4426950408889634, scale=scale, EGRAD=egrad, **coef)
+    saved = (mu, lse, energy_lse, denergy)
     _bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), B * H)](
-        q, k, bias, pad, mu, lse, dout, dq, dmu, delta, **sizes, **args, **flags, **cfg)
+        q, k, bias, pad, *saved, dout, dq, dmu, delta, **sizes, **args, **flags, **cfg)
     dk = torch.empty(B, Hk, M, D, **f32)
     dbias = torch.empty(B, Hk, M, **f32) if key_bias is not None else torch.empty(0, **f32)
     # Keys are the rows of the dK kernel's tiles: a short-path key block is just one tile.
@@ -479,7 +568,7 @@ def _backward(dout, q, k, key_bias, pad, mu, lse, scale, step_size, momentum, nu
     cfg_k.pop("SHORT")
     cfg_k["BLOCK_M"] = min(cfg["BLOCK_M"], 64 if not _interpreting() else 32)
     _bwd_dk_kernel[(triton.cdiv(M, cfg_k["BLOCK_M"]), B * Hk)](
-        q, k, bias, pad, mu, lse, dmu, delta, dk, dbias, **sizes, **args, **flags, **cfg_k)
+        q, k, bias, pad, *saved, dmu, delta, dk, dbias, **sizes, **args, **flags, **cfg_k)
     dbias = dbias.to(key_bias.dtype) if key_bias is not None else dbias
     return dq.to(q.dtype), dk.to(k.dtype), dbias
 
@@ -493,8 +582,10 @@ def _backward(dout, q, k, key_bias, pad, mu, lse, scale, step_size, momentum, nu
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None,
             pad: torch.Tensor | None, scale: float, step_size: float, momentum: float,
             num_steps: int, is_causal: bool, optimizer: str, return_energies: bool,
-            save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ξ_T, energies, μ_t saved, lse_t saved)``; empty tensors for what is not asked."""
+            save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]:
+    """``(ξ_T, energies, μ_t, lse_t, energy lse_t)``; empty tensors for what is not needed
+    (``save=False``: nothing for backward; the energy lse only with ``return_energies``)."""
     return _forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal,
                     optimizer, return_energies, save)
 
@@ -504,48 +595,54 @@ def _(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, opt
       return_energies, save):
     B, H, N, D = q.shape
     T = num_steps
-    f32 = dict(device=q.device, dtype=torch.float32)
+    f32 = {"dtype": torch.float32}
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
-            q.new_empty(B if return_energies else 0, H, N, T + 1, dtype=torch.float32),
+            q.new_empty(B if return_energies else 0, H, N, T + 1, **f32),
             q.new_empty(T if save else 0, B * H, N, D, **f32),
-            q.new_empty(T if save else 0, B * H, N, **f32))
+            q.new_empty(T if save else 0, B * H, N, **f32),
+            q.new_empty(T + 1 if save and return_energies else 0, B * H, N, **f32))
 
 
 @torch.library.custom_op("energy_attn::hopfield_descent_bwd", mutates_args=())
-def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-            key_bias: torch.Tensor | None, pad: torch.Tensor | None, mu: torch.Tensor,
-            lse: torch.Tensor, scale: float, step_size: float, momentum: float, num_steps: int,
-            is_causal: bool, optimizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_op(dout: torch.Tensor, denergy: torch.Tensor | None, q: torch.Tensor,
+            k: torch.Tensor, key_bias: torch.Tensor | None, pad: torch.Tensor | None,
+            mu: torch.Tensor, lse: torch.Tensor, energy_lse: torch.Tensor, scale: float,
+            step_size: float, momentum: float, num_steps: int, is_causal: bool,
+            optimizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, d key_bias)``; ``d key_bias`` is empty when there is no bias."""
-    return _backward(dout, q, k, key_bias, pad, mu, lse, scale, step_size, momentum, num_steps,
-                     is_causal, optimizer)
+    return _backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
+                     momentum, num_steps, is_causal, optimizer)
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, key_bias, pad, mu, lse, scale, step_size, momentum, num_steps, is_causal,
-      optimizer):
+def _(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size, momentum,
+      num_steps, is_causal, optimizer):
     dbias = (torch.empty_like(key_bias, memory_format=torch.contiguous_format)
              if key_bias is not None else q.new_empty(0, dtype=torch.float32))
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
             torch.empty_like(k, memory_format=torch.contiguous_format), dbias)
 
 
-_OP_ARGS = ("scale", "step_size", "momentum", "num_steps", "is_causal", "optimizer")
-
-
 def _setup_context(ctx, inputs, output):
     q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer, *_ = inputs
-    _, energy, mu, lse = output
-    ctx.save_for_backward(q, k, key_bias, pad, mu, lse)
+    _, energy, mu, lse, energy_lse = output
+    ctx.save_for_backward(q, k, key_bias, pad, mu, lse, energy_lse)
     ctx.hyper = (scale, step_size, momentum, num_steps, is_causal, optimizer)
-    ctx.mark_non_differentiable(energy, mu, lse)
+    ctx.with_energies = energy.numel() > 0
+    ctx.mark_non_differentiable(mu, lse, energy_lse)
+    ctx.set_materialize_grads(False)
 
 
-def _backward_rule(ctx, dout, *_):
-    q, k, key_bias, pad, mu, lse = ctx.saved_tensors
+def _backward_rule(ctx, dout, denergy, *_):
+    q, k, key_bias, pad, mu, lse, energy_lse = ctx.saved_tensors
     if mu.shape[0] != ctx.hyper[3]:
-        raise RuntimeError("hopfield_descent_fwd was run with save=False; cannot backward")
-    dq, dk, dbias = _bwd_op(dout, q, k, key_bias, pad, mu, lse, *ctx.hyper)
+        raise RuntimeError("hopfield_descent_fwd ran with save=False; it cannot backward")
+    if dout is None:
+        dout = torch.zeros_like(q)
+    if not ctx.with_energies:
+        denergy = None
+    dq, dk, dbias = _bwd_op(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse,
+                            *ctx.hyper)
     return dq, dk, (dbias if key_bias is not None else None), None, *([None] * 8)
 
 
@@ -566,11 +663,10 @@ def _key_padding(mask, B: int, M: int):
 
 
 def unsupported_reason(q, k, *, mask=None, is_causal=False, key_bias=None, optimizer="gd",
-                       num_steps=1, return_energies=False):
+                       num_steps=1):
     """Why the kernel cannot run this (validated) call, or ``None`` when it can.
 
-    Args mirror :func:`energy_attn.hopfield_descent`; ``return_energies`` matters only when
-    autograd records (the kernel's energies are not differentiable).
+    Args mirror :func:`energy_attn.hopfield_descent` (``q [B,H,N,D]``, ``k [B,Hk,M,D]``, ...).
     """
     if optimizer not in OPTIMIZERS:
         return f"optimizer={optimizer!r} (the kernel runs {', '.join(OPTIMIZERS)})"
@@ -591,11 +687,6 @@ def unsupported_reason(q, k, *, mask=None, is_causal=False, key_bias=None, optim
     if not q.is_cuda and not _interpreting():
         return (f"tensors on {q.device} (the kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
                 "for the interpreter)")
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (q, k, key_bias))
-    if return_energies and needs_grad:
-        return ("return_energies=True while autograd records (the kernel's energies are not "
-                "differentiable; detach the inputs or use the reference backend)")
     return None
 
 
@@ -605,14 +696,14 @@ def hopfield_descent_triton(q, k, scale, step_size, num_steps, mask, is_causal, 
 
     Same semantics as the reference backend (inputs already validated, ``scale`` resolved):
     returns ``ξ_T`` ``[B, H, N, D]`` in ``q.dtype``, or ``(ξ_T, energies [B, H, N, T+1]
-    float32)``. Differentiable w.r.t. ``q``, ``k`` and ``key_bias`` (not through the energies).
+    float32)``. Differentiable w.r.t. ``q``, ``k`` and ``key_bias``, through ``ξ_T`` and the energies.
     """
     B, _, _, _ = q.shape
     M = k.shape[2]
     pad = _key_padding(mask, B, M)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, key_bias))
-    out, energy, _, _ = _fwd_op(q, k, key_bias, pad, float(scale), float(step_size),
+    out, energy, *_ = _fwd_op(q, k, key_bias, pad, float(scale), float(step_size),
                                 float(momentum), int(num_steps), bool(is_causal), optimizer,
                                 bool(return_energies), save)
     return (out, energy) if return_energies else out

@@ -222,15 +222,14 @@ def _triton_module():
     return kmod, None
 
 
-def _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer, num_steps,
-                        return_energies=False):
+def _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer, num_steps):
     """Why the triton backend cannot run this call (None when it can)."""
     kmod, why = _triton_module()
     if kmod is None:
         return why
     return kmod.unsupported_reason(
         q, k, mask=mask, is_causal=is_causal, key_bias=key_bias, optimizer=optimizer,
-        num_steps=num_steps, return_energies=return_energies,
+        num_steps=num_steps,
     )
 
 
@@ -319,14 +318,13 @@ def hopfield_descent(
     if backend == "auto":
         backend = "reference"
         if q.is_cuda and _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer,
-                                             num_steps, return_energies) is None:
+                                             num_steps) is None:
             backend = "triton"
     if backend == "reference":
         return _reference(*args)
     if backend == "autograd":
         return _autograd(*args)
-    why = _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer, num_steps,
-                              return_energies)
+    why = _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer, num_steps)
     if why is not None:
         raise ValueError(f"backend='triton' cannot run this call: {why}")
     kmod, _ = _triton_module()

@@ -6,6 +6,10 @@ error in the same dtype, plus a few ulps of the result's magnitude. Sizes are od
 M=111) and cross the interpreter's 32-wide tiles.
 """
 
+import importlib.util
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,16 +132,48 @@ def test_odd_head_dim_and_no_bias():
 
 @pytest.mark.parametrize("optimizer", list(OPTS))
 @pytest.mark.parametrize("num_steps", [0, 3])
-def test_energies_match_reference(optimizer, num_steps, key_path):
+def test_energies_and_their_gradients(optimizer, num_steps, key_path):
+    """Energies of every iterate, and gradients of a loss on both ``ξ_T`` and the energies."""
     mask, causal = make_mask("causal+padding", 2, 47)
-    (q, k, b, _), _ = make_inputs(2, 2, 1, 47, 47, 16, torch.float32)
+    (q, k, b, dout), (q64, k64, b64, dout64) = make_inputs(2, 2, 1, 47, 47, 16, torch.float32)
+    de = torch.randn(2, 2, 47, num_steps + 1, dtype=f64, device=DEVICE)
     kw = dict(num_steps=num_steps, step_size=0.7, optimizer=optimizer, momentum=OPTS[optimizer],
-              mask=mask, is_causal=causal, key_bias=b, return_energies=True)
-    out, e = hopfield_descent(q, k, backend="triton", **kw)
-    out_r, e_r = hopfield_descent(q, k, backend="reference", **kw)
-    assert e.shape == (2, 2, 47, num_steps + 1) and e.dtype == torch.float32
-    torch.testing.assert_close(e, e_r, atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(out, out_r)
+              mask=mask, is_causal=causal, return_energies=True)
+
+    def run_e(backend, q, k, b, dout):
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, b)]
+        out, e = hopfield_descent(*leaves[:2], key_bias=leaves[2], backend=backend, **kw)
+        grads = torch.autograd.grad((out, e), leaves, (dout, de.to(e.dtype)))
+        return [out, e, *grads]
+
+    got = run_e("triton", q, k, b, dout)
+    ref = run_e("reference", q, k, b, dout)
+    truth = run_e("reference", q64, k64, b64, dout64)
+    assert got[1].shape == (2, 2, 47, num_steps + 1) and got[1].dtype == torch.float32
+    for name, g, r, t in zip(["out", "energies", "dq", "dk", "dkey_bias"], got, ref, truth):
+        assert_close_to_truth(name, g, r, t, torch.float32)
+    # Without autograd the energies are the same numbers.
+    with torch.no_grad():
+        _, e_nograd = hopfield_descent(q, k, key_bias=b, backend="triton", **kw)
+    torch.testing.assert_close(e_nograd, got[1].detach(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "nesterov"])
+def test_energy_gradients_half_precision(optimizer):
+    (q, k, b, _), (q64, k64, b64, _) = make_inputs(1, 2, 2, 40, 70, 32, torch.float16)
+    de = torch.randn(1, 2, 40, 3, dtype=f64, device=DEVICE)
+    kw = dict(num_steps=2, step_size=0.8, optimizer=optimizer, momentum=OPTS[optimizer],
+              return_energies=True)
+
+    def run_e(backend, q, k, b):
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, b)]
+        _, e = hopfield_descent(*leaves[:2], key_bias=leaves[2], backend=backend, **kw)
+        return [e, *torch.autograd.grad(e, leaves, de.to(e.dtype))]
+
+    got, ref, truth = run_e("triton", q, k, b), run_e("reference", q, k, b), run_e(
+        "reference", q64, k64, b64)
+    for name, g, r, t in zip(["energies", "dq", "dk", "dkey_bias"], got, ref, truth):
+        assert_close_to_truth(name, g, r, t, torch.float16)
 
 
 def test_one_unit_step_is_softmax_attention():
@@ -211,14 +247,12 @@ def test_torch_compile_traces_through_the_op():
         (dict(dtype=f64), "float64"),
         (dict(D=8), "head dim D=8"),
         (dict(D=320), "head dim D=320"),
-        (dict(return_energies=True, grad=True), "return_energies"),
     ],
 )
 def test_forced_triton_names_the_unsupported_option(over, match):
     D = over.pop("D", 16)
     dtype = over.pop("dtype", torch.float32)
-    grad = over.pop("grad", False)
-    q = torch.randn(1, 2, 8, D, dtype=dtype, requires_grad=grad)
+    q = torch.randn(1, 2, 8, D, dtype=dtype)
     k = torch.randn(1, 2, 8, D, dtype=dtype)
     if "mask" in over:
         over["mask"] = over["mask"].to(DEVICE)
@@ -251,10 +285,6 @@ def test_supported_key_padding_shapes():
 @pytest.mark.slow
 def test_benchmark_script_smoke_run(tmp_path):
     """``benchmarks/kernels.py --smoke`` runs end to end and writes its JSON and table."""
-    import importlib.util  # noqa: PLC0415
-    import json  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
-
     path = Path(__file__).parents[2] / "benchmarks" / "kernels.py"
     spec = importlib.util.spec_from_file_location("bench_kernels", path)
     bench = importlib.util.module_from_spec(spec)
