@@ -14,13 +14,19 @@ Kernels (see ``docs/kernels.md`` for the design):
 * ``_fwd_kernel``: one program per (query tile, batch·head); T steps on chip, key tiles streamed
   flash-attention style with an exp2 online softmax (β·log₂e folded into the logits), or loaded
   once before the step loop when all M keys fit (``SHORT``, the short-memory path). Saves per
-  step only the read-out ``μ_t`` (float32) and the row log-sum-exp: O(T·N·(D+1)).
+  step only the read-out ``μ_t`` (float32) and the row log-sum-exp: O(T·N·(D+1)). Energies
+  ``½‖ξ_t‖² − lse_t/β`` come from the same log-sum-exp (one lse-only pass for ``ξ_T``, and for
+  every ``ξ_t`` under Nesterov, whose read-out point is ``y_t ≠ ξ_t``).
 * ``_bwd_dq_kernel``: the reverse chain through the optimizer, one program per query tile;
-  the iterates are replayed from ``q`` and the saved read-outs, attention is recomputed from
-  the saved log-sum-exp. Writes ``dμ_t`` and ``Δ_t = rowsum(dμ_t ⊙ μ_t)`` per step for
+  the iterates are replayed from ``q`` and the saved read-outs (O(T²) element-wise work, no
+  N×M work), attention is recomputed from the saved log-sum-exp. Writes ``dμ_t`` and
+  ``Δ_t = rowsum(dμ_t ⊙ μ_t)`` per step for
 * ``_bwd_dk_kernel``: one program per (key tile, batch·key head), looping over the query heads
   of its group, the query tiles and the steps: ``dK`` (score and value paths) and ``d key_bias``
   accumulate in float32 registers, no atomics.
+
+Both run on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 dot operands upcast to float32
+there, through the ``UPCAST`` constexpr).
 """
 
 from __future__ import annotations
@@ -510,7 +516,9 @@ def _common(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causa
         T=num_steps, VELOCITY=optimizer != "gd", NESTEROV=optimizer == "nesterov",
         HAS_BIAS=key_bias is not None, HAS_PAD=pad is not None, CAUSAL=is_causal,
         UPCAST=interp_bf16,  # the interpreter mishandles bf16 dots: run them in float32
-        PREC="ieee",  # float32 inputs get true float32 dots (16-bit operands ignore it)
+        # float32 inputs get true float32 dots (not TF32), like the reference; 16-bit operands
+        # (and the interpreter's upcast bf16) keep the default.
+        PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )
     sizes = dict(N=N, M=M, D=D, H=H, HK=Hk, mu_step=B * H * N * D, lse_step=B * H * N)
     q, k = q.contiguous(), k.contiguous()
