@@ -225,10 +225,7 @@ def test_torch_compile_traces_through_the_op():
         return hopfield_descent(q, k, num_steps=2, step_size=0.7, optimizer="momentum",
                                 momentum=0.5, backend="triton").square().sum()
 
-    # Under the interpreter inductor would compile the graph around an opaque op anyway;
-    # aot_eager exercises the same tracing (fake tensors, the autograd registration).
-    backend = "inductor" if DEVICE == "cuda" else "aot_eager"
-    compiled = torch.compile(f, backend=backend, fullgraph=True)
+    compiled = torch.compile(f, backend="inductor", fullgraph=True)  # no graph break at the op
     loss_c = compiled(q, k)
     gq_c, gk_c = torch.autograd.grad(loss_c, (q, k))
     loss = f(q, k)
@@ -280,6 +277,24 @@ def test_supported_key_padding_shapes():
                                        optimizer="gd", num_steps=1) is None, shape
         torch.testing.assert_close(hopfield_descent(q, q, mask=mask, backend="triton"),
                                    hopfield_descent(q, q, mask=mask, backend="reference"))
+
+
+@pytest.mark.slow
+def test_saved_for_backward_is_O_T_N_D_plus_1():
+    """MATH.md §7: besides its inputs the op saves T·B·H·N·(D+1) float32 numbers, no N×M."""
+    B, H, N, M, D, T = 1, 2, 40, 70, 16, 3
+    q = torch.randn(B, H, N, D, device=DEVICE, requires_grad=True)
+    k = torch.randn(B, 1, M, D, device=DEVICE, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        if not any(t is x for x in (q, k)):
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        hopfield_descent(q, k, num_steps=T, optimizer="nesterov", momentum=0.5, backend="triton")
+    assert sum(saved) == T * B * H * N * (D + 1) * 4
 
 
 @pytest.mark.slow
