@@ -450,7 +450,7 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIA
                 lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok,
                                other=float("inf"))
                 delta = tl.load(DELTA + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
-                dmu = tl.load(DMU + t * mu_step + q_off, mask=tile_ok, other=0.0).to(DT)
+                dmu = tl.load(DMU + t * mu_step + q_off, mask=tile_ok, other=0.0)
                 if UPCAST:
                     dmu = dmu.to(tl.float32)
                 # Transposed tiles [BLOCK_M, BLOCK_N]: keys are rows here.
@@ -563,7 +563,8 @@ def _backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, st
     denergy = denergy.float().contiguous() if egrad else dout
     f32 = {"device": q.device, "dtype": torch.float32}
     dq = torch.empty(B, H, N, D, **f32)
-    dmu = torch.empty(T, B * H, N, D, **f32)
+    # dμ_t only feeds the key kernel's dots, which take it in the input dtype: store it so.
+    dmu = torch.empty(T, B * H, N, D, device=q.device, dtype=q.dtype)
     delta = torch.empty(T, B * H, N, **f32)
     args = dict(scale2=scale * 1.4426950408889634, scale=scale, EGRAD=egrad, **coef)
     saved = (mu, lse, energy_lse, denergy)
