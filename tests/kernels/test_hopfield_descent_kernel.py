@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from energy_attn.kernels import hopfield_descent as kmod
 
 from energy_attn import hopfield_descent
@@ -58,7 +60,8 @@ def run(backend, q, k, b, dout, **kw):
     """Output and the gradients w.r.t. (q, k, key_bias) of ``<out, dout>``."""
     leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (q, k, b)]
     out = hopfield_descent(leaves[0], leaves[1], key_bias=leaves[2], backend=backend, **kw)
-    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dout)
+    grads = torch.autograd.grad(out, [t for t in leaves if t is not None], dout,
+                                allow_unused=True, materialize_grads=True)  # T = 0: dk = 0
     return [out, *grads]
 
 
@@ -309,3 +312,20 @@ def test_benchmark_script_smoke_run(tmp_path):
     rows = json.loads(js.read_text())["rows"]
     assert {r["provider"] for r in rows} == {"triton", "reference", "autograd"}
     assert all(r["ms"] > 0 for r in rows if r["provider"] == "triton")
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    B=st.integers(1, 2), Hk=st.integers(1, 2), G=st.integers(1, 2), N=st.integers(1, 70),
+    M=st.integers(1, 70), D=st.sampled_from([16, 20, 32]), T=st.integers(0, 3),
+    mask_kind=st.sampled_from(MASKS), optimizer=st.sampled_from(list(OPTS)),
+    bias=st.booleans(), short=st.booleans(),
+)
+def test_fuzz_kernel_matches_reference(B, Hk, G, N, M, D, T, mask_kind, optimizer, bias, short):
+    kmod_bytes = kmod.SHORT_MEMORY_BYTES
+    kmod.SHORT_MEMORY_BYTES = 1 << 30 if short else 0
+    try:
+        compare(torch.float32, B=B, H=Hk * G, Hk=Hk, N=N, M=M, D=D, mask_kind=mask_kind,
+                optimizer=optimizer, num_steps=T, bias=bias)
+    finally:
+        kmod.SHORT_MEMORY_BYTES = kmod_bytes
