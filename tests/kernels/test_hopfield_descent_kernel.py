@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from energy_attn.kernels import hopfield_descent as kmod
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from energy_attn.kernels import hopfield_descent as kmod
 
 from energy_attn import hopfield_descent
 
