@@ -691,8 +691,6 @@ def unsupported_reason(q, k, *, mask=None, is_causal=False, key_bias=None, optim
         if shape[1] != 1 or shape[2] != 1:
             return (f"a mask of shape {tuple(mask.shape)} (the kernel takes key-padding masks "
                     "broadcastable as [B, 1, 1, M]; combine with is_causal for causal)")
-    if key_bias is not None and key_bias.dtype == torch.float64:
-        return "a float64 key_bias"
     if not q.is_cuda and not _interpreting():
         return (f"tensors on {q.device} (the kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
                 "for the interpreter)")
@@ -705,7 +703,8 @@ def hopfield_descent_triton(q, k, scale, step_size, num_steps, mask, is_causal, 
 
     Same semantics as the reference backend (inputs already validated, ``scale`` resolved):
     returns ``ξ_T`` ``[B, H, N, D]`` in ``q.dtype``, or ``(ξ_T, energies [B, H, N, T+1]
-    float32)``. Differentiable w.r.t. ``q``, ``k`` and ``key_bias``, through ``ξ_T`` and the energies.
+    float32)``. Differentiable w.r.t. ``q``, ``k`` and ``key_bias`` (float32 inside the kernel,
+    its gradient in its own dtype), through ``ξ_T`` and through the energies.
     """
     B, _, _, _ = q.shape
     M = k.shape[2]
@@ -713,6 +712,6 @@ def hopfield_descent_triton(q, k, scale, step_size, num_steps, mask, is_causal, 
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, key_bias))
     out, energy, *_ = _fwd_op(q, k, key_bias, pad, float(scale), float(step_size),
-                                float(momentum), int(num_steps), bool(is_causal), optimizer,
-                                bool(return_energies), save)
+                              float(momentum), int(num_steps), bool(is_causal), optimizer,
+                              bool(return_energies), save)
     return (out, energy) if return_energies else out
