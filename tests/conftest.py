@@ -13,9 +13,3 @@ if not torch.cuda.is_available():
 def _seed():
     torch.manual_seed(0)
     yield
-
-
-def tol(dtype):
-    """(atol, rtol) for comparing two computations that each round in ``dtype``."""
-    eps = torch.finfo(dtype).eps
-    return 16 * eps, 16 * eps

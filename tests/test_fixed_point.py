@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tol
+from helpers import tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

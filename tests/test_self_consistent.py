@@ -4,7 +4,7 @@ import functools
 
 import pytest
 import torch
-from conftest import tol
+from helpers import tol
 
 from energy_attn import EnergyBasedAttention, elastic_energy, hopfield_energy, minimize_energy
 from energy_attn.energies.hopfield import elastic_energy_self_grad, hopfield_energy_self_grad

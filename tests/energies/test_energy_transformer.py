@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import tol
+from helpers import tol
 
 from energy_attn import (
     EnergyTransformerAttention,

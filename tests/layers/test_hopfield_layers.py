@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tol
+from helpers import tol
 
 from energy_attn import Hopfield, HopfieldLayer, HopfieldPooling
 from energy_attn.energies import hopfield_energy
