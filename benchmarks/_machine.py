@@ -1,4 +1,8 @@
-"""Describe the machine a benchmark ran on (CPU model, cores, torch version)."""
+"""Describe the machine a benchmark ran on: one helper for every script in this folder.
+
+Scripts run as ``python benchmarks/<name>.py``, so this folder is on ``sys.path`` and they
+``from _machine import machine, machine_name``.
+"""
 
 import os
 import platform
@@ -6,18 +10,30 @@ import platform
 import torch
 
 
-def machine() -> dict:
-    cpu = platform.processor() or "unknown"
+def _cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or "unknown CPU"
+
+
+def machine_name() -> str:
+    """One line: the GPU when CUDA is available, else the CPU model and core count."""
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
+    return f"{_cpu_model()}, {os.cpu_count()} cores, {platform.system()}"
+
+
+def machine() -> dict:
+    """The same, as a record for JSON results."""
     return {
-        "cpu": cpu,
+        "name": machine_name(),
+        "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

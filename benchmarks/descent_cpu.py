@@ -15,28 +15,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from _machine import machine_name  # noqa: E402  (this folder is on sys.path)
 
 PROVIDERS = ("reference", "autograd")
 
 
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def run_one(provider: str, B: int, H: int, N: int, D: int, T: int, repeats: int) -> dict:
@@ -108,7 +97,7 @@ def main(argv=None) -> int:
     speedup = blog["median_ms"] / ref["median_ms"]
     mem_ratio = blog["peak_rss_mib"] / max(ref["peak_rss_mib"], 1e-9)
     print(f"hopfield_descent forward+backward, float32, CPU; {sizes}")
-    print(f"machine: {machine()}")
+    print(f"machine: {machine_name()}")
     print(f"{'provider':<22}{'median ms':>12}{'min ms':>10}{'peak MiB':>11}{'saved MiB':>11}")
     for r in rows:
         name = "reference (SDPA)" if r["provider"] == "reference" else "blog autograd path"
@@ -119,7 +108,7 @@ def main(argv=None) -> int:
           f"for backward)")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sizes": sizes, "dtype": "float32", "machine": machine(),
+    out.write_text(json.dumps({"sizes": sizes, "dtype": "float32", "machine": machine_name(),
                                "torch_threads": None, "rows": rows, "speedup": speedup,
                                "peak_memory_ratio": mem_ratio}, indent=2))
     print(f"wrote {out}")

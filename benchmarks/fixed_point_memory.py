@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from descent_cpu import machine  # same folder: the CPU model and core count
+from _machine import machine_name  # same folder: the CPU model and core count
 
 SOLVERS = ("unrolled", "fixed_point")
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             cmd += [f"--{k}={v}" for k, v in sizes.items()]
             res = subprocess.run(cmd, capture_output=True, text=True, check=True)
             rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    where = machine() if args.device == "cpu" else f"{args.device} ({_gpu_name()})"
+    where = machine_name() if args.device == "cpu" else f"{args.device} ({_gpu_name()})"
     print(f"hopfield_descent forward+backward, float32, {args.device}; {sizes}, scale=1")
     print(f"machine: {where} (shared with other jobs: timings are noisy)")
     print(f"{'solver':<13}{'T':>4}{'median ms':>11}{'peak MiB':>10}{'saved MiB':>11}"

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -34,24 +33,12 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from energy_attn import hopfield_descent
+from _machine import machine_name  # noqa: E402  (this folder is on sys.path)
 
 PROVIDERS = ("triton", "reference", "autograd")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def machine() -> str:
-    if torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(0)
-        return f"{p.name}, {p.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda}"
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores (Triton interpreter)"
 
 
 def grid(args):
@@ -179,7 +166,7 @@ def main(argv=None):
     tag = "smoke-cpu" if args.smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine(), "torch": torch.__version__, "smoke": args.smoke,
+    meta = {"machine": machine_name(), "torch": torch.__version__, "smoke": args.smoke,
             "note": ("Triton interpreter on a shared CPU: proves the script runs; these are "
                      "NOT kernel timings") if args.smoke else "GPU timings (do_bench medians)",
             "rows": rows}

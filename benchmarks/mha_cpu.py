@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,18 +25,9 @@ import torch
 from torch import nn
 
 from energy_attn import EnergyMultiheadAttention
+from _machine import machine_name  # noqa: E402  (this folder is on sys.path)
 
 
-def machine() -> str:
-    model = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} cores, {platform.system()}"
 
 
 def measure(layer: nn.Module, x: torch.Tensor, repeats: int) -> dict:
@@ -90,7 +79,7 @@ def main(argv=None) -> int:
 
     base = rows[0]["median_ms"]
     print(f"one self-attention layer, forward+backward, float32, CPU; {sizes}")
-    print(f"machine: {machine()} (torch threads: {torch.get_num_threads()})")
+    print(f"machine: {machine_name()} (torch threads: {torch.get_num_threads()})")
     print(f"{'layer':<32}{'median ms':>11}{'min ms':>9}{'x MHA':>8}{'saved MiB':>11}")
     for r in rows:
         r["relative_to_mha"] = r["median_ms"] / base
@@ -98,7 +87,7 @@ def main(argv=None) -> int:
               f"{r['relative_to_mha']:>8.2f}{r['saved_for_backward_mib']:>11.1f}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sizes": sizes, "dtype": "float32", "machine": machine(),
+    out.write_text(json.dumps({"sizes": sizes, "dtype": "float32", "machine": machine_name(),
                                "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2))
     print(f"wrote {out}")
     return 0
