@@ -179,14 +179,15 @@ def test_bad_generic_arguments():
     B=st.integers(1, 2), Hk=st.integers(1, 2), G=st.integers(1, 2), N=st.integers(1, 6),
     M=st.integers(1, 6), D=st.integers(1, 5), T=st.integers(0, 6), anderson=st.integers(0, 3),
     mask_kind=st.sampled_from(["none", "padding", "random", "causal"]),
-    biased=st.booleans(),
+    biased=st.booleans(), seed=st.integers(0, 2**31 - 1),
 )
 def test_fuzz_fixed_point_is_finite_and_matches_autograd_backward(B, Hk, G, N, M, D, T, anderson,
-                                                                 mask_kind, biased):
+                                                                 mask_kind, biased, seed):
     # any shape, mask (fully masked rows included), bias, Anderson or not: finite values and
     # gradients; and (plain iteration) the closed-form backward equals autograd through the
     # same step. Anderson's least-squares solves amplify rounding before convergence (up to
     # ~1e5 eps measured), so its agreement is checked at convergence instead (above).
+    torch.manual_seed(seed)  # each example's data is a function of the example (no flakiness)
     H = Hk * G
     causal = mask_kind == "causal"
     if causal:
@@ -207,7 +208,8 @@ def test_fuzz_fixed_point_is_finite_and_matches_autograd_backward(B, Hk, G, N, M
     def f(xi, keys, bias=None):
         keys = keys.repeat_interleave(G, dim=1)
         bias = bias.repeat_interleave(G, dim=1) if bias is not None else None
-        return _sdpa_readout(xi, keys, 0.7, mask=mask, is_causal=causal, key_bias=bias)
+        mu = _sdpa_readout(xi, keys, 0.7, mask=mask, is_causal=causal, key_bias=bias)
+        return xi - 1.0 * (xi - mu)  # the op's own step, rounding for rounding
 
     z = hopfield_fixed_point(q, k, scale=0.7, num_steps=T, mask=mask, is_causal=causal,
                              key_bias=b)
@@ -215,5 +217,8 @@ def test_fuzz_fixed_point_is_finite_and_matches_autograd_backward(B, Hk, G, N, M
     generic = fixed_point(f, q, params, num_iters=T)
     atol, rtol = tol(DT)
     torch.testing.assert_close(z, generic, atol=atol, rtol=rtol)
+    # Closed-form and autograd adjoints round differently at each of the T adjoint iterations,
+    # and the step's Jacobian can amplify that: rounding-level agreement scales with T + 1.
     for a, g in zip(grads, torch.autograd.grad(generic.square().sum(), params)):
-        torch.testing.assert_close(a, g, atol=atol * (1 + g.abs().max()), rtol=rtol)
+        torch.testing.assert_close(a, g, atol=atol * (T + 1) * (1 + g.abs().max()),
+                                   rtol=rtol * (T + 1))
