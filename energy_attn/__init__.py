@@ -13,11 +13,13 @@ from .energies import (
 )
 from .layers import EnergyBasedAttention, VanillaSoftmaxAttention
 from .ops import hopfield_descent
+from .optim import AttentionInformedAdam
 
 __version__ = "0.1.0"
 
 __all__ = [
     "OPTIMIZERS",
+    "AttentionInformedAdam",
     "EnergyBasedAttention",
     "VanillaSoftmaxAttention",
     "elastic_energy",
