@@ -11,7 +11,18 @@ from .energies import (
     hopfield_energy,
     hopfield_energy_grad,
 )
-from .layers import EnergyBasedAttention, VanillaSoftmaxAttention
+from .layers import (
+    MHA,
+    EnergyBasedAttention,
+    LightMHA2nd1st,
+    MHA2nd1st,
+    MomenMHA,
+    MultiHeadSelfAttention,
+    NagMHA,
+    OptimizerBlock,
+    VanillaSoftmaxAttention,
+)
+from .models import GPT, GPTConfig
 from .ops import hopfield_descent
 from .optim import AttentionInformedAdam
 
@@ -28,4 +39,13 @@ __all__ = [
     "hopfield_energy",
     "hopfield_energy_grad",
     "minimize_energy",
+    "GPT",
+    "GPTConfig",
+    "LightMHA2nd1st",
+    "MHA",
+    "MHA2nd1st",
+    "MomenMHA",
+    "MultiHeadSelfAttention",
+    "NagMHA",
+    "OptimizerBlock",
 ]

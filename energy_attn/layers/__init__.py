@@ -1,5 +1,24 @@
 """Thin nn.Modules: projections -> rearrange -> op -> output map."""
 
 from .attention import EnergyBasedAttention, VanillaSoftmaxAttention
+from .blocks import (
+    MHA,
+    LightMHA2nd1st,
+    MHA2nd1st,
+    MomenMHA,
+    NagMHA,
+    OptimizerBlock,
+)
+from .self_attention import MultiHeadSelfAttention
 
-__all__ = ["EnergyBasedAttention", "VanillaSoftmaxAttention"]
+__all__ = [
+    "MHA",
+    "EnergyBasedAttention",
+    "LightMHA2nd1st",
+    "MHA2nd1st",
+    "MomenMHA",
+    "MultiHeadSelfAttention",
+    "NagMHA",
+    "OptimizerBlock",
+    "VanillaSoftmaxAttention",
+]

@@ -1,1 +1,5 @@
-"""Placeholder: filled by a later issue."""
+"""Small GPT-style stacks of the optimizer-inspired blocks."""
+
+from .gpt import GPT, GPTConfig
+
+__all__ = ["GPT", "GPTConfig"]

@@ -1,0 +1,210 @@
+"""``MultiHeadSelfAttention``: the one attention module every block and the GPT share.
+
+One step ``a(x) = W_O · attend(W_Q x, W_K x, W_V x)``, where ``attend`` is, per head:
+
+* ``second_order=None``: softmax attention ``μ = softmax(β QKᵀ) V`` through
+  ``F.scaled_dot_product_attention`` (flash/efficient kernels, no N×N matrix saved).
+* ``second_order="2nd1st"`` (MHA2nd1st, MATH.md §5): with the same probabilities ``P``,
+  ``r_i = μ_i − v_i`` (``v_i`` the token's own value) and ``S_ij = (v_j − μ_i)·r_i``,
+  ``o = μ + γ_h (P ⊙ S) V``. ``P`` is built explicitly (one N×N matrix, like a math-path
+  attention call); the correction costs two more N×N×d matmuls (``R Vᵀ`` and ``(P⊙S) V``).
+* ``second_order="light"`` (LightMHA2nd1st, MATH.md §5): ``o = μ + γ_h (P(V⊙V) − μ⊙μ) ⊙ r``;
+  ``μ`` and ``P(V⊙V)`` come from **one** SDPA call with values ``[V, V⊙V]`` (width 2d).
+
+``γ_h = softplus(φ_h)`` per head (learnable) or a fixed non-negative buffer; ``γ = 0`` gives
+plain attention exactly. These Newton-inspired forms are this project's reading of Ren et al.
+(the paper's body was unavailable; see ``docs/zoo.md``).
+
+``attention="energy"`` makes the read-out follow ``num_steps − 1`` steps of energy descent of
+the queries on the Hopfield energy against the keys (:func:`energy_attn.hopfield_descent`, any
+optimizer of MATH.md §4); the final step reads out the values with the (descended) queries. With
+``num_steps=1`` it is plain attention exactly.
+
+Masks are boolean, True = may attend, broadcastable to ``[B, H, N, N]``; fully masked rows
+read out nothing (output 0, finite).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .._utils import check_bool_mask, check_finite_number, check_float_tensor, check_num_steps
+from ..descent import check_optimizer
+from ..ops.hopfield import hopfield_descent
+
+SECOND_ORDER = (None, "2nd1st", "light")
+ATTENTIONS = ("softmax", "energy")
+
+
+class ConstrainedScalars(nn.Module):
+    """``n`` scalars in a constrained range: ``link(θ)`` learnable, or a fixed buffer.
+
+    ``link`` is ``"sigmoid"`` (values in ``[0, 1)``; learnable needs ``(0, 1)``) or
+    ``"softplus"`` (values ``>= 0``; learnable needs ``> 0``). A fixed value is stored as is,
+    so a fixed 0 is exactly 0.
+    """
+
+    def __init__(self, name: str, init: float, n: int, link: str, learnable: bool):
+        super().__init__()
+        init = check_finite_number(name, init)
+        lo_ok = init > 0 if learnable else init >= 0
+        hi_ok = init < 1 if link == "sigmoid" else True
+        if not (lo_ok and hi_ok):
+            rng = {"sigmoid": ("(0, 1)", "[0, 1)"), "softplus": ("> 0", ">= 0")}[link]
+            raise ValueError(
+                f"{name} must be in {rng[0] if learnable else rng[1]} "
+                f"({'learnable' if learnable else 'fixed'}), got {init}"
+            )
+        self.name, self.link, self.learnable = name, link, learnable
+        if learnable:
+            raw = math.log(init / (1 - init)) if link == "sigmoid" else math.log(math.expm1(init))
+            self.raw = nn.Parameter(torch.full((n,), raw))
+        else:
+            self.register_buffer("fixed", torch.full((n,), init))
+
+    def forward(self) -> torch.Tensor:
+        if not self.learnable:
+            return self.fixed
+        return torch.sigmoid(self.raw) if self.link == "sigmoid" else F.softplus(self.raw)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, link={self.link}, learnable={self.learnable}"
+
+
+def allowed_mask(mask, is_causal: bool, n: int, device):
+    """The boolean mask combined with causality (True = may attend); None if neither."""
+    if not is_causal:
+        return mask
+    tri = torch.ones(n, n, dtype=torch.bool, device=device).tril()
+    return tri if mask is None else mask & tri
+
+
+def attention_masks(mask, is_causal: bool, n: int, device):
+    """SDPA arguments for a boolean mask and/or causality (True = may attend).
+
+    Returns ``(attn_mask, sdpa_causal, valid)``: fully masked rows are let through to every key
+    (so softmax stays finite) and ``valid`` (``[.., N, 1]`` bool, or None) zeroes them after.
+    """
+    if mask is None:
+        return None, is_causal, None
+    full = allowed_mask(mask, is_causal, n, device)
+    valid = full.any(dim=-1, keepdim=True)
+    return full | ~valid, False, valid
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Multi-head self-attention with optional Newton correction or energy-descent queries.
+
+    Args:
+        d_model: model width; ``d_model = n_head · d_head``.
+        n_head: number of heads.
+        dropout: attention-probability dropout (training only).
+        bias: biases in the projections.
+        second_order: ``None | "2nd1st" | "light"`` (see the module docstring).
+        gamma: initial (or fixed) ``γ_h >= 0`` of the Newton correction (per head).
+        learn_gamma: ``γ_h = softplus(φ_h)`` learnable (needs ``gamma > 0``), else a buffer.
+        attention: ``"softmax"`` or ``"energy"`` (queries descend the Hopfield energy first).
+        num_steps: energy attention: total steps ``T >= 1`` (``T − 1`` descent steps, then
+            the read-out of the values).
+        step_size, optimizer, momentum: the descent's ``η``, optimizer and ``ρ`` (MATH.md §4).
+
+    ``forward(x [B, N, d_model], mask=None, is_causal=False) -> [B, N, d_model]``; ``mask``
+    boolean broadcastable to ``[B, n_head, N, N]``, True = may attend.
+    """
+
+    def __init__(self, d_model: int, n_head: int, *, dropout: float = 0.0, bias: bool = True,
+                 second_order: str | None = None, gamma: float = 0.5, learn_gamma: bool = True,
+                 attention: str = "softmax", num_steps: int = 1, step_size: float = 1.0,
+                 optimizer: str = "gd", momentum: float = 0.0):
+        super().__init__()
+        d_model = check_num_steps(d_model, "d_model")
+        n_head = check_num_steps(n_head, "n_head")
+        if n_head < 1 or d_model < 1 or d_model % n_head:
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_head ({n_head})")
+        dropout = check_finite_number("dropout", dropout)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if second_order not in SECOND_ORDER:
+            raise ValueError(f"second_order must be one of {SECOND_ORDER}, got {second_order!r}")
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {attention!r}")
+        num_steps = check_num_steps(num_steps)
+        if num_steps < 1:
+            raise ValueError("num_steps must be >= 1 (the last step reads out values), got 0")
+        self.momentum = check_optimizer(optimizer, momentum)
+        self.step_size = check_finite_number("step_size", step_size)
+        self.optimizer, self.num_steps, self.attention = optimizer, num_steps, attention
+        self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
+        self.dropout, self.second_order = dropout, second_order
+        self.to_qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
+        self.to_out = nn.Linear(d_model, d_model, bias=bias)
+        self.gamma = (ConstrainedScalars("gamma", gamma, n_head, "softplus", learn_gamma)
+                      if second_order else None)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                is_causal: bool = False) -> torch.Tensor:
+        check_float_tensor("x", x, ndim=3)
+        if x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have last dim d_model={self.d_model}, got {tuple(x.shape)}")
+        if not isinstance(is_causal, bool):
+            raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+        B, N, _ = x.shape
+        if mask is not None:
+            check_bool_mask("mask", mask, (B, self.n_head, N, N))
+            if mask.device != x.device:
+                raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
+        # [B, N, 3·d_model] -> 3 × [B, H, N, d_head]
+        q, k, v = rearrange(self.to_qkv(x), "b n (three h d) -> three b h n d",
+                            three=3, h=self.n_head)
+        if self.attention == "energy" and self.num_steps > 1:
+            q = hopfield_descent(q, k, step_size=self.step_size, num_steps=self.num_steps - 1,
+                                 mask=mask, is_causal=is_causal, optimizer=self.optimizer,
+                                 momentum=self.momentum)
+        out = self.attend(q, k, v, mask, is_causal)
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def attend(self, q, k, v, mask=None, is_causal=False):
+        """Per-head read-out ``[B, H, N, d]`` from ``q, k, v`` ``[B, H, N, d]`` (trusted)."""
+        p_drop = self.dropout if self.training else 0.0
+        if self.second_order == "2nd1st":
+            return self._attend_2nd1st(q, k, v, mask, is_causal, p_drop)
+        attn_mask, sdpa_causal, valid = attention_masks(mask, is_causal, q.shape[-2], q.device)
+        values = v if self.second_order is None else torch.cat([v, v * v], dim=-1)
+        out = F.scaled_dot_product_attention(q, k, values, attn_mask=attn_mask,
+                                             dropout_p=p_drop, is_causal=sdpa_causal)
+        if valid is not None:
+            out = out * valid
+        if self.second_order is None:
+            return out
+        # light: diag-covariance correction from the same probabilities (one SDPA call)
+        d = v.shape[-1]
+        mu, second = out[..., :d], out[..., d:]
+        gamma = self.gamma().to(v.dtype).view(-1, 1, 1)  # [H, 1, 1]
+        return mu + gamma * (second - mu * mu) * (mu - v)
+
+    def _attend_2nd1st(self, q, k, v, mask, is_causal, p_drop):
+        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, N]
+        allowed = allowed_mask(mask, is_causal, q.shape[-2], q.device)
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))
+            valid = allowed.any(dim=-1, keepdim=True)
+            logits = logits.masked_fill(~valid, 0.0)  # fully masked rows: finite, zeroed below
+        p = logits.softmax(dim=-1)
+        if allowed is not None:
+            p = p * valid
+        p = F.dropout(p, p_drop, training=p_drop > 0)
+        mu = p @ v
+        r = mu - v  # the token's own value is the iterate
+        # (P ⊙ S) V with S_ij = (v_j − μ_i)·r_i = r_i·v_j − μ_i·r_i; P V = μ
+        corr = (p * (r @ v.transpose(-1, -2))) @ v - (mu * r).sum(-1, keepdim=True) * mu
+        gamma = self.gamma().to(v.dtype).view(-1, 1, 1)
+        return mu + gamma * corr
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_head={self.n_head}, second_order={self.second_order}, "
+                f"attention={self.attention}, num_steps={self.num_steps}")

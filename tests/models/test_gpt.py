@@ -1,0 +1,108 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from energy_attn import GPT, GPTConfig
+
+BLOCKS = ["mha", "momen", "nag", "2nd1st", "light2nd1st"]
+
+
+def tiny(**kw):
+    cfg = dict(vocab_size=31, n_layer=2, n_head=2, d_model=16, context=12)
+    cfg.update(kw)
+    return GPT(GPTConfig(**cfg))
+
+
+@pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.parametrize("attention", ["softmax", "energy"])
+def test_gpt_is_causal_and_loss_is_cross_entropy(block, attention):
+    model = tiny(block=block, attention=attention, num_steps=2, step_size=0.5).double().eval()
+    idx = torch.randint(0, 31, (2, 12))
+    logits, loss = model(idx, idx.roll(-1, 1))
+    assert logits.shape == (2, 12, 31) and loss.ndim == 0
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 31).float(),
+                                                     idx.roll(-1, 1).reshape(-1)).to(loss.dtype))
+    t = 5
+    idx2 = idx.clone()
+    idx2[:, t + 1:] = (idx2[:, t + 1:] + 1) % 31
+    logits2, _ = model(idx2)
+    torch.testing.assert_close(logits2[:, : t + 1], logits[:, : t + 1], atol=0, rtol=0)
+    assert not torch.allclose(logits2[:, t + 1:], logits[:, t + 1:])
+
+
+def test_init_loss_is_near_uniform_and_parameters_are_counted_once():
+    model = tiny(vocab_size=97, d_model=32, n_layer=3)
+    idx = torch.randint(0, 97, (4, 12))
+    _, loss = model(idx, torch.randint(0, 97, (4, 12)))
+    assert abs(loss.item() - math.log(97)) < 0.1  # small init: near-uniform predictions
+    assert model.lm_head.weight is model.wte.weight
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert model.num_parameters() == sum(unique.values())
+    assert model.num_parameters(non_embedding=True) == (
+        model.num_parameters() - 97 * 32 - 12 * 32)
+    # per layer: qkv + out + 2 LN + FFN (4x) with biases
+    d = 32
+    per_layer = (3 * d * d + 3 * d) + (d * d + d) + 2 * 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+    assert model.num_parameters(non_embedding=True) == 3 * per_layer + 2 * d
+
+
+def test_targets_minus_one_are_ignored():
+    model = tiny()
+    idx = torch.randint(0, 31, (2, 12))
+    tgt = idx.clone()
+    tgt[:, :6] = -1
+    logits, loss = model(idx, tgt)
+    torch.testing.assert_close(loss, F.cross_entropy(logits[:, 6:].reshape(-1, 31),
+                                                     tgt[:, 6:].reshape(-1)))
+
+
+@pytest.mark.parametrize("block", ["mha", "nag", "light2nd1st"])
+def test_a_few_adam_steps_fit_a_fixed_batch(block):
+    torch.manual_seed(0)
+    model = tiny(block=block)
+    idx = torch.randint(0, 31, (4, 12))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_generate():
+    model = tiny().eval()
+    idx = torch.randint(0, 31, (3, 4))
+    out = model.generate(idx, 10, top_k=1)
+    assert out.shape == (3, 14) and torch.equal(out[:, :4], idx)
+    # greedy (top_k=1) equals argmax decoding, and runs past the context by cropping
+    x = idx
+    for _ in range(10):
+        x = torch.cat([x, model(x[:, -12:])[0][:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out, x)
+    sampled = model.generate(idx, 5, temperature=0.7, top_k=3)
+    assert sampled.shape == (3, 9) and sampled.max() < 31
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="block"):
+        GPTConfig(block="adam")
+    with pytest.raises(TypeError, match="n_layer"):
+        GPTConfig(n_layer=2.0)
+    with pytest.raises(ValueError, match="n_head"):
+        tiny(d_model=15)
+    with pytest.raises(TypeError, match="config"):
+        GPT(dict(vocab_size=3))
+    model = tiny()
+    with pytest.raises(ValueError, match="context"):
+        model(torch.zeros(1, 13, dtype=torch.long))
+    with pytest.raises(TypeError, match="idx"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="targets"):
+        model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature"):
+        model.generate(torch.zeros(1, 4, dtype=torch.long), 2, temperature=0.0)
