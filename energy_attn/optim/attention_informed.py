@@ -50,8 +50,8 @@ def _acc(t):
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def attention_energy_stats(q, k, scale, *, causal=False, key_mask=None, free_energy=False,
-                           probs=False):
+def attention_energy_stats(q, k, scale, *, causal=False, key_mask=None, mask=None,
+                           free_energy=False, probs=False):
     """Mean pre-softmax energy (and optionally free energy / attention maps) of one attention.
 
     Args:
@@ -61,6 +61,9 @@ def attention_energy_stats(q, k, scale, *, causal=False, key_mask=None, free_ene
         causal: query ``i`` may attend keys ``j <= i + (M − N)`` (the usual end-aligned
             causal mask; ``N == M`` for self-attention).
         key_mask: optional boolean ``[B, M]``, True = may attend (key padding).
+        mask: optional general boolean mask broadcastable to ``[B, H, N, M]`` (True = may
+            attend), combined with the others; the mean energy then comes from the explicit
+            scores (the mask is N×M already).
         free_energy: also return ``F = mean_{b,h,i} −(1/β) lse_j(β q_i·k_j)`` (differentiable;
             needs the ``[B, H, N, M]`` scores, so only computed when asked). A query with no
             key to attend has an empty memory and contributes 0 (MATH.md §1).
@@ -68,11 +71,47 @@ def attention_energy_stats(q, k, scale, *, causal=False, key_mask=None, free_ene
 
     Returns:
         ``(mean_energy, F or None, P or None)``; ``mean_energy`` is a detached 0-d tensor
-        (float32, float64 for float64 inputs), ``mean_{valid (b,h,i,j)} β q_i·k_j`` (0 when nothing is valid).
+        (float32; float64 for float64 inputs), ``mean_{valid (b,h,i,j)} β q_i·k_j`` (0 when
+        nothing is valid).
 
     The mean energy costs O(B·H·(N+M)·D): ``Σ_{j valid} q_i·k_j = q_i·(Σ_{j valid} k_j)``, with
     a prefix sum over keys when causal.
     """
+    mean_energy = None if mask is not None else _mean_energy(q, k, scale, causal, key_mask)
+    if mask is None and not (free_energy or probs):
+        return mean_energy, None, None
+
+    n, m = q.shape[-2], k.shape[-2]
+    scores = scale * torch.einsum("bhid,bhjd->bhij", _acc(q), _acc(k))   # [B, H, N, M]
+    allowed = torch.ones(n, m, dtype=torch.bool, device=q.device)
+    if causal:
+        allowed = allowed.tril(m - n)
+    allowed = allowed[None, None]                                        # [1, 1, N, M]
+    if key_mask is not None:
+        allowed = allowed & key_mask[:, None, None, :]                   # [B, 1, N, M]
+    if mask is not None:
+        allowed = allowed & mask
+        with torch.no_grad():
+            full = allowed.expand_as(scores)
+            count = full.sum()
+            total = torch.where(full, scores.detach(), torch.zeros((), dtype=scores.dtype)).sum()
+            mean_energy = torch.where(count > 0, total / count.clamp(min=1),
+                                      torch.zeros((), dtype=scores.dtype, device=q.device))
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)                                # [B, H, N]
+    any_key = allowed.any(-1).expand_as(lse)
+    lse = torch.where(any_key, lse, torch.zeros_like(lse))               # empty memory: 0
+    free = -(lse.mean() / scale) if free_energy else None
+    attn = None
+    if probs:
+        with torch.no_grad():
+            attn = torch.where(any_key[..., None], (scores - lse[..., None]).exp(),
+                               torch.zeros_like(scores))
+    return mean_energy, free, attn
+
+
+def _mean_energy(q, k, scale, causal, key_mask):
+    """``mean_{valid (b,h,i,j)} β q_i·k_j`` in O(B·H·(N+M)·D) (see attention_energy_stats)."""
     with torch.no_grad():
         qf, kf = _acc(q.detach()), _acc(k.detach())
         n, m = qf.shape[-2], kf.shape[-2]
@@ -98,29 +137,8 @@ def attention_energy_stats(q, k, scale, *, causal=False, key_mask=None, free_ene
                 count = valid_keys.sum() * qf.shape[1] * n
             else:
                 count = torch.tensor(float(qf.shape[0] * qf.shape[1] * n * m), device=qf.device)
-        mean_energy = torch.where(count > 0, scale * total / count.clamp(min=1),
-                                  torch.zeros((), device=qf.device))
-    if not (free_energy or probs):
-        return mean_energy, None, None
-
-    scores = scale * torch.einsum("bhid,bhjd->bhij", _acc(q), _acc(k))   # [B, H, N, M]
-    allowed = torch.ones(n, m, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)
-    allowed = allowed[None, None]                                            # [1, 1, N, M]
-    if key_mask is not None:
-        allowed = allowed & key_mask[:, None, None, :]                       # [B, 1, N, M]
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)                                    # [B, H, N]
-    any_key = allowed.any(-1).expand_as(lse)
-    lse = torch.where(any_key, lse, torch.zeros_like(lse))                   # empty memory: 0
-    free = -(lse.mean() / scale) if free_energy else None
-    attn = None
-    if probs:
-        with torch.no_grad():
-            attn = torch.where(any_key[..., None], (scores - lse[..., None]).exp(),
-                               torch.zeros_like(scores))
-    return mean_energy, free, attn
+        return torch.where(count > 0, scale * total / count.clamp(min=1),
+                           torch.zeros((), dtype=qf.dtype, device=qf.device))
 
 
 class EnergyRecorder:
@@ -146,14 +164,14 @@ class EnergyRecorder:
     free_energy: torch.Tensor | None = None
     attention_maps: torch.Tensor | None = None
 
-    def record_energy(self, q, k, scale, *, causal=False, key_mask=None) -> None:
+    def record_energy(self, q, k, scale, *, causal=False, key_mask=None, mask=None) -> None:
         """Record this forward's energies (see the class docstring); ``q``/``k`` ``[B,H,N|M,D]``."""
         if not (self.record_mean_energy or self.record_free_energy or self.record_attention_maps):
             return
         want_free = (self.record_free_energy and torch.is_grad_enabled()
                      and getattr(self, "training", True))
         mean, free, maps = attention_energy_stats(
-            q, k, scale, causal=causal, key_mask=key_mask, free_energy=want_free,
+            q, k, scale, causal=causal, key_mask=key_mask, mask=mask, free_energy=want_free,
             probs=self.record_attention_maps)
         self.mean_energy = mean
         self.free_energy = free

@@ -273,3 +273,48 @@ def test_ddp_averages_the_attention_gradient(tmp_path):
     _run(model, opt, 3)
     for a, p in zip(p0, model.parameters()):
         torch.testing.assert_close(a, p.detach(), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_energy_stats_with_a_general_mask(causal):
+    b, h, n, d = 2, 2, 5, 4
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    mask = torch.rand(b, 1, n, n) > 0.4
+    mask[0, 0, 2] = False  # a fully masked row
+    mean, free, _ = attention_energy_stats(q, k, 0.5, causal=causal, mask=mask, free_energy=True)
+    s = 0.5 * q.double() @ k.double().transpose(-1, -2)
+    allowed = mask.expand(b, h, n, n) & (torch.ones(n, n, dtype=torch.bool).tril() if causal
+                                          else torch.ones(n, n, dtype=torch.bool))
+    lse = torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1)
+    lse = torch.where(allowed.any(-1), lse, torch.zeros_like(lse))
+    atol = 16 * torch.finfo(torch.float32).eps * d * n
+    torch.testing.assert_close(mean.double(), s[allowed].mean(), atol=atol, rtol=0)
+    torch.testing.assert_close(free.double(), -lse.mean() / 0.5, atol=atol, rtol=0)
+
+
+def test_gpt_attention_records_energy_only_for_the_optimizer():
+    from energy_attn import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, n_layer=2, n_head=2, d_model=8, context=8))
+    x, y = batch(0, n=8)
+    model(x, y)
+    recorders = energy_modules(model)
+    assert len(recorders) == 2 and all(r.mean_energy is None for r in recorders)
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, energy_source=model)
+    _, loss = model(x, y)
+    assert all(r.free_energy is not None and r.free_energy.requires_grad for r in recorders)
+    # the recorded mean energy is the causal mean of β q·k of each block's queries and keys
+    ln_x = model.blocks[0].ln_attn(model.wte(x) + model.wpe(torch.arange(8)))
+    q, k, _ = model.blocks[0].attn.to_qkv(ln_x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+    ref, _ = brute_stats(q, k, 4**-0.5, causal=True)
+    torch.testing.assert_close(recorders[0].mean_energy.double(), ref, atol=1e-6, rtol=0)
+    opt.zero_grad()
+    opt.backward(loss)
+    touched = set(opt._att_grads)
+    assert {model.blocks[0].attn.to_qkv.weight, model.wte.weight} <= touched
+    assert model.blocks[1].ffn[0].weight not in touched
+    opt.step()
+    with torch.no_grad():
+        model(x, y)  # no graph: no free energy
+    assert all(r.free_energy is None for r in recorders)
