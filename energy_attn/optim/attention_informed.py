@@ -207,8 +207,17 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (AdamW's).
         gamma: γ in ``α = sigmoid(γ·Ē)``; ±inf gives α ∈ {0, 1} by the sign of Ē
             (and α = ½ when Ē = 0).
+        attention_norm: what divides the attention gradient: ``"loss"`` (MATH.md §6,
+            ``g_att/(√v̂+ε)`` with the loss gradient's ``v̂``) or ``"own"`` (this project's
+            variant, ``g_att/(√û+ε)`` with ``û`` the bias-corrected second moment of ``g_att``
+            itself, so both directions have unit scale; see the note below).
         energy_source: the ``nn.Module`` whose :class:`EnergyRecorder` submodules supply Ē and
             the free energy (usually the model; a DDP wrapper works too).
+
+    Note on ``attention_norm="loss"``: where the loss gradient is small (query/key weights at
+    initialisation, when attention is nearly uniform) ``g_att/(√v̂+ε)`` is unbounded, and since
+    the free energy is unbounded below, the term can grow the energies without limit.
+    ``"own"`` bounds the attention step like Adam bounds its own.
 
     Use::
 
@@ -227,7 +236,7 @@ class AttentionInformedAdam(torch.optim.Optimizer):
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 gamma=1.0, *, energy_source):
+                 gamma=1.0, *, attention_norm="loss", energy_source):
         lr = check_finite_number("lr", lr)
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -238,12 +247,15 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
         gamma = _check_gamma(gamma)
+        if attention_norm not in ("loss", "own"):
+            raise ValueError(f"attention_norm must be 'loss' or 'own', got {attention_norm!r}")
         self.recorders = energy_modules(energy_source)
         for rec in self.recorders:
             rec.record_mean_energy = True
             rec.record_free_energy = True
         super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
-                                      "weight_decay": weight_decay, "gamma": gamma})
+                                      "weight_decay": weight_decay, "gamma": gamma,
+                                  "attention_norm": attention_norm})
         self._att_grads: dict[torch.Tensor, torch.Tensor] | None = None
         self._mean_energy: torch.Tensor | None = None
         self.last_alpha: dict[int, torch.Tensor] = {}
@@ -335,9 +347,21 @@ class AttentionInformedAdam(torch.optim.Optimizer):
                 if g_att is None or alpha is None:
                     p.addcdiv_(exp_avg, denom, value=-step_size)
                 else:
+                    g_att = g_att.to(p.dtype)
+                    if group["attention_norm"] == "own":
+                        if "att_sq" not in state:
+                            state["att_step"] = torch.zeros((), dtype=torch.float32)
+                            state["att_sq"] = torch.zeros_like(p)
+                        state["att_step"] += 1
+                        state["att_sq"].mul_(beta2).addcmul_(g_att, g_att, value=1 - beta2)
+                        bc = 1 - beta2 ** state["att_step"].item()
+                        att_denom = (state["att_sq"].sqrt() / math.sqrt(bc)).add_(eps)
+                        p.addcdiv_(exp_avg * alpha, denom, value=-step_size)
+                        p.addcdiv_(g_att * (1 - alpha), att_denom, value=-lr)
+                        continue
                     # lr·(α·m̂ + (1−α)·g_att)/(√v̂+ε), written as AdamW's step_size·(…)/denom so
                     # that α = 1 reproduces AdamW bit for bit.
-                    direction = exp_avg * alpha + g_att.to(p.dtype) * ((1 - alpha) * bias_correction1)
+                    direction = exp_avg * alpha + g_att * ((1 - alpha) * bias_correction1)
                     p.addcdiv_(direction, denom, value=-step_size)
         self._att_grads, self._mean_energy = None, None
         return loss

@@ -1,0 +1,221 @@
+"""``energy-attn compare``: a grid of training variants × seeds, one table and one figure.
+
+``--grid KEY=V1,V2`` (repeatable; any :class:`TrainConfig` field) spans the variants, their
+Cartesian product; ``--seeds`` the seeds. Each run writes ``OUT/runs/<variant>-s<seed>/`` (a run
+whose log is already complete is reused, an interrupted one resumes from its checkpoint). The
+summary is ``OUT/compare.json``, ``compare.csv``, ``compare.md`` (mean ± std over seeds) and
+``compare.png`` (validation loss vs step and vs training wall-clock, mean ± std band).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import statistics
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+
+__all__ = ["parse_grid", "run_grid", "summarize_runs"]
+
+
+def parse_grid(specs, config_cls):
+    """``["block=mha,nag", "lr=1e-3,3e-3"]`` -> list of dicts (the Cartesian product)."""
+    types = {f.name: f.type for f in fields(config_cls)}
+    axes = []
+    for spec in specs or []:
+        key, sep, values = spec.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not values:
+            raise ValueError(f"--grid must look like KEY=V1,V2, got {spec!r}")
+        if key not in types or key in ("seed", "out"):
+            raise ValueError(f"--grid key {key!r} is not a TrainConfig field (or is seed/out)")
+        conv = {"int": int, "float": float}.get(str(types[key]), str)
+        axes.append([(key, conv(v)) for v in values.split(",")])
+    return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+
+
+def variant_name(variant: dict) -> str:
+    return "-".join(f"{k}={v}" for k, v in variant.items()) or "base"
+
+
+def run_grid(base, variants, seeds, out: Path, progress=True):
+    """Train every (variant, seed); returns ``{variant name: [log, ...]}``."""
+    from .corpus import load_corpus
+    from .loop import train
+
+    corpus = load_corpus(base.data, val_fraction=base.val_fraction, min_bytes=base.context + 1)
+    print(corpus.describe(), file=sys.stderr)
+    logs = {}
+    for variant in variants:
+        name = variant_name(variant)
+        for seed in seeds:
+            run_dir = out / "runs" / f"{name}-s{seed}"
+            cfg = replace(base, **variant, seed=seed, out=str(run_dir))
+            done = run_dir / "log.json"
+            if done.exists():
+                log = json.loads(done.read_text())
+                if log["summary"]["steps"] == cfg.steps and log["config"] == json.loads(
+                        json.dumps(cfg.__dict__)):
+                    logs.setdefault(name, []).append(log)
+                    print(f"[{name} seed {seed}] reusing {done}", file=sys.stderr)
+                    continue
+            print(f"[{name} seed {seed}]", file=sys.stderr)
+            logs.setdefault(name, []).append(
+                train(cfg, corpus=corpus, resume=True, progress=progress))
+    return logs
+
+
+def _mean_std(xs):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def _reach(log, target):
+    """(step, training seconds) of the first validation at or below ``target``, or None."""
+    for e in log["eval"]:
+        if e["val_loss"] <= target:
+            return e["step"], e["time"]
+    return None
+
+
+def summarize_runs(logs: dict, target=None) -> list[dict]:
+    """One row per variant: mean ± std over seeds of the run summaries (and target reaching)."""
+    rows = []
+    for name, runs in logs.items():
+        row = {"variant": name, "seeds": len(runs)}
+        for key in ("final_val_loss", "best_val_loss", "median_step_ms", "train_time",
+                    "mean_attn_kl"):
+            row[key], row[key + "_std"] = _mean_std([r["summary"][key] for r in runs])
+        alphas = [t["alpha"] for r in runs for t in r["train"] if "alpha" in t]
+        row["mean_alpha"] = statistics.fmean(alphas) if alphas else None
+        if target is not None:
+            hits = [h for h in (_reach(r, target) for r in runs) if h is not None]
+            row["reached"] = f"{len(hits)}/{len(runs)}"
+            row["steps_to_target"], row["steps_to_target_std"] = _mean_std([h[0] for h in hits])
+            row["time_to_target"], row["time_to_target_std"] = _mean_std([h[1] for h in hits])
+        rows.append(row)
+    return rows
+
+
+def _fmt(m, s, digits=4):
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def markdown_table(rows, target=None) -> str:
+    head = ["variant", "seeds", "final val loss", "best val loss", "ms/step", "train s",
+            "attn KL"]
+    if target is not None:
+        head += [f"reached {target}", "steps to target", "s to target"]
+    if any(r["mean_alpha"] is not None for r in rows):
+        head.append("mean α")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["variant"], str(r["seeds"]), _fmt(r["final_val_loss"], r["final_val_loss_std"]),
+                 _fmt(r["best_val_loss"], r["best_val_loss_std"]),
+                 _fmt(r["median_step_ms"], r["median_step_ms_std"], 1),
+                 _fmt(r["train_time"], r["train_time_std"], 1),
+                 _fmt(r["mean_attn_kl"], r["mean_attn_kl_std"], 5)]
+        if target is not None:
+            cells += [r["reached"], _fmt(r["steps_to_target"], r["steps_to_target_std"], 0),
+                      _fmt(r["time_to_target"], r["time_to_target_std"], 1)]
+        if "mean α" in head:
+            cells.append("–" if r["mean_alpha"] is None else f"{r['mean_alpha']:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_runs(logs: dict, path: Path, title: str = "") -> None:
+    """Validation loss vs step and vs training wall-clock (mean ± std over seeds)."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib is not installed: no figure", file=sys.stderr)
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, runs in logs.items():
+        n = min(len(r["eval"]) for r in runs)
+        steps = np.array([e["step"] for e in runs[0]["eval"][:n]])
+        loss = np.array([[e["val_loss"] for e in r["eval"][:n]] for r in runs])
+        t = np.array([[e["time"] for e in r["eval"][:n]] for r in runs]).mean(0)
+        m, s = loss.mean(0), loss.std(0)
+        for ax, xs in ((a1, steps), (a2, t)):
+            (line,) = ax.plot(xs, m, label=name)
+            ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
+    a1.set(xlabel="step", ylabel="validation loss")
+    a2.set(xlabel="training wall-clock (s, mean over seeds)")
+    lo = min(min(e["val_loss"] for r in runs for e in r["eval"]) for runs in logs.values())
+    first = [runs[0]["eval"][1]["val_loss"] for runs in logs.values() if len(runs[0]["eval"]) > 1]
+    if first:  # the step-0 loss (ln 256) squashes the curves: start the axis at the 1st eval
+        a1.set_ylim(lo - 0.05 * (max(first) - lo), max(first))
+    a1.legend(fontsize=8)
+    fig.suptitle(title or "validation loss, mean ± std over seeds")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_summary(logs, rows, out: Path, target=None, command=None):
+    from .loop import machine_info
+
+    out.mkdir(parents=True, exist_ok=True)
+    device = next(iter(logs.values()))[0]["config"]["device"]
+    (out / "compare.json").write_text(json.dumps(
+        {"command": command, "machine": machine_info(device), "target_loss": target,
+         "rows": rows}, indent=1))
+    keys = list(rows[0])
+    with open(out / "compare.csv", "w") as f:
+        f.write(",".join(keys) + "\n")
+        f.writelines(",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + "\n" for r in rows)
+    table = markdown_table(rows, target)
+    (out / "compare.md").write_text(table + "\n")
+    plot_runs(logs, out / "compare.png")
+    return table
+
+
+def _run(args) -> int:
+    from .corpus import CorpusError
+    from .loop import TrainConfig
+    from .train import config_from_args
+
+    try:
+        base = config_from_args(args)
+        variants = parse_grid(args.grid, TrainConfig)
+        seeds = [int(s) for s in args.seeds.split(",")]
+        out = Path(args.out or "compare-out")
+        base = replace(base, out=None)
+        logs = run_grid(base, variants, seeds, out, progress=not args.quiet)
+    except (CorpusError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    rows = summarize_runs(logs, args.target_loss)
+    table = write_summary(logs, rows, out, args.target_loss, " ".join(sys.argv))
+    print(table)
+    print(f"wrote {out}/compare.{{json,csv,md,png}}")
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    from .train import add_train_arguments
+
+    p = subparsers.add_parser(
+        "compare", help="train a grid of variants x seeds; one table and one figure",
+        description="Runs every combination of the --grid values for each seed (the other "
+                    "options as for `energy-attn train`), then writes OUT/compare.{json,csv,md,"
+                    "png}: validation loss vs step and vs wall-clock, mean ± std over seeds.")
+    add_train_arguments(p)
+    p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
+                   help="a TrainConfig field and its values (repeatable; product of all)")
+    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    p.add_argument("--target-loss", type=float, default=None,
+                   help="report steps and wall-clock to reach this validation loss")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_run)
