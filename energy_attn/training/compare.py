@@ -20,19 +20,30 @@ __all__ = ["parse_grid", "run_grid", "summarize_runs"]
 
 
 def parse_grid(specs, config_cls):
-    """``["block=mha,nag", "lr=1e-3,3e-3"]`` -> list of dicts (the Cartesian product)."""
+    """``["block=mha,nag", "lr=1e-3,3e-3"]`` -> list of dicts (the Cartesian product).
+
+    Keys joined by ``:`` vary together: ``"optimizer:gamma=adamw:1,aiadam:-1"`` is one axis.
+    """
     types = {f.name: f.type for f in fields(config_cls)}
     axes = []
     for spec in specs or []:
         key, sep, values = spec.partition("=")
-        key = key.strip().replace("-", "_")
+        keys = [k.strip().replace("-", "_") for k in key.split(":")]
         if not sep or not values:
             raise ValueError(f"--grid must look like KEY=V1,V2, got {spec!r}")
-        if key not in types or key in ("seed", "out"):
-            raise ValueError(f"--grid key {key!r} is not a TrainConfig field (or is seed/out)")
-        conv = {"int": int, "float": float}.get(str(types[key]), str)
-        axes.append([(key, conv(v)) for v in values.split(",")])
-    return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+        for k in keys:
+            if k not in types or k in ("seed", "out"):
+                raise ValueError(f"--grid key {k!r} is not a TrainConfig field (or is seed/out)")
+        axis = []
+        for value in values.split(","):
+            parts = value.split(":")
+            if len(parts) != len(keys):
+                raise ValueError(f"--grid {spec!r}: value {value!r} needs {len(keys)} parts")
+            axis.append(tuple((k, {"int": int, "float": float}.get(str(types[k]), str)(v))
+                              for k, v in zip(keys, parts)))
+        axes.append(axis)
+    return [dict(kv for part in combo for kv in part)
+            for combo in itertools.product(*axes)] if axes else [{}]
 
 
 def variant_name(variant: dict) -> str:
@@ -55,7 +66,8 @@ def run_grid(base, variants, seeds, out: Path, progress=True):
             done = run_dir / "log.json"
             if done.exists():
                 log = json.loads(done.read_text())
-                if log["summary"]["steps"] == cfg.steps and log["config"] == json.loads(
+                finished = log["summary"]["steps"] == cfg.steps or log.get("diverged_at")
+                if finished and log["config"] == json.loads(
                         json.dumps(cfg.__dict__)):
                     logs.setdefault(name, []).append(log)
                     print(f"[{name} seed {seed}] reusing {done}", file=sys.stderr)
@@ -81,14 +93,19 @@ def _reach(log, target):
     return None
 
 
-def summarize_runs(logs: dict, target=None) -> list[dict]:
-    """One row per variant: mean ± std over seeds of the run summaries (and target reaching)."""
+SUMMARY_KEYS = ("final_val_loss", "best_val_loss", "median_step_ms", "train_time",
+                "mean_attn_kl")
+
+
+def summarize_runs(logs: dict, target=None, extra_keys=()) -> list[dict]:
+    """One row per variant: mean ± std over seeds of the run summaries (and target reaching);
+    ``extra_keys`` are further numeric entries of the runs' summaries (e.g. accuracy)."""
     rows = []
     for name, runs in logs.items():
         row = {"variant": name, "seeds": len(runs)}
-        for key in ("final_val_loss", "best_val_loss", "median_step_ms", "train_time",
-                    "mean_attn_kl"):
+        for key in (*SUMMARY_KEYS, *extra_keys):
             row[key], row[key + "_std"] = _mean_std([r["summary"][key] for r in runs])
+        row["diverged"] = sum(r.get("diverged_at") is not None for r in runs)
         alphas = [t["alpha"] for r in runs for t in r["train"] if "alpha" in t]
         row["mean_alpha"] = statistics.fmean(alphas) if alphas else None
         if target is not None:
@@ -107,15 +124,17 @@ def _fmt(m, s, digits=4):
 
 
 def markdown_table(rows, target=None) -> str:
-    head = ["variant", "seeds", "final val loss", "best val loss", "ms/step", "train s",
+    head = ["variant", "seeds", "diverged", "final val loss", "best val loss", "ms/step", "train s",
             "attn KL"]
     if target is not None:
         head += [f"reached {target}", "steps to target", "s to target"]
     if any(r["mean_alpha"] is not None for r in rows):
         head.append("mean α")
+    if "final_val_acc" in rows[0]:
+        head.append("final val acc")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["variant"], str(r["seeds"]), _fmt(r["final_val_loss"], r["final_val_loss_std"]),
+        cells = [r["variant"], str(r["seeds"]), str(r["diverged"]), _fmt(r["final_val_loss"], r["final_val_loss_std"]),
                  _fmt(r["best_val_loss"], r["best_val_loss_std"]),
                  _fmt(r["median_step_ms"], r["median_step_ms_std"], 1),
                  _fmt(r["train_time"], r["train_time_std"], 1),
@@ -125,6 +144,8 @@ def markdown_table(rows, target=None) -> str:
                       _fmt(r["time_to_target"], r["time_to_target_std"], 1)]
         if "mean α" in head:
             cells.append("–" if r["mean_alpha"] is None else f"{r['mean_alpha']:.3f}")
+        if "final val acc" in head:
+            cells.append(_fmt(r["final_val_acc"], r["final_val_acc_std"], 3))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -205,15 +205,15 @@ def evaluate(model, data, starts, cfg, device, rank, world):
 
 
 @torch.no_grad()
-def attention_maps(model, x):
-    """Attention maps ``[B, H, N, N]`` of every energy-recording module on ``x``."""
+def attention_maps(model, *inputs):
+    """Attention maps ``[B, H, N, N]`` of every energy-recording module on ``model(*inputs)``."""
     recorders = energy_modules(model)
     was_training = model.training
     model.eval()
     for r in recorders:
         r.record_attention_maps = True
     try:
-        model(x)
+        model(*inputs)
         maps = [r.attention_maps.float().cpu() for r in recorders]
     finally:
         for r in recorders:
@@ -418,8 +418,14 @@ def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):
         if step % ckpt_every == 0 or step == last:
             save_checkpoint()
         bar.update(step, loss_v, cfg.batch * cfg.context * world / dt, val, force=val is not None)
-    if not math.isfinite(log["train"][-1]["loss"] if log["train"] else 0.0):
-        print("warning: the training loss is not finite", file=sys.stderr)
+        if not math.isfinite(loss_v):  # diverged: say so and stop (every rank sees the same loss)
+            print(f"warning: the training loss is {loss_v} at step {step}; stopping",
+                  file=sys.stderr)
+            log["diverged_at"] = step
+            if val is None:
+                run_eval()
+            save_checkpoint()
+            break
     log["summary"] = summarize(log)
     if is_main and out is not None:
         write_log(log, out)
@@ -433,6 +439,7 @@ def summarize(log: dict) -> dict:
     step_ms = sorted(1e3 * t["step_time"] for t in trains)
     return {
         "steps": trains[-1]["step"] if trains else 0,
+        "diverged_at": log.get("diverged_at"),
         "final_val_loss": evals[-1]["val_loss"] if evals else None,
         "best_val_loss": min(e["val_loss"] for e in evals) if evals else None,
         "train_time": trains[-1]["time"] if trains else 0.0,

@@ -13,14 +13,15 @@ from energy_attn.cli import main
 from energy_attn.training.corpus import CorpusError, load_corpus, stdlib_files
 from energy_attn.training.loop import TrainConfig, train
 
-SEEDS = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     """~6 kB of English and Python-like text (deterministic)."""
-    words = ("the energy of attention is a sum of log sum exp terms over keys and queries "
-             "def step(x): return x - eta * grad(x)\n").split(" ")
+    text = ("the energy of attention is a sum of log sum exp terms over keys and queries "
+            "def step(x): return x - eta * grad(x)\n")
+    words = text.split(" ")
     g = torch.Generator().manual_seed(0)
     picks = torch.randint(0, len(words), (1200,), generator=g).tolist()
     path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
@@ -125,8 +126,8 @@ def test_torchrun_two_process_gloo_smoke(text_file, tmp_path):
            "--eval-interval", "2", "--eval-batches", "2", "--optimizer", "aiadam",
            "--attention-norm", "own", "--val-fraction", "0.1", "--out", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
-                          cwd=SEEDS)
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = json.loads((out / "log.json").read_text())
     assert log["world_size"] == 2 and log["summary"]["steps"] == 4
