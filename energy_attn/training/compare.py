@@ -50,13 +50,18 @@ def variant_name(variant: dict) -> str:
     return "-".join(f"{k}={v}" for k, v in variant.items()) or "base"
 
 
-def run_grid(base, variants, seeds, out: Path, progress=True):
-    """Train every (variant, seed); returns ``{variant name: [log, ...]}``."""
+def run_grid(base, variants, seeds, out: Path, progress=True, train_missing=True):
+    """Train every (variant, seed); returns ``{variant name: [log, ...]}``.
+
+    With ``train_missing=False`` only the finished runs already under ``out`` are collected.
+    """
     from .corpus import load_corpus
     from .loop import train
 
-    corpus = load_corpus(base.data, val_fraction=base.val_fraction, min_bytes=base.context + 1)
-    print(corpus.describe(), file=sys.stderr)
+    if train_missing:
+        corpus = load_corpus(base.data, val_fraction=base.val_fraction,
+                             min_bytes=base.context + 1)
+        print(corpus.describe(), file=sys.stderr)
     logs = {}
     for variant in variants:
         name = variant_name(variant)
@@ -67,11 +72,15 @@ def run_grid(base, variants, seeds, out: Path, progress=True):
             if done.exists():
                 log = json.loads(done.read_text())
                 finished = log["summary"]["steps"] == cfg.steps or log.get("diverged_at")
-                if finished and log["config"] == json.loads(
-                        json.dumps(cfg.__dict__)):
+                same = {**log["config"], "out": None} == json.loads(
+                    json.dumps({**cfg.__dict__, "out": None}))
+                if finished and same:
                     logs.setdefault(name, []).append(log)
                     print(f"[{name} seed {seed}] reusing {done}", file=sys.stderr)
                     continue
+            if not train_missing:
+                print(f"[{name} seed {seed}] missing (not trained: --no-train)", file=sys.stderr)
+                continue
             print(f"[{name} seed {seed}]", file=sys.stderr)
             logs.setdefault(name, []).append(
                 train(cfg, corpus=corpus, resume=True, progress=progress))
@@ -213,7 +222,10 @@ def _run(args) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
         out = Path(args.out or "compare-out")
         base = replace(base, out=None)
-        logs = run_grid(base, variants, seeds, out, progress=not args.quiet)
+        logs = run_grid(base, variants, seeds, out, progress=not args.quiet,
+                        train_missing=not args.no_train)
+        if not logs:
+            raise ValueError(f"no finished runs under {out}")
     except (CorpusError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -239,4 +251,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--target-loss", type=float, default=None,
                    help="report steps and wall-clock to reach this validation loss")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--no-train", action="store_true",
+                   help="only summarise the finished runs already under --out")
     p.set_defaults(func=_run)
