@@ -132,3 +132,34 @@ def test_torchrun_two_process_gloo_smoke(text_file, tmp_path):
     log = json.loads((out / "log.json").read_text())
     assert log["world_size"] == 2 and log["summary"]["steps"] == 4
     assert (out / "ckpt.pt").is_file()
+
+
+def test_compare_writes_one_table_and_figure(text_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(text_file), "--n-layer", "1", "--n-head", "2",
+            "--d-model", "16", "--context", "16", "--batch", "4", "--steps", "4",
+            "--eval-interval", "2", "--eval-batches", "1", "--val-fraction", "0.1",
+            "--grid", "block:optimizer=mha:adamw,nag:aiadam", "--seeds", "0,1",
+            "--target-loss", "100", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    table = (out / "compare.md").read_text()
+    assert "block=mha-optimizer=adamw" in table and "block=nag-optimizer=aiadam" in table
+    assert "2/2" in table  # both seeds reach the (trivial) target
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["seeds"] for r in rows] == [2, 2] and (out / "compare.png").is_file()
+    assert rows[0]["steps_to_target"] == 0  # the step-0 validation is already below 100
+    # a second call reuses the finished runs
+    capsys.readouterr()
+    assert main([*args, "--no-train"]) == 0
+    assert "reusing" in capsys.readouterr().err
+
+
+def test_grid_parsing():
+    from energy_attn.training.compare import parse_grid
+
+    grid = parse_grid(["optimizer:lr=adamw:1e-3,aiadam:3e-3", "block=mha,nag"], TrainConfig)
+    assert grid[0] == {"optimizer": "adamw", "lr": 1e-3, "block": "mha"} and len(grid) == 4
+    with pytest.raises(ValueError, match="not a TrainConfig field"):
+        parse_grid(["colour=red"], TrainConfig)
+    with pytest.raises(ValueError, match="needs 2 parts"):
+        parse_grid(["optimizer:lr=adamw"], TrainConfig)
