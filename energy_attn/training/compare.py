@@ -10,6 +10,7 @@ summary is ``OUT/compare.json``, ``compare.csv``, ``compare.md`` (mean ± std ov
 from __future__ import annotations
 
 import itertools
+import math
 import json
 import statistics
 import sys
@@ -88,7 +89,8 @@ def run_grid(base, variants, seeds, out: Path, progress=True, train_missing=True
 
 
 def _mean_std(xs):
-    xs = [x for x in xs if x is not None]
+    """Mean and sample std of the finite values (diverged runs are counted separately)."""
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
     if not xs:
         return None, None
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
