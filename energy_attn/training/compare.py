@@ -10,8 +10,8 @@ summary is ``OUT/compare.json``, ``compare.csv``, ``compare.md`` (mean ± std ov
 from __future__ import annotations
 
 import itertools
-import math
 import json
+import math
 import statistics
 import sys
 from dataclasses import fields, replace
@@ -174,6 +174,12 @@ def plot_runs(logs: dict, path: Path, title: str = "") -> None:
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for name, runs in logs.items():
+        diverged = sum(r.get("diverged_at") is not None for r in runs)
+        runs = [r for r in runs if r.get("diverged_at") is None]  # curves of finished runs
+        if not runs:
+            continue
+        if diverged:
+            name = f"{name} ({diverged} diverged, not shown)"
         n = min(len(r["eval"]) for r in runs)
         steps = np.array([e["step"] for e in runs[0]["eval"][:n]])
         loss = np.array([[e["val_loss"] for e in r["eval"][:n]] for r in runs])
@@ -184,10 +190,15 @@ def plot_runs(logs: dict, path: Path, title: str = "") -> None:
             ax.fill_between(xs, m - s, m + s, color=line.get_color(), alpha=0.2)
     a1.set(xlabel="step", ylabel="validation loss")
     a2.set(xlabel="training wall-clock (s, mean over seeds)")
-    lo = min(min(e["val_loss"] for r in runs for e in r["eval"]) for runs in logs.values())
-    first = [runs[0]["eval"][1]["val_loss"] for runs in logs.values() if len(runs[0]["eval"]) > 1]
-    if first:  # the step-0 loss (ln 256) squashes the curves: start the axis at the 1st eval
-        a1.set_ylim(lo - 0.05 * (max(first) - lo), max(first))
+    finite = [e["val_loss"] for runs in logs.values() for r in runs for e in r["eval"]
+              if math.isfinite(e["val_loss"])]
+    lo = min(finite)
+    first = [r["eval"][1]["val_loss"] for runs in logs.values() for r in runs
+             if len(r["eval"]) > 1 and r.get("diverged_at") is None]
+    start = [r["eval"][0]["val_loss"] for runs in logs.values() for r in runs]
+    if first:  # the step-0 loss squashes the curves: start at the 1st eval (never above step 0)
+        top = min(max(first), max(start))
+        a1.set_ylim(lo - 0.05 * (top - lo), top)
     a1.legend(fontsize=8)
     fig.suptitle(title or "validation loss, mean ± std over seeds")
     fig.tight_layout()
