@@ -253,9 +253,9 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         for rec in self.recorders:
             rec.record_mean_energy = True
             rec.record_free_energy = True
-        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps,
-                                      "weight_decay": weight_decay, "gamma": gamma,
-                                  "attention_norm": attention_norm})
+        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
+                    "gamma": gamma, "attention_norm": attention_norm}
+        super().__init__(params, defaults)
         self._att_grads: dict[torch.Tensor, torch.Tensor] | None = None
         self._mean_energy: torch.Tensor | None = None
         self.last_alpha: dict[int, torch.Tensor] = {}

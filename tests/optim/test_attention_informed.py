@@ -108,7 +108,8 @@ def test_alpha_one_equals_adamw_step_for_step(tie, gamma):
             torch.testing.assert_close(p, r, atol=0, rtol=0)
 
 
-def test_single_step_by_hand():
+@pytest.mark.parametrize("attention_norm", ["loss", "own"])
+def test_single_step_by_hand(attention_norm):
     torch.manual_seed(1)
     model = TinyModel().double()
     lr, (b1, b2), eps, wd, gamma = 0.1, (0.8, 0.9), 1e-8, 0.05, 0.7
@@ -132,11 +133,16 @@ def test_single_step_by_hand():
         m_hat = (1 - b1) * gl / (1 - b1)
         v_hat = (1 - b2) * gl**2 / (1 - b2)
         denom = v_hat.sqrt() + eps
-        update = m_hat / denom if ga is None else alpha * m_hat / denom + (1 - alpha) * ga / denom
+        if ga is None:
+            update = m_hat / denom
+        else:  # "own": g_att over its own bias-corrected RMS, which is |g_att| after one step
+            att_denom = denom if attention_norm == "loss" else ga.abs() + eps
+            update = alpha * m_hat / denom + (1 - alpha) * ga / att_denom
         expected[name] = before[name] - lr * (update + wd * before[name])
 
     opt = AttentionInformedAdam(model.parameters(), lr=lr, betas=(b1, b2), eps=eps,
-                                weight_decay=wd, gamma=gamma, energy_source=model)
+                                weight_decay=wd, gamma=gamma, attention_norm=attention_norm,
+                                energy_source=model)
     _, loss = model(x, y)
     opt.zero_grad()
     opt.backward(loss)
