@@ -8,13 +8,16 @@ from .descent import OPTIMIZERS, minimize_energy
 from .energies import (
     elastic_energy,
     elastic_energy_grad,
+    gated_linear_energy,
     hopfield_energy,
     hopfield_energy_grad,
+    linear_energy,
 )
 from .layers import (
     MHA,
     EnergyBasedAttention,
     LightMHA2nd1st,
+    LinearAttention,
     MHA2nd1st,
     MomenMHA,
     MultiHeadSelfAttention,
@@ -23,7 +26,7 @@ from .layers import (
     VanillaSoftmaxAttention,
 )
 from .models import GPT, GPTConfig
-from .ops import hopfield_descent
+from .ops import hopfield_descent, linear_attention
 from .optim import AttentionInformedAdam
 
 __version__ = "0.1.0"
@@ -48,4 +51,8 @@ __all__ = [
     "MultiHeadSelfAttention",
     "NagMHA",
     "OptimizerBlock",
+    "LinearAttention",
+    "gated_linear_energy",
+    "linear_attention",
+    "linear_energy",
 ]

@@ -16,6 +16,7 @@ COMMAND_MODULES = [
     "energy_attn.checks",
     "energy_attn.training.train",
     "energy_attn.training.compare",
+    "energy_attn.landscape_cli",
 ]
 
 

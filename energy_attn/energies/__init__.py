@@ -9,6 +9,12 @@ from .hopfield import (
     hopfield_energy_grad,
     hopfield_newton_direction,
 )
+from .linear import (
+    gated_linear_energy,
+    gated_linear_energy_grad,
+    linear_energy,
+    linear_energy_grad,
+)
 
 __all__ = [
     "elastic_energy",
@@ -18,4 +24,8 @@ __all__ = [
     "hopfield_energy",
     "hopfield_energy_grad",
     "hopfield_newton_direction",
+    "gated_linear_energy",
+    "gated_linear_energy_grad",
+    "linear_energy",
+    "linear_energy_grad",
 ]

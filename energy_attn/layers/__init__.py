@@ -9,12 +9,14 @@ from .blocks import (
     NagMHA,
     OptimizerBlock,
 )
+from .linear import LinearAttention
 from .self_attention import MultiHeadSelfAttention
 
 __all__ = [
     "MHA",
     "EnergyBasedAttention",
     "LightMHA2nd1st",
+    "LinearAttention",
     "MHA2nd1st",
     "MomenMHA",
     "MultiHeadSelfAttention",

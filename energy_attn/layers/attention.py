@@ -21,7 +21,7 @@ from ..energies.hopfield import elastic_energy, elastic_key_bias, hopfield_energ
 from ..ops.hopfield import hopfield_descent
 
 
-def _check_bare(heads, x, context, query_dim, context_dim):
+def _check_bare(heads, x, context):
     if heads != 1:
         raise ValueError(f"bare_attn=True needs heads=1, got heads={heads}")
     if exists(context) and x.shape[-1] != context.shape[-1]:
@@ -100,7 +100,7 @@ class VanillaSoftmaxAttention(nn.Module):
     def forward(self, x, context=None, mask=None, scale=None, bare_attn=False):
         _check_forward(x, context, mask, self.query_dim, self.context_dim, bare_attn)
         if bare_attn:
-            _check_bare(self.heads, x, context, self.query_dim, self.context_dim)
+            _check_bare(self.heads, x, context)
         scale = check_finite_number("scale", scale, positive=True) if exists(scale) else self.scale
         context = default(context, x)
         q = x if bare_attn else self.to_q(x)
@@ -158,7 +158,7 @@ class EnergyBasedAttention(nn.Module):
                 num_steps=1, return_trajs=False, optimizer=None, momentum=None):
         _check_forward(x, context, mask, self.query_dim, self.context_dim, bare_attn)
         if bare_attn:
-            _check_bare(self.heads, x, context, self.query_dim, self.context_dim)
+            _check_bare(self.heads, x, context)
         scale = check_finite_number("scale", scale, positive=True) if exists(scale) else self.scale
         optimizer = default(optimizer, self.optimizer)
         momentum = default(momentum, self.momentum if optimizer == self.optimizer else 0.0)

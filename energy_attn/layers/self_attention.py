@@ -7,7 +7,8 @@ One step ``a(x) = W_O · attend(W_Q x, W_K x, W_V x)``, where ``attend`` is, per
 * ``second_order="2nd1st"`` (MHA2nd1st, MATH.md §5): with the same probabilities ``P``,
   ``r_i = μ_i − v_i`` (``v_i`` the token's own value) and ``S_ij = (v_j − μ_i)·r_i``,
   ``o = μ + γ_h (P ⊙ S) V``. ``P`` is built explicitly (one N×N matrix, like a math-path
-  attention call); the correction costs two more N×N×d matmuls (``R Vᵀ`` and ``(P⊙S) V``).
+  attention call, and the only one autograd keeps: ``S`` is recomputed in backward); the
+  correction costs two more N×N×d matmuls (``R Vᵀ`` and ``(P⊙S) V``).
 * ``second_order="light"`` (LightMHA2nd1st, MATH.md §5): ``o = μ + γ_h (P(V⊙V) − μ⊙μ) ⊙ r``;
   ``μ`` and ``P(V⊙V)`` come from **one** SDPA call with values ``[V, V⊙V]`` (width 2d).
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .._utils import check_bool_mask, check_finite_number, check_float_tensor, check_num_steps
 from ..descent import check_optimizer
@@ -40,6 +42,16 @@ from ..optim.attention_informed import EnergyRecorder
 
 SECOND_ORDER = (None, "2nd1st", "light")
 ATTENTIONS = ("softmax", "energy")
+
+
+def _newton_correction(p, v, mu):
+    """``Σ_i r_i = (P ⊙ S) V`` per head, ``r = μ − v`` (the token's own value is the iterate).
+
+    ``S_ij = (v_j − μ_i)·r_i = r_i·v_j − μ_i·r_i`` and ``P V = μ``, so
+    ``(P ⊙ S) V = (P ⊙ R Vᵀ) V − (μ·r) μ``. Shapes: ``p [.., N, N]``, ``v, mu [.., N, d]``.
+    """
+    r = mu - v
+    return (p * (r @ v.transpose(-1, -2))) @ v - (mu * r).sum(-1, keepdim=True) * mu
 
 
 class ConstrainedScalars(nn.Module):
@@ -197,20 +209,22 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
     def _attend_2nd1st(self, q, k, v, mask, is_causal, p_drop):
         logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, N]
         allowed = allowed_mask(mask, is_causal, q.shape[-2], q.device)
+        valid = None
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))
             valid = allowed.any(dim=-1, keepdim=True)
             logits = logits.masked_fill(~valid, 0.0)  # fully masked rows: finite, zeroed below
-        p = logits.softmax(dim=-1)
-        if allowed is not None:
-            p = p * valid
-        p = F.dropout(p, p_drop, training=p_drop > 0)
+        p = F.dropout(logits.softmax(dim=-1), p_drop, training=p_drop > 0)
         mu = p @ v
-        r = mu - v  # the token's own value is the iterate
-        # (P ⊙ S) V with S_ij = (v_j − μ_i)·r_i = r_i·v_j − μ_i·r_i; P V = μ
-        corr = (p * (r @ v.transpose(-1, -2))) @ v - (mu * r).sum(-1, keepdim=True) * mu
+        # S and P ⊙ S are recomputed in backward: autograd keeps one N×N matrix (P), as a
+        # math-path attention call does, instead of three.
+        if torch.is_grad_enabled() and (p.requires_grad or v.requires_grad):
+            corr = checkpoint(_newton_correction, p, v, mu, use_reentrant=False)
+        else:
+            corr = _newton_correction(p, v, mu)
         gamma = self.gamma().to(v.dtype).view(-1, 1, 1)
-        return mu + gamma * corr
+        out = mu + gamma * corr
+        return out if valid is None else out * valid
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_head={self.n_head}, second_order={self.second_order}, "

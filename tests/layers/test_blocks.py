@@ -83,7 +83,10 @@ def dense_newton(q, k, v, gamma, kind, allowed=None):
             for i in range(Nq):
                 logits = k[b, h] @ q[b, h, i] / d**0.5
                 if allowed is not None:
-                    logits = logits.masked_fill(~allowed[i], float("-inf"))
+                    row = allowed[b, h, i]
+                    if not row.any():
+                        continue  # empty memory: reads out nothing
+                    logits = logits.masked_fill(~row, float("-inf"))
                 p = logits.softmax(-1)
                 mu = p @ v[b, h]
                 r = mu - v[b, h, i]
@@ -95,15 +98,21 @@ def dense_newton(q, k, v, gamma, kind, allowed=None):
 
 
 @pytest.mark.parametrize("kind", ["2nd1st", "light"])
-@pytest.mark.parametrize("causal", [False, True])
-def test_newton_attention_equals_dense_covariance(kind, causal):
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "random+causal"])
+def test_newton_attention_equals_dense_covariance(kind, mask_kind):
     attn = MultiHeadSelfAttention(D, H, second_order=kind, gamma=0.3).double()
     with torch.no_grad():
         attn.gamma.raw.copy_(torch.randn(H))
     q, k, v = (torch.randn(B, H, N, D // H, dtype=f64) for _ in range(3))
-    got = attn.attend(q, k, v, is_causal=causal)
-    tri = torch.ones(N, N, dtype=torch.bool).tril() if causal else None
-    want = dense_newton(q, k, v, attn.gamma().detach(), kind, tri)
+    causal = mask_kind != "none"
+    mask = None
+    allowed = torch.ones(N, N, dtype=torch.bool).tril().expand(B, H, N, N) if causal else None
+    if mask_kind == "random+causal":
+        mask = torch.rand(B, 1, N, N) > 0.3
+        mask[1, :, 4] = False  # a fully masked row
+        allowed = allowed & mask
+    got = attn.attend(q, k, v, mask=mask, is_causal=causal)
+    want = dense_newton(q, k, v, attn.gamma().detach(), kind, allowed)
     torch.testing.assert_close(got, want)
 
 

@@ -1,0 +1,55 @@
+"""``energy-attn landscape``: write the blog's flatland figures and the norm sweep as PNG files.
+
+Quick by default (coarse grids, a 12 × 8 sweep: seconds); ``--full`` uses the blog's
+resolution (the 100 × 50 sweep). Progress goes to stderr, the written paths to stdout.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def _progress_bar(stream=sys.stderr, width=28):
+    """A plain text progress bar: ``\\r``-redrawn on a terminal, one line per update otherwise."""
+    tty = stream.isatty()
+
+    def update(done, total, label):
+        filled = width * done // total
+        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"
+        if tty:
+            stream.write("\r" + line.ljust(79)[:79] + ("\n" if done == total else ""))
+        else:
+            stream.write(line + "\n")
+        stream.flush()
+
+    return update
+
+
+def _run(args) -> int:
+    try:
+        from .viz import write_gallery
+        from .viz._mpl import require_matplotlib
+
+        require_matplotlib()
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    paths = write_gallery(args.out, full=args.full, seed=args.seed, progress=_progress_bar())
+    for path in paths:
+        print(path)
+    return 0
+
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser(
+        "landscape", help="write the blog's energy landscapes and norm sweep as PNG files",
+        description="Flatland energy landscapes with descent trajectories (big/small/many "
+                    "steps, high/low temperature, Q/K/V maps, bare self-attention), the "
+                    "optimizers on one landscape with their energy traces, and the d_k x "
+                    "scale norm sweep of bare self-attention. Needs the [viz] extra.",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    p.add_argument("--full", action="store_true",
+                   help="the blog's resolution (slower); default: quick mode")
+    p.add_argument("--seed", type=int, default=0, help="seed of the toy patterns (default 0)")
+    p.set_defaults(func=_run)
