@@ -9,8 +9,9 @@ from __future__ import annotations
 import sys
 
 
-def _progress_bar(stream=sys.stderr, width=28):
+def _progress_bar(stream=None, width=28):
     """A plain text progress bar: ``\\r``-redrawn on a terminal, one line per update otherwise."""
+    stream = stream if stream is not None else sys.stderr  # the current stderr, not import-time's
     tty = stream.isatty()
 
     def update(done, total, label):
