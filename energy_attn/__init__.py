@@ -33,11 +33,13 @@ from .layers import (
 )
 from .models import GPT, GPTConfig
 from .ops import hopfield_descent, linear_attention
+from .optim import AttentionInformedAdam
 
 __version__ = "0.1.0"
 
 __all__ = [
     "OPTIMIZERS",
+    "AttentionInformedAdam",
     "EnergyBasedAttention",
     "EnergyMultiheadAttention",
     "VanillaSoftmaxAttention",

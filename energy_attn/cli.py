@@ -14,6 +14,8 @@ import sys
 # One module per subcommand, in help order.
 COMMAND_MODULES = [
     "energy_attn.checks",
+    "energy_attn.training.train",
+    "energy_attn.training.compare",
     "energy_attn.landscape_cli",
 ]
 

@@ -35,6 +35,8 @@ EXPECTED = {
     "energy_transformer_energy",
     "energy_transformer_energy_grad",
     "swap_attention",
+    # training experiments: the attention-informed optimizer
+    "AttentionInformedAdam",
 }
 
 

@@ -38,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from .._utils import check_bool_mask, check_finite_number, check_float_tensor, check_num_steps
 from ..descent import check_optimizer
 from ..ops.hopfield import hopfield_descent
+from ..optim.attention_informed import EnergyRecorder
 
 SECOND_ORDER = (None, "2nd1st", "light")
 ATTENTIONS = ("softmax", "energy")
@@ -109,7 +110,7 @@ def attention_masks(mask, is_causal: bool, n: int, device):
     return full | ~valid, False, valid
 
 
-class MultiHeadSelfAttention(nn.Module):
+class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
     """Multi-head self-attention with optional Newton correction or energy-descent queries.
 
     Args:
@@ -127,6 +128,11 @@ class MultiHeadSelfAttention(nn.Module):
 
     ``forward(x [B, N, d_model], mask=None, is_causal=False) -> [B, N, d_model]``; ``mask``
     boolean broadcastable to ``[B, n_head, N, N]``, True = may attend.
+
+    It is an :class:`~energy_attn.optim.EnergyRecorder`: when a consumer (the
+    attention-informed optimizer) switches recording on, each forward records the mean
+    pre-softmax energy of the read-out's queries and keys (O(N·d) for causal or unmasked
+    attention) and, on request, their free energy.
     """
 
     def __init__(self, d_model: int, n_head: int, *, dropout: float = 0.0, bias: bool = True,
@@ -177,6 +183,7 @@ class MultiHeadSelfAttention(nn.Module):
             q = hopfield_descent(q, k, step_size=self.step_size, num_steps=self.num_steps - 1,
                                  mask=mask, is_causal=is_causal, optimizer=self.optimizer,
                                  momentum=self.momentum)
+        self.record_energy(q, k, self.d_head**-0.5, causal=is_causal, mask=mask)
         out = self.attend(q, k, v, mask, is_causal)
         return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
 

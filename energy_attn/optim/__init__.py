@@ -1,1 +1,10 @@
-"""Placeholder: filled by a later issue."""
+"""Optimizers: the attention-informed Adam (MATH.md §6)."""
+
+from .attention_informed import (
+    AttentionInformedAdam,
+    EnergyRecorder,
+    attention_energy_stats,
+    energy_modules,
+)
+
+__all__ = ["AttentionInformedAdam", "EnergyRecorder", "attention_energy_stats", "energy_modules"]

@@ -1,0 +1,485 @@
+"""The training loop behind ``energy-attn train``: byte-level GPT, checkpoints, DDP, logs.
+
+``train(TrainConfig(...))`` trains :class:`energy_attn.models.GPT` (vocab 256) on a byte corpus
+(:func:`energy_attn.training.corpus.load_corpus`) and returns its log. Everything a step
+depends on is a function of ``(seed, step, rank)`` or lives in the checkpoint (model, optimizer,
+grad scaler, RNG states, the log), so a resumed run reproduces the uninterrupted run's losses
+exactly on the same machine.
+
+* Batches: step ``t`` on rank ``r`` draws ``batch`` random windows of ``context + 1`` bytes with a
+  generator seeded by ``(seed, t, r)``; under DDP each rank draws its own (global batch
+  ``batch · world_size``).
+* Validation: a fixed set of ``eval_batches · batch`` windows evenly spaced over the validation
+  split (shared out over ranks); run at step 0, every ``eval_interval`` steps and at the end.
+* Attention-pattern stability: at each validation the attention maps of every attention module
+  on a fixed validation batch; ``attn_kl`` is the mean KL(previous ‖ current) over modules,
+  heads and query rows.
+* Learning rate: linear warm-up for ``warmup`` steps, then cosine decay to ``min_lr_ratio·lr``.
+* Time: ``time`` in the log is training wall-clock only (evaluation and checkpoints excluded).
+
+Optimizers: ``adamw`` (``torch.optim.AdamW``) or ``aiadam``
+(:class:`energy_attn.optim.AttentionInformedAdam`). Gradient clipping applies to the loss
+gradient only.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..optim.attention_informed import AttentionInformedAdam, energy_modules
+from .corpus import load_corpus
+
+__all__ = ["OPTIMIZER_NAMES", "TrainConfig", "machine_info", "train"]
+
+OPTIMIZER_NAMES = ("adamw", "aiadam")
+CHECKPOINT = "ckpt.pt"
+_MODEL_FIELDS = ("block", "attention", "n_layer", "n_head", "d_model", "context", "dropout")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (all of it is saved in the log and checkpoint).
+
+    Attributes:
+        data: corpus file or folder (None: the standard library's ``.py`` files).
+        out: output folder for ``log.json``, ``log.csv``, ``loss.png``, ``ckpt.pt`` (None: no
+            files).
+        block, attention: GPT block variant and attention kind (:class:`GPTConfig`).
+        n_layer, n_head, d_model, context, dropout: GPT size.
+        optimizer: ``"adamw"`` or ``"aiadam"``; ``lr``, ``beta1``, ``beta2``,
+            ``weight_decay``, ``gamma`` (aiadam's γ), ``attention_norm`` (aiadam: ``"loss"``
+            or ``"own"``) its settings.
+        warmup, min_lr_ratio: schedule (module docstring).
+        grad_clip: max global norm of the loss gradient (0: off).
+        batch, steps: per-rank batch size and number of steps.
+        eval_interval, eval_batches: validation every ``eval_interval`` steps over
+            ``eval_batches`` batches; ``ckpt_interval`` checkpoints (0: with each validation).
+        stability_batch: sequences in the fixed attention-stability batch (0: off).
+        seed, device, amp: random seed, torch device, fp16 autocast + GradScaler (CUDA only).
+        val_fraction: validation share of the corpus.
+        log_interval: progress-line interval in steps when stderr is not a terminal.
+    """
+
+    data: str | None = None
+    out: str | None = None
+    block: str = "mha"
+    attention: str = "softmax"
+    n_layer: int = 4
+    n_head: int = 4
+    d_model: int = 128
+    context: int = 128
+    dropout: float = 0.0
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1
+    gamma: float = 1.0
+    attention_norm: str = "loss"
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    batch: int = 16
+    steps: int = 500
+    eval_interval: int = 50
+    eval_batches: int = 4
+    ckpt_interval: int = 0
+    stability_batch: int = 4
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = False
+    val_fraction: float = 0.05
+    log_interval: int = 10
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZER_NAMES:
+            raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
+        for name in ("steps", "batch", "eval_interval", "eval_batches", "context"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup", "ckpt_interval", "stability_batch", "log_interval"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            raise ValueError(f"lr must be a finite number >= 0, got {self.lr}")
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def machine_info(device: str = "cpu") -> dict:
+    """CPU model and core count (from /proc/cpuinfo), torch version, and the GPU if used."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__,
+            "python": platform.python_version(), "device": device}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return info
+
+
+# ---------------------------------------------------------------------------- pieces
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up then cosine decay to ``min_lr_ratio · lr`` at ``steps``."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(cfg.steps - cfg.warmup, 1)
+    progress = min(max(step - cfg.warmup, 0) / span, 1.0)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def get_batch(data: torch.Tensor, cfg: TrainConfig, step: int, rank: int, device):
+    """``batch`` random windows for ``(seed, step, rank)``: ``x, y`` long ``[batch, context]``."""
+    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
+    starts = torch.randint(0, data.numel() - cfg.context, (cfg.batch,), generator=gen)
+    return _windows(data, starts, cfg.context, device)
+
+
+def _windows(data, starts, context, device):
+    idx = starts[:, None] + torch.arange(context + 1)            # [batch, context + 1]
+    chunk = data[idx].long()
+    return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
+
+
+def val_starts(data: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
+    n = cfg.eval_batches * cfg.batch
+    return torch.linspace(0, data.numel() - cfg.context - 1, n).long()
+
+
+def build_model(cfg: TrainConfig):
+    from ..models.gpt import GPT, GPTConfig
+
+    return GPT(GPTConfig(vocab_size=256, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                         d_model=cfg.d_model, context=cfg.context, dropout=cfg.dropout,
+                         block=cfg.block, attention=cfg.attention))
+
+
+def build_optimizer(cfg: TrainConfig, model):
+    # no weight decay on biases, norms, and the learned scalars (ρ, γ)
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    kwargs = {"lr": cfg.lr, "betas": (cfg.beta1, cfg.beta2)}
+    if cfg.optimizer == "aiadam":
+        return AttentionInformedAdam(groups, gamma=cfg.gamma, attention_norm=cfg.attention_norm,
+                                     energy_source=model, **kwargs)
+    return torch.optim.AdamW(groups, **kwargs)
+
+
+@torch.no_grad()
+def evaluate(model, data, starts, cfg, device, rank, world):
+    """Mean validation loss over the fixed windows (split over ranks, all-reduced)."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64)
+    for i, lo in enumerate(range(0, starts.numel(), cfg.batch)):
+        if i % world != rank:
+            continue
+        x, y = _windows(data, starts[lo:lo + cfg.batch], cfg.context, device)
+        _, loss = model(x, y)
+        total += torch.tensor([loss.item() * x.shape[0], x.shape[0]], dtype=torch.float64)
+    if world > 1:
+        dist.all_reduce(total)
+    model.train(was_training)
+    return (total[0] / total[1]).item()
+
+
+@torch.no_grad()
+def attention_maps(model, *inputs):
+    """Attention maps ``[B, H, N, N]`` of every energy-recording module on ``model(*inputs)``."""
+    recorders = energy_modules(model)
+    was_training = model.training
+    model.eval()
+    for r in recorders:
+        r.record_attention_maps = True
+    try:
+        model(*inputs)
+        maps = [r.attention_maps.float().cpu() for r in recorders]
+    finally:
+        for r in recorders:
+            r.record_attention_maps = False
+            r.attention_maps = None
+        model.train(was_training)
+    return maps
+
+
+def mean_kl(prev, cur) -> float:
+    """Mean over modules, batch, heads and query rows of KL(prev ‖ cur)."""
+    kls = [(torch.xlogy(p, p) - torch.xlogy(p, c.clamp_min(1e-30))).sum(-1).mean()
+           for p, c in zip(prev, cur)]
+    return torch.stack(kls).mean().item()
+
+
+class Progress:
+    """A one-line progress bar on a terminal; periodic lines otherwise (stderr)."""
+
+    def __init__(self, total, enabled=True, interval=10, stream=None):
+        self.total, self.enabled, self.interval = total, enabled, max(interval, 1)
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+
+    def update(self, step, loss, tok_s, val=None, force=False):
+        if not self.enabled:
+            return
+        width = 24
+        done = int(width * step / self.total)
+        bar = "#" * done + "." * (width - done)
+        val_s = f" | val {val:.4f}" if val is not None else ""
+        line = (f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] loss {loss:.4f}"
+                f"{val_s} | {tok_s / 1e3:.1f}k tok/s")
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if step == self.total else ""))
+            self.stream.flush()
+        elif force or step % self.interval == 0 or step == self.total:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def _atomic_save(obj, path: Path):
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------- train
+def train(cfg: TrainConfig, *, corpus=None, resume: bool = False, stop_at: int | None = None,
+          progress: bool = True) -> dict:
+    """Train (or resume) one run; returns the log ``{"config", "machine", "train", "eval",
+    "summary"}`` and writes it (JSON, CSV, PNG) and the checkpoint under ``cfg.out``.
+
+    Args:
+        cfg: the run's :class:`TrainConfig`.
+        corpus: a preloaded :class:`~energy_attn.training.corpus.Corpus` (default: load
+            ``cfg.data``).
+        resume: continue from ``cfg.out/ckpt.pt`` if it exists (its config must match).
+        stop_at: stop (with a checkpoint) after this many steps, as if interrupted; the
+            schedule still runs to ``cfg.steps``.
+        progress: show the progress bar (rank 0 only).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = torch.device(cfg.device)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={cfg.device!r} requested but CUDA is not available")
+        if world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+    if cfg.amp and device.type != "cuda":
+        raise ValueError("amp=True needs a CUDA device (fp16 autocast with a GradScaler)")
+    own_group = False
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        own_group = True
+    try:
+        return _train(cfg, corpus, resume, stop_at, progress, world, rank, device)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):
+    out = Path(cfg.out) if cfg.out else None
+    is_main = rank == 0
+    if corpus is None:
+        corpus = load_corpus(cfg.data, val_fraction=cfg.val_fraction, min_bytes=cfg.context + 1)
+    elif min(corpus.train.numel(), corpus.val.numel()) < cfg.context + 1:
+        raise ValueError(f"the corpus is too small for context={cfg.context}")
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg).to(device)
+    for r in energy_modules(model):
+        r.record_mean_energy = True  # O(N·d) per forward: logged for every optimizer
+    opt = build_optimizer(cfg, model)
+    ddp = model
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                      else None)
+    scaler = torch.amp.GradScaler("cuda") if cfg.amp else None
+    starts = val_starts(corpus.val, cfg)
+    stab_x = None
+    if cfg.stability_batch:
+        stab_x, _ = _windows(corpus.val, starts[:cfg.stability_batch], cfg.context, device)
+
+    log = {"config": asdict(cfg), "machine": machine_info(str(device)), "world_size": world,
+           "corpus": corpus.describe(), "num_parameters": model.num_parameters(),
+           "train": [], "eval": []}
+    step, train_time, prev_maps = 0, 0.0, None
+    ckpt_path = out / CHECKPOINT if out else None
+    if resume and ckpt_path is not None and ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        saved = ck["config"]
+        changed = [k for k in (*_MODEL_FIELDS, "optimizer", "seed", "steps", "batch")
+                   if saved.get(k) != getattr(cfg, k)]
+        if changed:
+            raise ValueError(f"cannot resume {ckpt_path}: config differs in {changed}")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        step, train_time = ck["step"], ck["train_time"]
+        log["train"], log["eval"] = ck["log_train"], ck["log_eval"]
+        prev_maps = ck.get("prev_maps")
+        torch.set_rng_state(ck["rng"].cpu())
+        if device.type == "cuda" and ck.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
+
+    def run_eval():
+        nonlocal prev_maps
+        rec = {"step": step, "time": train_time,
+               "val_loss": evaluate(model, corpus.val, starts, cfg, device, rank, world)}
+        if stab_x is not None:
+            maps = attention_maps(model, stab_x)
+            rec["attn_kl"] = mean_kl(prev_maps, maps) if prev_maps is not None else None
+            prev_maps = maps
+        log["eval"].append(rec)
+        return rec["val_loss"]
+
+    def save_checkpoint():
+        if not (is_main and ckpt_path):
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_save({
+            "config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
+            "train_time": train_time, "log_train": log["train"], "log_eval": log["eval"],
+            "prev_maps": prev_maps, "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        }, ckpt_path)
+
+    bar = Progress(cfg.steps, enabled=progress and is_main, interval=cfg.log_interval)
+    if step == 0 and not log["eval"]:
+        run_eval()
+    last = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    ckpt_every = cfg.ckpt_interval or cfg.eval_interval
+    recorders = energy_modules(model)
+    model.train()
+    while step < last:
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        x, y = get_batch(corpus.train, cfg, step, rank, device)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=cfg.amp):
+            _, loss = ddp(x, y)
+        if isinstance(opt, AttentionInformedAdam):
+            opt.backward(loss, scaler)
+        else:
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+        if cfg.grad_clip:
+            if scaler is not None:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss_t = loss.detach().float()
+        if world > 1:
+            dist.all_reduce(loss_t)
+            loss_t /= world
+        loss_v = loss_t.item()  # syncs the device, so the timing below is honest
+        dt = time.perf_counter() - t0
+        train_time += dt
+        step += 1
+        rec = {"step": step, "loss": loss_v, "lr": lr, "time": train_time, "step_time": dt}
+        energies = [r.mean_energy for r in recorders if r.mean_energy is not None]
+        if energies:
+            rec["mean_energy"] = torch.stack(energies).mean().item()
+        if isinstance(opt, AttentionInformedAdam) and opt.last_alpha:
+            rec["alpha"] = opt.last_alpha[0].item()
+        log["train"].append(rec)
+        val = None
+        if step % cfg.eval_interval == 0 or step == cfg.steps:
+            val = run_eval()
+        if step % ckpt_every == 0 or step == last:
+            save_checkpoint()
+        bar.update(step, loss_v, cfg.batch * cfg.context * world / dt, val, force=val is not None)
+        if not math.isfinite(loss_v):  # diverged: say so and stop (every rank sees the same loss)
+            print(f"warning: the training loss is {loss_v} at step {step}; stopping",
+                  file=sys.stderr)
+            log["diverged_at"] = step
+            if val is None:
+                run_eval()
+            save_checkpoint()
+            break
+    log["summary"] = summarize(log)
+    if is_main and out is not None:
+        write_log(log, out)
+    return log
+
+
+def summarize(log: dict) -> dict:
+    """Final/best validation loss, steps, time, ms/step (median), mean attention KL."""
+    evals, trains = log["eval"], log["train"]
+    kls = [e["attn_kl"] for e in evals if e.get("attn_kl") is not None]
+    step_ms = sorted(1e3 * t["step_time"] for t in trains)
+    return {
+        "steps": trains[-1]["step"] if trains else 0,
+        "diverged_at": log.get("diverged_at"),
+        "final_val_loss": evals[-1]["val_loss"] if evals else None,
+        "best_val_loss": min(e["val_loss"] for e in evals) if evals else None,
+        "train_time": trains[-1]["time"] if trains else 0.0,
+        "median_step_ms": step_ms[len(step_ms) // 2] if step_ms else None,
+        "mean_attn_kl": sum(kls) / len(kls) if kls else None,
+    }
+
+
+def write_log(log: dict, out: Path) -> None:
+    """``log.json``, ``log.csv`` (one row per step, validation columns at eval steps) and
+    ``loss.png`` (if matplotlib is installed)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "log.json").write_text(json.dumps(log, indent=1))
+    evals = {e["step"]: e for e in log["eval"]}
+    cols = ["step", "loss", "lr", "time", "step_time", "mean_energy", "alpha", "val_loss",
+            "attn_kl"]
+    with open(out / "log.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        if 0 in evals:
+            w.writerow({"step": 0, **evals[0]})
+        for t in log["train"]:
+            w.writerow({**t, **{k: evals[t["step"]].get(k) for k in ("val_loss", "attn_kl")
+                                if t["step"] in evals}})
+    try:
+        import matplotlib
+    except ImportError:
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([t["step"] for t in log["train"]], [t["loss"] for t in log["train"]], lw=0.8,
+            alpha=0.6, label="train")
+    ax.plot([e["step"] for e in log["eval"]], [e["val_loss"] for e in log["eval"]], "o-",
+            label="validation")
+    c = log["config"]
+    ax.set(xlabel="step", ylabel="loss (nats/byte)",
+           title=f"GPT {c['block']}/{c['attention']}, {c['optimizer']}, seed {c['seed']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=110)
+    plt.close(fig)

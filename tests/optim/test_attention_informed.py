@@ -1,0 +1,326 @@
+import copy
+import io
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from _aiadam_tiny import TinyModel, batch
+
+from energy_attn.optim import AttentionInformedAdam, attention_energy_stats, energy_modules
+
+
+def brute_stats(q, k, scale, causal=False, key_mask=None):
+    """Mean energy and free energy from the explicit [B, H, N, M] scores (float64)."""
+    q, k = q.double(), k.double()
+    s = scale * q @ k.transpose(-1, -2)
+    n, m = s.shape[-2:]
+    allowed = torch.ones(n, m, dtype=torch.bool)
+    if causal:
+        allowed = allowed.tril(m - n)
+    allowed = allowed.expand(q.shape[0], q.shape[1], n, m).clone()
+    if key_mask is not None:
+        allowed &= key_mask[:, None, None, :]
+    mean = s[allowed].mean() if allowed.any() else torch.zeros((), dtype=s.dtype)
+    lse = torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1)
+    lse = torch.where(allowed.any(-1), lse, torch.zeros_like(lse))
+    return mean, -lse.mean() / scale
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("n,m", [(5, 5), (3, 7)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_energy_stats_match_explicit_scores(causal, n, m, padded):
+    b, h, d = 2, 3, 4
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, m, d)
+    key_mask = None
+    if padded:
+        key_mask = torch.ones(b, m, dtype=torch.bool)
+        key_mask[0, :2] = False          # with causal and n < m, some rows see nothing
+        key_mask[1, -1] = False
+    mean, free, probs = attention_energy_stats(q, k, 0.5, causal=causal, key_mask=key_mask,
+                                               free_energy=True, probs=True)
+    ref_mean, ref_free = brute_stats(q, k, 0.5, causal, key_mask)
+    atol = 16 * torch.finfo(torch.float32).eps * d * max(n, m)
+    assert mean.dtype == torch.float32 and not mean.requires_grad
+    torch.testing.assert_close(mean.double(), ref_mean, atol=atol, rtol=0)
+    torch.testing.assert_close(free.double(), ref_free, atol=atol, rtol=0)
+    assert torch.isfinite(probs).all()
+    rows = probs.sum(-1)
+    assert torch.all((rows - 1).abs() < 1e-5) or padded  # fully masked rows sum to 0
+
+
+def test_free_energy_is_differentiable_and_only_when_asked():
+    q = torch.randn(1, 2, 4, 3, requires_grad=True)
+    k = torch.randn(1, 2, 4, 3, requires_grad=True)
+    _mean, free, probs = attention_energy_stats(q, k, 1.0, causal=True)
+    assert free is None and probs is None
+    _, free, _ = attention_energy_stats(q, k, 1.0, causal=True, free_energy=True)
+    free.backward()
+    assert q.grad is not None and k.grad.abs().sum() > 0
+
+
+def _run(model, opt, steps, seed=0, scaler=None):
+    losses = []
+    for t in range(steps):
+        x, y = batch(seed + t)
+        _, loss = model(x, y)
+        opt.zero_grad()
+        if isinstance(opt, AttentionInformedAdam):
+            opt.backward(loss, scaler=scaler)
+        else:
+            loss.backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("tie,gamma", [("neg", -math.inf), ("pos", math.inf)])
+def test_alpha_one_equals_adamw_step_for_step(tie, gamma):
+    # α = sigmoid(γ·Ē) = 1 needs γ·Ē = +inf: γ = −inf with Ē < 0 (keys −q), γ = +inf with Ē > 0.
+    torch.manual_seed(0)
+    model = TinyModel(causal=False, tie=tie)
+    ref = copy.deepcopy(model)
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, weight_decay=0.1, gamma=gamma,
+                                energy_source=model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.1, foreach=False)
+    for t in range(5):
+        x, y = batch(t)
+        _, loss = model(x, y)
+        opt.zero_grad()
+        opt.backward(loss)
+        assert opt._att_grads, "the attention term must be live for this test to mean anything"
+        energy = opt._mean_energy.item()
+        assert (energy < 0) if tie == "neg" else (energy > 0)
+        opt.step()
+        assert opt.last_alpha[0].item() == 1.0
+        _, ref_loss = ref(x, y)
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        assert loss.item() == ref_loss.item()
+        for p, r in zip(model.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, r, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("attention_norm", ["loss", "own"])
+def test_single_step_by_hand(attention_norm):
+    torch.manual_seed(1)
+    model = TinyModel().double()
+    lr, (b1, b2), eps, wd, gamma = 0.1, (0.8, 0.9), 1e-8, 0.05, 0.7
+    x, y = batch(3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    # By hand: loss gradient, free-energy gradient and Ē from explicit scores.
+    attn = model.attn
+    emb = model.emb(x)
+    split = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+    q, k = split(attn.to_q(emb)), split(attn.to_k(emb))
+    mean_e, free = brute_stats(q, k, q.shape[-1] ** -0.5, causal=True)
+    names = [n for n, _ in model.named_parameters()]
+    params = list(model.parameters())
+    g_att = torch.autograd.grad(free, params, allow_unused=True)
+    _, loss = model(x, y)
+    g = torch.autograd.grad(loss, params)
+    alpha = 1 / (1 + math.exp(-gamma * mean_e.item()))
+    expected = {}
+    for name, p, gl, ga in zip(names, params, g, g_att):
+        m_hat = (1 - b1) * gl / (1 - b1)
+        v_hat = (1 - b2) * gl**2 / (1 - b2)
+        denom = v_hat.sqrt() + eps
+        if ga is None:
+            update = m_hat / denom
+        else:  # "own": g_att over its own bias-corrected RMS, which is |g_att| after one step
+            att_denom = denom if attention_norm == "loss" else ga.abs() + eps
+            update = alpha * m_hat / denom + (1 - alpha) * ga / att_denom
+        expected[name] = before[name] - lr * (update + wd * before[name])
+
+    opt = AttentionInformedAdam(model.parameters(), lr=lr, betas=(b1, b2), eps=eps,
+                                weight_decay=wd, gamma=gamma, attention_norm=attention_norm,
+                                energy_source=model)
+    _, loss = model(x, y)
+    opt.zero_grad()
+    opt.backward(loss)
+    opt.step()
+    assert 0 < opt.last_alpha[0].item() < 1
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), expected[name], atol=1e-12, rtol=1e-10)
+    # q/k projections got the attention term; these are the only ones F reaches.
+    assert set(opt.last_alpha) == {0}
+
+
+def test_parameters_without_attention_gradient_take_the_adamw_step():
+    torch.manual_seed(2)
+    model = TinyModel()
+    ref = copy.deepcopy(model)
+    frozen_extra = torch.nn.Parameter(torch.ones(3))  # no loss gradient at all
+    opt = AttentionInformedAdam([*model.parameters(), frozen_extra], lr=1e-2, gamma=3.0,
+                                energy_source=model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    x, y = batch(0)
+    _, loss = model(x, y)
+    opt.zero_grad()
+    opt.backward(loss)
+    reached = set(opt._att_grads)
+    opt.step()
+    _, ref_loss = ref(x, y)
+    ref_opt.zero_grad()
+    ref_loss.backward()
+    ref_opt.step()
+    touched = {id(p) for p in reached}
+    assert {id(model.attn.to_q.weight), id(model.attn.to_k.weight)} <= touched
+    assert id(model.head.weight) not in touched and id(model.attn.to_v.weight) not in touched
+    for (name, p), r in zip(model.named_parameters(), ref.parameters()):
+        if id(p) in touched:
+            assert not torch.equal(p, r), name
+        else:
+            torch.testing.assert_close(p, r, atol=0, rtol=0, msg=name)
+    assert torch.equal(frozen_extra, torch.ones(3))
+
+
+def test_state_dict_round_trip():
+    torch.manual_seed(3)
+    model = TinyModel()
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, energy_source=model)
+    _run(model, opt, 3)
+    clone = copy.deepcopy(model)
+    clone_opt = AttentionInformedAdam(clone.parameters(), lr=5.0, energy_source=clone)
+    buf = io.BytesIO()  # through bytes, as a checkpoint does (and so no tensor is shared)
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    clone_opt.load_state_dict(torch.load(buf, weights_only=True))
+    assert clone_opt.param_groups[0]["lr"] == 1e-2
+    assert _run(model, opt, 3, seed=10) == _run(clone, clone_opt, 3, seed=10)
+    for p, r in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(p, r, atol=0, rtol=0)
+
+
+def test_parameter_groups_use_their_own_gamma_and_lr():
+    torch.manual_seed(4)
+    model = TinyModel()
+    opt = AttentionInformedAdam(
+        [{"params": model.attn.parameters(), "gamma": 0.0},
+         {"params": [*model.emb.parameters(), *model.head.parameters()], "lr": 0.0}],
+        lr=1e-2, energy_source=model)
+    before = [p.detach().clone() for p in model.head.parameters()]
+    _run(model, opt, 2)
+    assert opt.last_alpha[0].item() == 0.5          # γ = 0 ⇒ α = ½
+    for p, b in zip(model.head.parameters(), before):  # lr = 0 (and wd·lr = 0)
+        assert torch.equal(p, b)
+
+
+def test_grad_scaler_gives_the_unscaled_steps():
+    torch.manual_seed(5)
+    model = TinyModel()
+    ref = copy.deepcopy(model)
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, energy_source=model)
+    ref_opt = AttentionInformedAdam(ref.parameters(), lr=1e-2, energy_source=ref)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    assert _run(model, opt, 3, scaler=scaler) == _run(ref, ref_opt, 3)
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r)
+
+
+def test_no_recorders_is_adamw_and_bad_arguments():
+    lin = torch.nn.Linear(3, 1)
+    opt = AttentionInformedAdam(lin.parameters(), energy_source=lin)
+    assert energy_modules(lin) == [] and opt.recorders == []
+    lin(torch.ones(2, 3)).sum().backward()
+    opt.attention_backward()
+    opt.step()
+    with pytest.raises(TypeError, match="energy_source"):
+        AttentionInformedAdam(lin.parameters(), energy_source=None)
+    with pytest.raises(TypeError, match="gamma"):
+        AttentionInformedAdam(lin.parameters(), gamma=float("nan"), energy_source=lin)
+    with pytest.raises(ValueError, match="betas"):
+        AttentionInformedAdam(lin.parameters(), betas=(0.9, 1.0), energy_source=lin)
+    with pytest.raises(ValueError, match="lr"):
+        AttentionInformedAdam(lin.parameters(), lr=-1.0, energy_source=lin)
+
+
+# ---------------------------------------------------------------- DDP (2 processes, gloo)
+def _ddp_worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    torch.manual_seed(0)
+    model = TinyModel().double()  # float64: Adam's m/√v amplifies rounding of tiny gradients
+    ddp = DDP(model)
+    opt = AttentionInformedAdam(ddp.parameters(), lr=1e-2, gamma=2.0, energy_source=ddp)
+    for t in range(3):
+        x, y = batch(t, b=4)
+        x, y = x[2 * rank:2 * rank + 2], y[2 * rank:2 * rank + 2]  # each rank: half the batch
+        _, loss = ddp(x, y)
+        opt.zero_grad()
+        opt.backward(loss)
+        opt.step()
+    torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_averages_the_attention_gradient(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    p0 = torch.load(tmp_path / "0.pt", weights_only=True)
+    p1 = torch.load(tmp_path / "1.pt", weights_only=True)
+    for a, b in zip(p0, p1):
+        assert torch.equal(a, b)  # ranks identical
+    # ... and equal to one process on the whole batch: both gradients were averaged.
+    torch.manual_seed(0)
+    model = TinyModel().double()
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, gamma=2.0, energy_source=model)
+    _run(model, opt, 3)
+    for a, p in zip(p0, model.parameters()):
+        torch.testing.assert_close(a, p.detach(), atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_energy_stats_with_a_general_mask(causal):
+    b, h, n, d = 2, 2, 5, 4
+    q, k = torch.randn(b, h, n, d), torch.randn(b, h, n, d)
+    mask = torch.rand(b, 1, n, n) > 0.4
+    mask[0, 0, 2] = False  # a fully masked row
+    mean, free, _ = attention_energy_stats(q, k, 0.5, causal=causal, mask=mask, free_energy=True)
+    s = 0.5 * q.double() @ k.double().transpose(-1, -2)
+    allowed = mask.expand(b, h, n, n) & (torch.ones(n, n, dtype=torch.bool).tril() if causal
+                                          else torch.ones(n, n, dtype=torch.bool))
+    lse = torch.logsumexp(s.masked_fill(~allowed, float("-inf")), -1)
+    lse = torch.where(allowed.any(-1), lse, torch.zeros_like(lse))
+    atol = 16 * torch.finfo(torch.float32).eps * d * n
+    torch.testing.assert_close(mean.double(), s[allowed].mean(), atol=atol, rtol=0)
+    torch.testing.assert_close(free.double(), -lse.mean() / 0.5, atol=atol, rtol=0)
+
+
+def test_gpt_attention_records_energy_only_for_the_optimizer():
+    from energy_attn import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=16, n_layer=2, n_head=2, d_model=8, context=8))
+    x, y = batch(0, n=8)
+    model(x, y)
+    recorders = energy_modules(model)
+    assert len(recorders) == 2 and all(r.mean_energy is None for r in recorders)
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, energy_source=model)
+    _, loss = model(x, y)
+    assert all(r.free_energy is not None and r.free_energy.requires_grad for r in recorders)
+    # the recorded mean energy is the causal mean of β q·k of each block's queries and keys
+    ln_x = model.blocks[0].ln_attn(model.wte(x) + model.wpe(torch.arange(8)))
+    q, k, _ = model.blocks[0].attn.to_qkv(ln_x).unflatten(-1, (3, 2, 4)).permute(2, 0, 3, 1, 4)
+    ref, _ = brute_stats(q, k, 4**-0.5, causal=True)
+    torch.testing.assert_close(recorders[0].mean_energy.double(), ref, atol=1e-6, rtol=0)
+    opt.zero_grad()
+    opt.backward(loss)
+    touched = set(opt._att_grads)
+    assert {model.blocks[0].attn.to_qkv.weight, model.wte.weight} <= touched
+    assert model.blocks[1].ffn[0].weight not in touched
+    opt.step()
+    with torch.no_grad():
+        model(x, y)  # no graph: no free energy
+    assert all(r.free_energy is None for r in recorders)

@@ -1,0 +1,165 @@
+import json
+import os
+import subprocess
+import sys
+import zlib
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from energy_attn.cli import main
+from energy_attn.training.corpus import CorpusError, load_corpus, stdlib_files
+from energy_attn.training.loop import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    """~6 kB of English and Python-like text (deterministic)."""
+    text = ("the energy of attention is a sum of log sum exp terms over keys and queries "
+            "def step(x): return x - eta * grad(x)\n")
+    words = text.split(" ")
+    g = torch.Generator().manual_seed(0)
+    picks = torch.randint(0, len(words), (1200,), generator=g).tolist()
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(" ".join(words[i] for i in picks))
+    return path
+
+
+def tiny(text_file, **kw):
+    base = TrainConfig(data=str(text_file), n_layer=1, n_head=2, d_model=16, context=16,
+                       batch=8, steps=20, lr=1e-2, warmup=2, eval_interval=10, eval_batches=2,
+                       stability_batch=2, val_fraction=0.1)
+    return replace(base, **kw)
+
+
+def test_twenty_steps_lower_the_loss(text_file, tmp_path):
+    log = train(tiny(text_file, out=str(tmp_path)), progress=False)
+    assert [e["step"] for e in log["eval"]] == [0, 10, 20]
+    assert log["eval"][-1]["val_loss"] < log["eval"][0]["val_loss"] - 0.5
+    first, last = log["train"][0]["loss"], log["train"][-1]["loss"]
+    assert last < first
+    for name in ("log.json", "log.csv", "loss.png", "ckpt.pt"):
+        assert (tmp_path / name).is_file(), name
+    saved = json.loads((tmp_path / "log.json").read_text())
+    assert saved["summary"]["steps"] == 20 and saved["config"]["data"] == str(text_file)
+    assert log["eval"][1]["attn_kl"] > 0  # the attention maps moved
+    csv_rows = (tmp_path / "log.csv").read_text().splitlines()
+    assert len(csv_rows) == 1 + 21  # header, step 0 (validation only), 20 steps
+
+
+@pytest.mark.parametrize("kw", [
+    {"optimizer": "adamw", "block": "nag", "dropout": 0.1},
+    {"optimizer": "aiadam", "attention_norm": "own", "block": "light2nd1st"},
+])
+def test_resume_reproduces_the_uninterrupted_run(text_file, tmp_path, kw):
+    cfg = tiny(text_file, steps=12, eval_interval=4, **kw)
+    full = train(replace(cfg, out=str(tmp_path / "full")), progress=False)
+    part = replace(cfg, out=str(tmp_path / "part"))
+    first = train(part, stop_at=6, progress=False)
+    assert first["train"][-1]["step"] == 6
+    ck = torch.load(tmp_path / "part" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 6
+    resumed = train(part, resume=True, progress=False)
+    assert [t["loss"] for t in resumed["train"]] == [t["loss"] for t in full["train"]]
+    assert [e["val_loss"] for e in resumed["eval"]] == [e["val_loss"] for e in full["eval"]]
+    assert [e["attn_kl"] for e in resumed["eval"]] == [e["attn_kl"] for e in full["eval"]]
+
+
+def test_resume_refuses_a_different_model(text_file, tmp_path):
+    cfg = tiny(text_file, steps=4, out=str(tmp_path))
+    train(cfg, stop_at=2, progress=False)
+    with pytest.raises(ValueError, match="d_model"):
+        train(replace(cfg, d_model=32), resume=True, progress=False)
+
+
+def test_bad_data_paths_and_empty_corpora(tmp_path, capsys):
+    with pytest.raises(CorpusError, match="no such file"):
+        load_corpus(tmp_path / "missing.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CorpusError, match="empty"):
+        load_corpus(tmp_path / "empty")
+    (tmp_path / "empty" / "blank.txt").write_text("")
+    (tmp_path / "empty" / "image.bin").write_bytes(b"\x00\x01\x02" * 10)
+    with pytest.raises(CorpusError, match="empty"):
+        load_corpus(tmp_path / "empty")
+    (tmp_path / "small.txt").write_text("tiny text")
+    with pytest.raises(CorpusError, match="context"):
+        load_corpus(tmp_path / "small.txt", min_bytes=65)
+    # the command line turns them into a message and exit status 2
+    assert main(["train", "--data", str(tmp_path / "missing.txt"), "--steps", "1"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "empty"), "--steps", "1"]) == 2
+    assert "empty" in capsys.readouterr().err
+
+
+def test_split_is_by_file_name(tmp_path):
+    names = [f"f{i:02d}.txt" for i in range(60)]
+    for n in reversed(names):  # creation order must not matter
+        (tmp_path / n).write_text(n * 20)
+    corpus = load_corpus(tmp_path, val_fraction=0.2)
+    is_val = [zlib.crc32(n.encode()) % 1000 < 200 for n in names]
+    assert 0 < corpus.num_val_files == sum(is_val) < 60
+    expected_val = b"\n\n".join(n.encode() * 20 for n, v in zip(names, is_val) if v)
+    assert bytes(corpus.val.tolist()) == expected_val
+    # a single file is split by bytes instead
+    one = load_corpus(tmp_path / "f00.txt", val_fraction=0.25)
+    assert one.train.numel() + one.val.numel() == 7 * 20 and one.val.numel() == 35
+
+
+def test_stdlib_corpus_is_deterministic_python():
+    root, files = stdlib_files()
+    rel = [f.relative_to(root).as_posix() for f in files]
+    assert rel == sorted(rel) and len(rel) > 100
+    assert "os.py" in rel and not any("site-packages" in r for r in rel)
+
+
+@pytest.mark.slow
+def test_torchrun_two_process_gloo_smoke(text_file, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "energy_attn.cli", "train", "--data", str(text_file), "--n-layer", "1",
+           "--n-head", "2", "--d-model", "16", "--context", "16", "--batch", "4", "--steps", "4",
+           "--eval-interval", "2", "--eval-batches", "2", "--optimizer", "aiadam",
+           "--attention-norm", "own", "--val-fraction", "0.1", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300, env=env,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = json.loads((out / "log.json").read_text())
+    assert log["world_size"] == 2 and log["summary"]["steps"] == 4
+    assert (out / "ckpt.pt").is_file()
+
+
+def test_compare_writes_one_table_and_figure(text_file, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    args = ["compare", "--data", str(text_file), "--n-layer", "1", "--n-head", "2",
+            "--d-model", "16", "--context", "16", "--batch", "4", "--steps", "4",
+            "--eval-interval", "2", "--eval-batches", "1", "--val-fraction", "0.1",
+            "--grid", "block:optimizer=mha:adamw,nag:aiadam", "--seeds", "0,1",
+            "--target-loss", "100", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    table = (out / "compare.md").read_text()
+    assert "block=mha-optimizer=adamw" in table and "block=nag-optimizer=aiadam" in table
+    assert "2/2" in table  # both seeds reach the (trivial) target
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    assert [r["seeds"] for r in rows] == [2, 2] and (out / "compare.png").is_file()
+    assert rows[0]["steps_to_target"] == 0  # the step-0 validation is already below 100
+    # a second call reuses the finished runs
+    capsys.readouterr()
+    assert main([*args, "--no-train"]) == 0
+    assert "reusing" in capsys.readouterr().err
+
+
+def test_grid_parsing():
+    from energy_attn.training.compare import parse_grid
+
+    grid = parse_grid(["optimizer:lr=adamw:1e-3,aiadam:3e-3", "block=mha,nag"], TrainConfig)
+    assert grid[0] == {"optimizer": "adamw", "lr": 1e-3, "block": "mha"} and len(grid) == 4
+    with pytest.raises(ValueError, match="not a TrainConfig field"):
+        parse_grid(["colour=red"], TrainConfig)
+    with pytest.raises(ValueError, match="needs 2 parts"):
+        parse_grid(["optimizer:lr=adamw"], TrainConfig)
