@@ -100,11 +100,12 @@ class OptimizerBlock(nn.Module):
                     f"state (momentum buffer) must have x's shape {tuple(x.shape)}, got "
                     f"{tuple(state.shape)}"
                 )
-            rho = self.rho().to(x.dtype)
-            carried = None if state is None else rho * state  # ρ_l m_{l−1}
-            y = x if carried is None or self.variant == "momen" else x + carried
-            a = self.step(y, mask, is_causal)
-            state = a if carried is None else carried + a
+            # m_{−1} = 0. Multiplying ρ by explicit zeros (exact: the result is unchanged) keeps
+            # ρ in the graph with a zero gradient, so DDP sees every parameter used.
+            state = torch.zeros_like(x) if state is None else state
+            carried = self.rho().to(x.dtype) * state  # ρ_l m_{l−1}
+            y = x if self.variant == "momen" else x + carried
+            state = carried + self.step(y, mask, is_causal)
             x = x + state
         x = x + self.ffn(self.ln_ffn(x))
         return x, state

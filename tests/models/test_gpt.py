@@ -106,3 +106,15 @@ def test_bad_inputs():
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.zeros(1, 4, dtype=torch.long), 2, temperature=0.0)
+
+
+@pytest.mark.parametrize("block", ["mha", "momen", "nag", "2nd1st", "light2nd1st"])
+def test_every_parameter_gets_a_gradient(block):
+    # DDP (find_unused_parameters=False, the default) needs every parameter in the graph; the
+    # first momentum block's ρ multiplies m_{−1} = 0 and must still be used (zero gradient).
+    model = GPT(GPTConfig(n_layer=2, n_head=2, d_model=16, context=8, block=block))
+    idx = torch.randint(0, 256, (2, 8))
+    _, loss = model(idx, targets=idx)
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert missing == []
