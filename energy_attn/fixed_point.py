@@ -78,7 +78,11 @@ def _iterate(g: Callable, z: torch.Tensor, num_iters: int, anderson: int) -> tor
         ones = torch.ones(gram.shape[0], m, 1, dtype=z.dtype, device=z.device)
         w = torch.linalg.solve(gram / size + reg * eye, ones)  # [R, m, 1]
         alpha = w / w.sum(dim=1, keepdim=True)
-        z = (alpha * G).sum(dim=1)
+        # Safeguard (masked, per row): where the newest residual is no smaller than the best in
+        # the window, extrapolation is not helping; take the plain step g(z) for that row.
+        rnorm = res.pow(2).sum(-1)  # [R, m]
+        stalled = rnorm[:, -1] >= rnorm[:, :-1].min(dim=1).values
+        z = torch.where(stalled.unsqueeze(-1), gz, (alpha * G).sum(dim=1))
     return z.reshape(shape)
 
 
