@@ -49,6 +49,7 @@ def _iterate(g: Callable, z: torch.Tensor, num_iters: int, anderson: int) -> tor
     are independent given the keys): with the last ``m = anderson`` iterates ``z_i`` and images
     ``g_i = g(z_i)``, residuals ``r_i = g_i − z_i``, it takes ``z ← Σ_i α_i g_i`` with
     ``α = argmin ‖Σ α_i r_i‖`` subject to ``Σ α_i = 1`` (a small regularised solve per row).
+    A row whose newest residual is no smaller than the best in its window takes the plain step.
     """
     if anderson == 0:
         for _ in range(num_iters):
