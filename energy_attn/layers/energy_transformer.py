@@ -6,7 +6,11 @@ from the moving tokens), run by the package's one descent loop
 (:func:`energy_attn.descent.descend`), so the other optimizers of MATH.md §4 that need only a
 gradient (momentum, Nesterov) work too. Defaults follow the original: ``T = 12``, ``α = 0.1``,
 ``β = dim_head ** -0.5``. This is the attention part of an Energy Transformer block only (no
-Hopfield-network term, no layer-norm Lagrangian): compose those around it as needed.
+Hopfield-network term). The attention energy of raw tokens is unbounded below (longer tokens
+always lower it), so the plain descent lets tokens grow; ``normalize=True`` uses the original's
+layer-norm dynamics instead: the energy is evaluated on ``g = LayerNorm(x)`` and the tokens move
+by ``x ← x − α ∂E/∂g``, which still descends ``E(g(x))`` for small ``α`` because the layer
+norm's Jacobian is symmetric positive semi-definite.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .._utils import check_finite_number, check_float_tensor, check_num_steps, default, exists
@@ -32,6 +37,9 @@ class EnergyTransformerAttention(nn.Module):
         num_steps: default number of descent steps ``T`` (12).
         step_size: default step size ``α`` (0.1).
         optimizer, momentum: ``"gd" | "momentum" | "nesterov"`` and ``ρ`` (MATH.md §4).
+        normalize: evaluate the energy on ``LayerNorm(x)`` (no affine) and step the tokens along
+            its gradient, as the original Energy Transformer (default False: the energy of the
+            raw tokens, as specified).
 
     Parameters ``w_q``, ``w_k`` of shape ``[H, Y, D]`` (initialised ``N(0, 1/D)``, this
     project's choice).
@@ -40,11 +48,12 @@ class EnergyTransformerAttention(nn.Module):
     ``mask`` is a ``[B, N]`` boolean token mask, **True = real token** (False = padding: neither
     query nor key; it keeps its value and does not influence the others). Returns ``x_T``
     ``[B, N, D]``, or ``(x_T, energies)`` with the per-token energy of every iterate
-    ``[B, N, T + 1]`` (float32; sum over tokens for the global energy).
+    ``[B, N, T + 1]`` (float32; sum over tokens for the global energy; of ``LayerNorm(x_t)``
+    when ``normalize``).
     """
 
     def __init__(self, dim, heads=1, dim_head=64, scale=None, num_steps=12, step_size=0.1,
-                 optimizer="gd", momentum=0.0):
+                 optimizer="gd", momentum=0.0, normalize=False):
         super().__init__()
         for name, v in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
             if check_num_steps(v, name) < 1:
@@ -54,6 +63,9 @@ class EnergyTransformerAttention(nn.Module):
                              f"directions are for fixed keys), got {optimizer!r}")
         self.momentum = check_optimizer(optimizer, momentum)
         self.optimizer = optimizer
+        if not isinstance(normalize, bool):
+            raise TypeError(f"normalize must be a bool, got {type(normalize).__name__}")
+        self.normalize = normalize
         self.dim = dim
         self.scale = check_finite_number("scale", scale, positive=True) if exists(scale) \
             else dim_head**-0.5
@@ -79,8 +91,11 @@ class EnergyTransformerAttention(nn.Module):
         num_steps = check_num_steps(default(num_steps, self.num_steps))
         step_size = check_finite_number("step_size", default(step_size, self.step_size))
 
-        def direction(g):
-            return _grad(g, self.w_q, self.w_k, self.scale, pair)
+        def tokens(x):  # what the energy sees: the tokens, or their layer norm
+            return F.layer_norm(x, x.shape[-1:]) if self.normalize else x
+
+        def direction(x):
+            return _grad(tokens(x), self.w_q, self.w_k, self.scale, pair)
 
         traj = defaultdict(list) if return_energies else None
         out = descend(direction, x, num_steps=num_steps, step_size=step_size,
@@ -88,6 +103,6 @@ class EnergyTransformerAttention(nn.Module):
         if not return_energies:
             return out
         energies = torch.stack(
-            [energy_transformer_energy(g, self.w_q, self.w_k, self.scale, pair)
-             for g in traj["queries"]], dim=-1)
+            [energy_transformer_energy(tokens(x), self.w_q, self.w_k, self.scale, pair)
+             for x in traj["queries"]], dim=-1)
         return out, energies

@@ -134,3 +134,28 @@ def test_bad_inputs():
         layer(torch.randn(1, 3, 7))
     with pytest.raises(ValueError, match="optimizer"):
         EnergyTransformerAttention(8, optimizer="newton_light")
+
+
+def test_normalized_dynamics_descend_and_move_at_a_bounded_rate():
+    # Raw tokens: the energy is unbounded below and the descent runs away exponentially. With
+    # normalize=True (the original's layer-norm dynamics) E(LN(x)) decreases for a small step,
+    # and since ‖LN(x)‖ = √D every step is bounded: ‖∂E/∂g_A‖ ≤ Σ_h ‖W_Q‖‖W_K‖ √D (1 + N).
+    x = torch.randn(3, 6, 8, dtype=DT)
+    small = EnergyTransformerAttention(8, heads=2, dim_head=4, step_size=0.05, num_steps=20,
+                                       normalize=True).to(DT)
+    _, energies = small(x, return_energies=True)
+    assert torch.all(energies.sum(dim=1).diff(dim=-1) < 0)
+
+    T, alpha, N, D = 48, 0.1, 6, 8
+    raw = EnergyTransformerAttention(D, heads=2, dim_head=4).to(DT)
+    normed = EnergyTransformerAttention(D, heads=2, dim_head=4, normalize=True).to(DT)
+    normed.load_state_dict(raw.state_dict())
+    spectral = torch.linalg.matrix_norm(normed.w_q, ord=2) * torch.linalg.matrix_norm(
+        normed.w_k, ord=2)
+    bound = T * alpha * spectral.sum() * D**0.5 * (1 + N)
+    with torch.no_grad():
+        moved_normed = (normed(x, num_steps=T) - x).norm(dim=-1).max()
+        moved_raw = (raw(x, num_steps=T) - x).norm(dim=-1).max()
+    assert moved_normed <= bound < moved_raw
+    with pytest.raises(TypeError, match="normalize"):
+        EnergyTransformerAttention(8, normalize="yes")
