@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import sys
 
+from ._progress import StatusLine, bar
+
 
 def _progress_bar(stream=None, width=28):
     """A plain text progress bar: ``\\r``-redrawn on a terminal, one line per update otherwise."""
-    stream = sys.stderr if stream is None else stream  # looked up now, not at import time
-    tty = stream.isatty()
+    status = StatusLine(stream)
 
     def update(done, total, label):
-        filled = width * done // total
-        line = f"[{'#' * filled}{'.' * (width - filled)}] {done}/{total} {label}"
-        if tty:
-            stream.write("\r" + line.ljust(79)[:79] + ("\n" if done == total else ""))
-        else:
-            stream.write(line + "\n")
-        stream.flush()
+        line = f"[{bar(done, total, width)}] {done}/{total} {label}"
+        status.show(line[:79], final=done == total)
 
     return update
 

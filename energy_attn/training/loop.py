@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .._progress import StatusLine, bar
 from ..optim.attention_informed import AttentionInformedAdam, energy_modules
 from .corpus import load_corpus
 
@@ -235,24 +236,16 @@ class Progress:
 
     def __init__(self, total, enabled=True, interval=10, stream=None):
         self.total, self.enabled, self.interval = total, enabled, max(interval, 1)
-        self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        self.status = StatusLine(stream)
 
     def update(self, step, loss, tok_s, val=None, force=False):
         if not self.enabled:
             return
-        width = 24
-        done = int(width * step / self.total)
-        bar = "#" * done + "." * (width - done)
         val_s = f" | val {val:.4f}" if val is not None else ""
-        line = (f"step {step:>{len(str(self.total))}}/{self.total} [{bar}] loss {loss:.4f}"
-                f"{val_s} | {tok_s / 1e3:.1f}k tok/s")
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if step == self.total else ""))
-            self.stream.flush()
-        elif force or step % self.interval == 0 or step == self.total:
-            self.stream.write(line + "\n")
-            self.stream.flush()
+        line = (f"step {step:>{len(str(self.total))}}/{self.total} [{bar(step, self.total, 24)}]"
+                f" loss {loss:.4f}{val_s} | {tok_s / 1e3:.1f}k tok/s")
+        self.status.show(line, final=step == self.total,
+                         due=force or step % self.interval == 0)
 
 
 def _atomic_save(obj, path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 HELP = {
@@ -61,7 +62,7 @@ def _run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = log["summary"]
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"done: {s['steps']} steps, final validation loss {s['final_val_loss']:.4f}, "
               f"{s['median_step_ms']:.1f} ms/step" + (f"; wrote {cfg.out}" if cfg.out else ""))
     return 0
