@@ -45,7 +45,8 @@ __all__ = ["OPTIMIZER_NAMES", "TrainConfig", "machine_info", "train"]
 
 OPTIMIZER_NAMES = ("adamw", "aiadam")
 CHECKPOINT = "ckpt.pt"
-_MODEL_FIELDS = ("block", "attention", "n_layer", "n_head", "d_model", "context", "dropout")
+_MODEL_FIELDS = ("block", "attention", "attn_steps", "attn_step_size", "n_layer", "n_head",
+                 "d_model", "context", "dropout")
 
 
 @dataclass
@@ -57,6 +58,8 @@ class TrainConfig:
         out: output folder for ``log.json``, ``log.csv``, ``loss.png``, ``ckpt.pt`` (None: no
             files).
         block, attention: GPT block variant and attention kind (:class:`GPTConfig`).
+        attn_steps, attn_step_size: energy attention's total steps ``T`` (``T − 1`` Hopfield
+            descent steps, then the value read-out) and step size ``η``; unused by softmax.
         n_layer, n_head, d_model, context, dropout: GPT size.
         optimizer: ``"adamw"`` or ``"aiadam"``; ``lr``, ``beta1``, ``beta2``,
             ``weight_decay``, ``gamma`` (aiadam's γ), ``attention_norm`` (aiadam: ``"loss"``
@@ -76,6 +79,8 @@ class TrainConfig:
     out: str | None = None
     block: str = "mha"
     attention: str = "softmax"
+    attn_steps: int = 2
+    attn_step_size: float = 1.0
     n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
@@ -171,7 +176,8 @@ def build_model(cfg: TrainConfig):
 
     return GPT(GPTConfig(vocab_size=256, n_layer=cfg.n_layer, n_head=cfg.n_head,
                          d_model=cfg.d_model, context=cfg.context, dropout=cfg.dropout,
-                         block=cfg.block, attention=cfg.attention))
+                         block=cfg.block, attention=cfg.attention, num_steps=cfg.attn_steps,
+                         step_size=cfg.attn_step_size))
 
 
 def build_optimizer(cfg: TrainConfig, model):

@@ -9,6 +9,8 @@ HELP = {
     "data": "text file or folder (default: this Python's standard-library .py files)",
     "out": "output folder: log.json, log.csv, loss.png, ckpt.pt",
     "block": "block variant: mha | momen | nag | 2nd1st | light2nd1st",
+    "attn_steps": "energy attention: T steps (T-1 Hopfield descent steps, then the read-out)",
+    "attn_step_size": "energy attention: descent step size",
     "attention": "attention kind: softmax | energy",
     "optimizer": "adamw | aiadam (AttentionInformedAdam)",
     "gamma": "aiadam's gamma in alpha = sigmoid(gamma * mean energy)",

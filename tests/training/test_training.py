@@ -163,3 +163,18 @@ def test_grid_parsing():
         parse_grid(["colour=red"], TrainConfig)
     with pytest.raises(ValueError, match="needs 2 parts"):
         parse_grid(["optimizer:lr=adamw"], TrainConfig)
+
+
+def test_energy_attention_options_reach_the_model():
+    # --attention energy used to build GPTs with num_steps=1, i.e. plain softmax attention.
+    from energy_attn.training.loop import build_model
+
+    model = build_model(TrainConfig(attention="energy", attn_steps=3, attn_step_size=0.5,
+                                    n_layer=1, n_head=2, d_model=16, context=16))
+    (attn,) = [m for m in model.modules() if type(m).__name__ == "MultiHeadSelfAttention"]
+    assert (attn.attention, attn.num_steps, attn.step_size) == ("energy", 3, 0.5)
+    x = torch.randint(0, 256, (2, 16))
+    one = build_model(TrainConfig(attention="energy", attn_steps=1, n_layer=1, n_head=2,
+                                  d_model=16, context=16))
+    one.load_state_dict(model.state_dict())
+    assert not torch.allclose(model(x)[0], one(x)[0])  # the descent steps change the output
