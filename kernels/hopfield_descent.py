@@ -32,6 +32,7 @@ there, through the ``UPCAST`` constexpr).
 from __future__ import annotations
 
 import os
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -47,7 +48,8 @@ MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 #: exercise both paths at small sizes.
 SHORT_MEMORY_BYTES = 32 * 1024
 
-LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+LOG2E_F = 1.4426950408889634
+LOG2E: tl.constexpr = tl.constexpr(LOG2E_F)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)
 
 
@@ -144,6 +146,39 @@ def _round(y, DT: tl.constexpr, UPCAST: tl.constexpr):
     return yh
 
 
+@triton.jit
+def _query_tile(K, N, M, D, H, HK, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
+                UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """The query tile of this program (grid ``(⌈N / BLOCK_N⌉, B·H)``) and its key head.
+
+    Returns ``(bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all)``:
+    the flat batch·head, row and column offsets with their masks, the offsets of the tile in
+    ``[B·H, N, D]`` and of its keys, key bias and padding row, the key bound (causal: up to
+    the tile's diagonal) and, on the short-memory path, every key of the head (loaded once).
+    """
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)  # b * H + h
+    b = bh // H
+    hk = (bh % H) // (H // HK)  # grouped heads: query head h reads key head h // G
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_n < N
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
+    q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+    k_off = (b * HK + hk) * M * D
+    b_off = (b * HK + hk) * M
+    p_off = b * M
+    hi = M
+    if CAUSAL:
+        hi = tl.minimum(M, (pid_n + 1) * BLOCK_N)  # query i sees keys j <= i
+    if SHORT:
+        k_all = _load_keys(K, k_off, tl.arange(0, BLOCK_M), offs_d, M, D, UPCAST)
+    else:
+        k_all = tl.zeros([1, 1], tl.float32)  # unused
+    return bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all
+
+
 # --------------------------------------------------------------------------------------------
 # Forward
 # --------------------------------------------------------------------------------------------
@@ -157,27 +192,9 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
                 UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)  # b * H + h
-    b = bh // H
-    hk = (bh % H) // (H // HK)  # grouped heads: query head h reads key head h // G
     DT: tl.constexpr = Q.dtype.element_ty
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_n < N
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
-    q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
-    k_off = (b * HK + hk) * M * D
-    b_off = (b * HK + hk) * M
-    p_off = b * M
-    hi = M
-    if CAUSAL:
-        hi = tl.minimum(M, (pid_n + 1) * BLOCK_N)  # query i sees keys j <= i
-    if SHORT:  # the short-memory path: every key of this (batch, head), loaded once
-        k_all = _load_keys(K, k_off, tl.arange(0, BLOCK_M), offs_d, M, D, UPCAST)
-    else:
-        k_all = tl.zeros([1, 1], tl.float32)  # unused
-
+    bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = _query_tile(
+        K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
     xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)  # float32 master copy
     v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for t in range(T):
@@ -284,27 +301,9 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
                    SHORT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Reverse chain of one query tile: adjoints ``a = ∂L/∂ξ_{t+1}``, ``w`` (of ``v_{t+1}``)."""
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    hk = (bh % H) // (H // HK)
     DT: tl.constexpr = Q.dtype.element_ty
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_n < N
-    tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
-    q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
-    k_off = (b * HK + hk) * M * D
-    b_off = (b * HK + hk) * M
-    p_off = b * M
-    hi = M
-    if CAUSAL:
-        hi = tl.minimum(M, (pid_n + 1) * BLOCK_N)
-    if SHORT:
-        k_all = _load_keys(K, k_off, tl.arange(0, BLOCK_M), offs_d, M, D, UPCAST)
-    else:
-        k_all = tl.zeros([1, 1], tl.float32)
-
+    bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = _query_tile(
+        K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
     xi0 = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     a = tl.load(DOUT + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     w = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -479,105 +478,182 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIA
 
 
 # --------------------------------------------------------------------------------------------
-# Launchers
+# Launchers: each kernel call is first planned as data (a ``Launch``), then run. The same plans,
+# built from meta tensors, are what ``energy_attn.kernels.compile_check`` compiles for a GPU
+# architecture without one.
 # --------------------------------------------------------------------------------------------
 
 
-def _config(M: int, D: int, dtype: torch.dtype) -> dict:
-    """Tile sizes; the short-memory path when every key of a (batch, head) fits on chip.
+class Launch(NamedTuple):
+    """One kernel call: ``kernel[grid](**args, **meta)``."""
 
-    Fixed configurations (no autotuning: it needs a GPU, and these were not yet tuned on one).
+    kernel: Any  # a @triton.jit function
+    grid: tuple[int, int]
+    args: dict  # run-time arguments by name: tensors, ints, floats
+    meta: dict  # constexprs, num_warps, num_stages
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](**self.args, **self.meta)
+
+
+#: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` by (kernel, input itemsize, heavy) and padded
+#: head dim. "heavy" = a velocity (momentum, Nesterov) or energies: more live registers. In the
+#: dK kernel BLOCK_M is its own key tile and BLOCK_N the streamed query tile.
+_TILES = {
+    ("fwd", 2, False): {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 32, 8, 3),
+                        256: (32, 32, 8, 2)},
+    ("fwd", 2, True): {32: (128, 64, 8, 3), 64: (64, 64, 8, 3), 128: (32, 32, 8, 3),
+                       256: (32, 32, 8, 2)},
+    ("dq", 2, False): {32: (128, 64, 8, 3), 64: (128, 32, 8, 3), 128: (32, 32, 8, 3),
+                       256: (32, 32, 8, 2)},
+    ("dq", 2, True): {32: (128, 64, 8, 3), 64: (64, 64, 8, 3), 128: (32, 32, 8, 3),
+                      256: (32, 32, 8, 2)},
+    ("dk", 2, False): {32: (64, 64, 8, 3), 64: (64, 64, 8, 3), 128: (64, 32, 8, 3),
+                       256: (32, 32, 8, 2)},
+    ("dk", 2, True): {32: (64, 64, 8, 3), 64: (32, 32, 8, 3), 128: (32, 32, 8, 3),
+                      256: (32, 32, 8, 2)},
+    # float32 (exact "ieee" dots, no tensor cores): one table for both tiers
+    ("fwd", 4, True): {32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (32, 64, 8, 2),
+                       256: (32, 32, 8, 2)},
+    ("dq", 4, True): {32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (16, 32, 4, 2),
+                      256: (16, 32, 4, 2)},
+    ("dk", 4, True): {32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2),
+                      256: (16, 32, 4, 2)},
+}
+
+
+def _tiles(kernel: str, block_d: int, itemsize: int, heavy: bool) -> tuple[int, int, int, int]:
+    """``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` of one compiled (GPU) kernel.
+
+    Fixed configurations, no autotuning (no GPU has run these kernels yet). They were chosen
+    by compiling candidates for sm_90 without a GPU (``energy_attn.kernels.compile_check``,
+    numbers in docs/kernels.md): per kernel, head dim, dtype and tier, the largest tiles whose
+    registers do not spill to local memory, else the least spilling. Timing on a GPU may still
+    prefer others.
     """
+    heavy = heavy or itemsize == 4
+    return _TILES[kernel, min(itemsize, 4), heavy][min(max(block_d, 32), 256)]
+
+
+def _config(kernel: str, M: int, D: int, dtype: torch.dtype, heavy: bool,
+            interpret: bool) -> dict:
+    """Tile sizes of ``kernel`` and, for the query kernels, the short-memory switch."""
     block_d = max(16, triton.next_power_of_2(D))
     block_m_all = max(16, triton.next_power_of_2(M))
-    short = block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES
-    if _interpreting():
+    if interpret:
         # Small tiles so that small test sizes still cross tile boundaries.
         block_n, block_m, warps, stages = 32, 32, 4, 1
-    elif block_d <= 64:
-        block_n, block_m, warps, stages = 128, 64, 4, 3
-    elif block_d <= 128:
-        block_n, block_m, warps, stages = 64, 64, 4, 3
     else:
-        block_n, block_m, warps, stages = 32, 32, 8, 2
-    if short:
-        block_m = block_m_all
-    return dict(BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_D=block_d, SHORT=short,
-                num_warps=warps, num_stages=stages)
+        block_n, block_m, warps, stages = _tiles(kernel, block_d, dtype.itemsize, heavy)
+    cfg = {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": warps,
+           "num_stages": stages}
+    if kernel != "dk":
+        short = block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES
+        cfg["SHORT"] = short
+        if short:  # one key tile holds every key; fewer query rows keep the logits tile
+            cfg["BLOCK_M"] = block_m_all  # (BLOCK_N x BLOCK_M) no larger than streaming's
+            if not interpret:
+                cfg["BLOCK_N"] = max(16, min(block_n, block_n * block_m // block_m_all))
+    return cfg
 
 
-def _common(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer):
-    """Arguments and flags shared by the three kernels (inputs made contiguous)."""
+def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, optimizer,
+            energies):
+    """Inputs made contiguous, and the run-time arguments and flags the three kernels share."""
     B, H, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
-    cfg = _config(M, D, q.dtype)
-    interp_bf16 = _interpreting() and q.dtype == torch.bfloat16
+    # The interpreter runs CPU tensors; meta tensors are being planned for a GPU.
+    interpret = _interpreting() and q.device.type == "cpu"
     flags = dict(
         T=num_steps, VELOCITY=optimizer != "gd", NESTEROV=optimizer == "nesterov",
         HAS_BIAS=key_bias is not None, HAS_PAD=pad is not None, CAUSAL=is_causal,
-        UPCAST=interp_bf16,  # the interpreter mishandles bf16 dots: run them in float32
+        # the interpreter mishandles bf16 dots: run them in float32
+        UPCAST=interpret and q.dtype == torch.bfloat16,
         # float32 inputs get true float32 dots (not TF32), like the reference; 16-bit operands
         # (and the interpreter's upcast bf16) keep the default.
         PREC="ieee" if q.dtype == torch.float32 else "tf32",
     )
-    sizes = dict(N=N, M=M, D=D, H=H, HK=Hk, mu_step=B * H * N * D, lse_step=B * H * N)
-    q, k = q.contiguous(), k.contiguous()
-    bias = key_bias.float().contiguous() if key_bias is not None else q
-    pad = pad.to(torch.uint8) if pad is not None else q
     rho = momentum if optimizer != "gd" else 0.0
     nest = momentum if optimizer == "nesterov" else 0.0
-    coef = dict(eta=float(step_size), rho=float(rho), nest=float(nest))
-    return q, k, bias, pad, cfg, flags, sizes, coef
+    args = dict(
+        Q=q.contiguous(), K=k.contiguous(),
+        BIAS=key_bias.float().contiguous() if key_bias is not None else q,  # unread if absent
+        PAD=pad.to(torch.uint8) if pad is not None else q,
+        N=N, M=M, D=D, H=H, HK=Hk, mu_step=B * H * N * D, lse_step=B * H * N,
+        eta=float(step_size), rho=float(rho), nest=float(nest),
+    )
+    heavy = optimizer != "gd" or energies
+    configs = {kern: _config(kern, M, D, q.dtype, heavy, interpret)
+               for kern in ("fwd", "dq", "dk")}
+    return args, flags, configs
 
 
-def _forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer,
-             return_energies, save):
+def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal,
+                 optimizer, return_energies, save):
+    """The forward launch and its outputs ``(ξ_T, energies, μ_t, lse_t, energy lse_t)``."""
     B, H, N, D = q.shape
-    q, k, bias, pad, cfg, flags, sizes, coef = _common(
-        q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer)
     T = num_steps
-    out = torch.empty_like(q)
+    args, flags, configs = _common(q, k, key_bias, pad, step_size, momentum, num_steps,
+                                   is_causal, optimizer, return_energies)
     f32 = {"device": q.device, "dtype": torch.float32}
+    out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     mu = torch.empty(T if save else 0, B * H, N, D, **f32)
     lse = torch.empty(T if save else 0, B * H, N, **f32)
     energy = torch.empty(B * H if return_energies else 0, N, T + 1, **f32)
     energy_lse = torch.empty(T + 1 if save and return_energies else 0, B * H, N, **f32)
-    grid = (triton.cdiv(N, cfg["BLOCK_N"]), B * H)
-    _fwd_kernel[grid](
-        q, k, bias, pad, out, mu, lse, energy, energy_lse, **sizes,
-        scale2=scale * 1.4426950408889634, inv_scale=1.0 / scale, **coef,
-        SAVE=save, ENERGIES=return_energies, **flags, **cfg,
+    cfg = configs["fwd"]
+    launch = Launch(
+        _fwd_kernel, (triton.cdiv(N, cfg["BLOCK_N"]), B * H),
+        dict(args, OUT=out, MU=mu, LSE=lse, ENERGY=energy, ELSE=energy_lse,
+             scale2=scale * LOG2E_F, inv_scale=1.0 / scale),
+        dict(flags, SAVE=save, ENERGIES=return_energies, **cfg),
     )
-    return out, energy.view(-1, H, N, T + 1), mu, lse, energy_lse
+    return launch, (out, energy.view(-1, H, N, T + 1), mu, lse, energy_lse)
 
 
-def _backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
-              momentum, num_steps, is_causal, optimizer):
+def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
+                  momentum, num_steps, is_causal, optimizer):
+    """The two backward launches (query kernel, then key kernel) and ``(dq, dk, d key_bias)``
+    in float32 (``d key_bias`` empty without a bias)."""
     B, H, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
-    q, k, bias, pad, cfg, flags, sizes, coef = _common(
-        q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer)
     T = num_steps
     egrad = denergy is not None
-    dout = dout.contiguous()
-    denergy = denergy.float().contiguous() if egrad else dout
+    args, flags, configs = _common(q, k, key_bias, pad, step_size, momentum, num_steps,
+                                   is_causal, optimizer, egrad)
     f32 = {"device": q.device, "dtype": torch.float32}
     dq = torch.empty(B, H, N, D, **f32)
     # dμ_t only feeds the key kernel's dots, which take it in the input dtype: store it so.
     dmu = torch.empty(T, B * H, N, D, device=q.device, dtype=q.dtype)
     delta = torch.empty(T, B * H, N, **f32)
-    args = dict(scale2=scale * 1.4426950408889634, scale=scale, EGRAD=egrad, **coef)
-    saved = (mu, lse, energy_lse, denergy)
-    _bwd_dq_kernel[(triton.cdiv(N, cfg["BLOCK_N"]), B * H)](
-        q, k, bias, pad, *saved, dout, dq, dmu, delta, **sizes, **args, **flags, **cfg)
     dk = torch.empty(B, Hk, M, D, **f32)
     dbias = torch.empty(B, Hk, M, **f32) if key_bias is not None else torch.empty(0, **f32)
-    # Keys are the rows of the dK kernel's tiles: a short-path key block is just one tile.
-    cfg_k = dict(cfg)
-    cfg_k.pop("SHORT")
-    cfg_k["BLOCK_M"] = min(cfg["BLOCK_M"], 64 if not _interpreting() else 32)
-    _bwd_dk_kernel[(triton.cdiv(M, cfg_k["BLOCK_M"]), B * Hk)](
-        q, k, bias, pad, *saved, dmu, delta, dk, dbias, **sizes, **args, **flags, **cfg_k)
+    args.update(MU=mu, LSE=lse, ELSE=energy_lse,
+                DENERGY=denergy.float().contiguous() if egrad else args["Q"],
+                DMU=dmu, DELTA=delta, scale2=scale * LOG2E_F, scale=scale)
+    flags["EGRAD"] = egrad
+    dq_args = {name: args[name] for name in _bwd_dq_kernel.arg_names if name in args}
+    dk_args = {name: args[name] for name in _bwd_dk_kernel.arg_names if name in args}
+    cfg_q, cfg_k = configs["dq"], configs["dk"]
+    launches = (
+        Launch(_bwd_dq_kernel, (triton.cdiv(N, cfg_q["BLOCK_N"]), B * H),
+               dict(dq_args, DOUT=dout.contiguous(), DQ=dq), dict(flags, **cfg_q)),
+        Launch(_bwd_dk_kernel, (triton.cdiv(M, cfg_k["BLOCK_M"]), B * Hk),
+               dict(dk_args, DK=dk, DBIAS=dbias), dict(flags, **cfg_k)),
+    )
+    return launches, (dq, dk, dbias)
+
+
+def _forward(*inputs):
+    launch, outputs = plan_forward(*inputs)
+    launch()
+    return outputs
+
+
+def _backward(dout, denergy, q, k, key_bias, *rest):
+    launches, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest)
+    for launch in launches:
+        launch()
     dbias = dbias.to(key_bias.dtype) if key_bias is not None else dbias
     return dq.to(q.dtype), dk.to(k.dtype), dbias
 

@@ -1,0 +1,206 @@
+"""Compile the fused kernels for a GPU architecture without a GPU, and report their resources.
+
+Triton compiles ahead of time for any target: the kernels go through Triton's GPU pipeline and
+NVIDIA's ``ptxas`` (bundled with Triton) exactly as on a GPU, so this catches what the CPU
+interpreter cannot (code the GPU compiler rejects, shared memory over the architecture's
+limit) and reports what decides speed before anything runs: registers per thread, bytes
+spilled to local memory, shared memory per program.
+
+The launches compiled are the ones the dispatcher plans for real calls
+(``plan_forward`` / ``plan_backward``, built from meta tensors), so the tile configurations,
+flags and argument types are those a GPU would get::
+
+    python -m energy_attn.kernels.compile_check                   # sm_90, bf16, D = 64, 128
+    python -m energy_attn.kernels.compile_check --arch 80 --dtype fp32 --head-dim 256
+
+It must run in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiled
+kernels); :func:`main` refuses otherwise. Alignment is assumed as a GPU call would specialize
+it: pointers 16-byte aligned, integer arguments divisible by 16 marked so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import sys
+from typing import Any
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from . import hopfield_descent as hd
+
+__all__ = ["SHARED_MEMORY_LIMIT", "compile_launch", "markdown_table", "plans", "resource_report"]
+
+#: Shared memory one thread block may use (bytes, opt-in maximum) by compute capability.
+SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+_TRITON_TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+                 torch.uint8: "u8"}
+
+
+def _signature(launch: hd.Launch) -> tuple[dict, dict, dict]:
+    """Triton's ``(signature, constexprs, attrs)`` for a planned launch."""
+    fn = launch.kernel
+    constexprs = {k: v for k, v in launch.meta.items() if k not in ("num_warps", "num_stages")}
+    signature, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        value = launch.args[name]
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool):
+            signature[name] = "i1"
+        elif isinstance(value, int):
+            signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
+        else:
+            raise TypeError(f"argument {name}: cannot type {type(value).__name__}")
+    return signature, constexprs, attrs
+
+
+def compile_launch(launch: hd.Launch, arch: int = 90) -> dict[str, Any]:
+    """Compile one planned launch for ``sm_<arch>``; its registers, spills and shared memory."""
+    signature, constexprs, attrs = _signature(launch)
+    source = ASTSource(launch.kernel, signature, constexprs, attrs)
+    options = {"num_warps": launch.meta["num_warps"], "num_stages": launch.meta["num_stages"]}
+    knobs = triton.knobs
+    saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
+    # ptxas -v prints registers and spills; a cached kernel would print nothing
+    knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = True, True
+    log = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                                      options=options)
+    finally:
+        knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile = saved
+    text = log.getvalue()
+    regs = re.search(r"Used (\d+) registers", text)
+    if regs is None:
+        raise RuntimeError(f"no ptxas report for {launch.kernel.__name__}:\n{text[-2000:]}")
+    return {
+        "kernel": launch.kernel.__name__,
+        "arch": f"sm_{arch}",
+        "registers": int(regs.group(1)),
+        "spill_bytes": sum(int(n) for n in re.findall(r"(\d+) bytes spill stores", text)),
+        "shared_bytes": int(compiled.metadata.shared),
+        "shared_limit": SHARED_MEMORY_LIMIT.get(arch),
+        "num_warps": options["num_warps"],
+        "num_stages": options["num_stages"],
+        **{k: constexprs[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D")},
+        "short": constexprs.get("SHORT"),
+    }
+
+
+def plans(*, dtype=torch.bfloat16, head_dim=128, N=4096, M=4096, num_steps=4,
+          optimizer="nesterov", key_bias=True, padding=True, is_causal=True, energies=True,
+          short_keys=None):
+    """The three launches (forward, dq, dk) a differentiable call with these options plans.
+
+    Defaults are the heaviest flag set (most live registers). ``short_keys`` overrides ``M``:
+    ``True`` takes the most keys the short-memory path holds (its largest tile), ``False`` a
+    key count that streams.
+    """
+    if short_keys is not None:
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        most = hd.SHORT_MEMORY_BYTES // (block_d * dtype.itemsize)
+        M = most if short_keys else max(M, 2 * most)
+    if is_causal:
+        N = M
+    meta = {"device": "meta"}
+    B, H, Hk, D = 2, 4, 2, head_dim
+    q = torch.empty(B, H, N, D, dtype=dtype, **meta)
+    k = torch.empty(B, Hk, M, D, dtype=dtype, **meta)
+    bias = torch.empty(B, Hk, M, dtype=dtype, **meta) if key_bias else None
+    pad = torch.empty(B, M, dtype=torch.bool, **meta) if padding else None
+    hyper = (0.125, 0.9, 0.5 if optimizer != "gd" else 0.0, num_steps, is_causal, optimizer)
+    fwd, (_, _, mu, lse, energy_lse) = hd.plan_forward(q, k, bias, pad, *hyper, energies, True)
+    denergy = torch.empty(B, H, N, num_steps + 1, **meta) if energies else None
+    bwd, _ = hd.plan_backward(torch.empty_like(q), denergy, q, k, bias, pad, mu, lse,
+                              energy_lse, *hyper)
+    return [fwd, *bwd]
+
+
+def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=False):
+    """Compile every kernel for each (arch, dtype, head dim, key path); one row each."""
+    rows = []
+    flags = {"optimizer": "gd", "energies": False} if light else {}
+    for arch in archs:
+        for dt in dtypes:
+            for D in head_dims:
+                for short in (False, True):
+                    for launch in plans(dtype=_DTYPES[dt], head_dim=D, short_keys=short,
+                                        **flags):
+                        if short and launch.kernel is hd._bwd_dk_kernel:
+                            continue  # no short path: identical to the streaming row
+                        row = compile_launch(launch, arch)
+                        row.update(dtype=dt, flags="light" if light else "heavy")
+                        rows.append(row)
+    return rows
+
+
+def markdown_table(rows, tier: bool = False) -> str:
+    """A markdown table of :func:`resource_report` rows (with their flag tier if ``tier``)."""
+    cols = ["arch", "dtype", "D", *(["flags"] if tier else []), "kernel", "path",
+            "BLOCK_N×BLOCK_M", "warps", "stages", "registers", "spilled bytes", "shared KiB"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r["arch"], r["dtype"], r["BLOCK_D"], *([r["flags"]] if tier else []),
+                 r["kernel"], "short" if r["short"] else "stream",
+                 f"{r['BLOCK_N']}×{r['BLOCK_M']}", r["num_warps"], r["num_stages"],
+                 r["registers"], r["spill_bytes"], f"{r['shared_bytes'] / 1024:.1f}"]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m energy_attn.kernels.compile_check",
+                                description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", type=int, nargs="+", default=[90],
+                   help="compute capabilities to compile for (default: 90)")
+    p.add_argument("--dtype", nargs="+", default=["bf16"], choices=sorted(_DTYPES))
+    p.add_argument("--head-dim", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--light", action="store_true",
+                   help="GD without energies (masks and bias kept); the default compiles the "
+                   "heaviest flag set (Nesterov, energies)")
+    p.add_argument("--no-spills", action="store_true",
+                   help="fail on register spills too (always fails on shared memory overruns)")
+    p.add_argument("--json", help="also write the rows to this JSON file")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        p.error("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels")
+    rows = resource_report(args.arch, args.dtype, args.head_dim, args.light)
+    print(markdown_table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"triton": triton.__version__, "rows": rows}, fh, indent=1)
+    status = 0
+    for r in rows:
+        where = f"{r['kernel']} {r['arch']} {r['dtype']} D={r['BLOCK_D']}"
+        if r["shared_limit"] is not None and r["shared_bytes"] > r["shared_limit"]:
+            print(f"error: {where} needs {r['shared_bytes']} bytes of shared memory "
+                  f"(limit {r['shared_limit']}): it cannot launch", file=sys.stderr)
+            status = 1
+        elif r["spill_bytes"]:
+            print(f"{'error' if args.no_spills else 'note'}: {where} spills "
+                  f"{r['spill_bytes']} bytes to local memory", file=sys.stderr)
+            status = 1 if args.no_spills else status
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

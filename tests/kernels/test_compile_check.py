@@ -1,0 +1,76 @@
+"""The kernels compile for real GPUs (sm_80, sm_90) with the tiles the dispatcher picks, and fit.
+
+Compiled ahead of time through Triton's GPU pipeline and ptxas, no GPU needed: this catches
+what the interpreter cannot (code the GPU compiler rejects, shared memory over the limit,
+registers spilled to local memory). Each case runs in a subprocess without TRITON_INTERPRET.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("energy_attn.kernels.hopfield_descent")
+pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's CUDA backend")
+
+CASES = {
+    # arch, dtypes, head dims, flags. The common GPU case (16-bit, GD without energies) must
+    # not spill; the heavier tiers and float32 may (their spills are listed in docs/kernels.md)
+    # but must compile and fit in shared memory.
+    "sm90-light-bf16": (["90"], ["bf16"], ["64", "128"], ["--light", "--no-spills"]),
+    "sm90-heavy": (["90"], ["bf16", "fp32"], ["64", "128"], []),
+    "sm90-edge-dims": (["90"], ["fp16"], ["16", "256"], []),
+    "sm80": (["80"], ["bf16"], ["64", "128"], ["--light"]),
+}
+
+
+def compile_check(tmp_path, arch, dtypes, dims, extra):
+    out = tmp_path / "rows.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")  # compile, never reuse a cached cubin
+    cmd = [sys.executable, "-m", "energy_attn.kernels.compile_check", "--arch", *arch,
+           "--dtype", *dtypes, "--head-dim", *dims, *extra, "--json", str(out)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    rows = json.loads(out.read_text())["rows"] if out.exists() else []
+    return done, rows
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(CASES))
+def test_every_kernel_compiles_without_spills_within_shared_memory(tmp_path, case):
+    arch, dtypes, dims, extra = CASES[case]
+    done, rows = compile_check(tmp_path, arch, dtypes, dims, extra)
+    assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+    # forward, dq on both key paths and dk, for every dtype and head dim
+    assert len(rows) == 5 * len(dtypes) * len(dims)
+    for r in rows:
+        assert 0 < r["registers"] <= 255, r
+        assert r["shared_bytes"] <= r["shared_limit"], r
+        if "--no-spills" in extra:
+            assert r["spill_bytes"] == 0, r
+
+
+@pytest.mark.slow
+def test_compile_check_refuses_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "energy_attn.kernels.compile_check"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "TRITON_INTERPRET" in done.stderr
+
+
+def test_plans_are_what_the_launch_runs():
+    """The planned forward launch carries the runtime arguments and flags the call implies."""
+    from energy_attn.kernels import hopfield_descent as kmod
+
+    q = torch.empty(2, 4, 100, 64, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(2, 2, 300, 64, device="meta", dtype=torch.bfloat16)
+    launch, (out, *_) = kmod.plan_forward(q, k, None, None, 0.125, 0.9, 0.5, 3, False,
+                                          "momentum", False, True)
+    assert launch.kernel is kmod._fwd_kernel and out.shape == q.shape
+    assert launch.meta["T"] == 3 and launch.meta["VELOCITY"] and not launch.meta["NESTEROV"]
+    assert not launch.meta["UPCAST"]  # meta tensors plan for a GPU, never for the interpreter
+    assert set(launch.args) | set(launch.meta) >= set(kmod._fwd_kernel.arg_names)
+    assert launch.grid == (-(-100 // launch.meta["BLOCK_N"]), 8)
