@@ -38,7 +38,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SHORT_MEMORY_BYTES", "hopfield_descent_triton", "unsupported_reason"]
+__all__ = ["SHORT_MEMORY_BYTES", "Launch", "hopfield_descent_triton", "plan_backward",
+           "plan_forward", "unsupported_reason"]
 
 OPTIMIZERS = ("gd", "momentum", "nesterov")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -531,8 +532,8 @@ def _tiles(kernel: str, block_d: int, itemsize: int, heavy: bool) -> tuple[int, 
     registers do not spill to local memory, else the least spilling. Timing on a GPU may still
     prefer others.
     """
-    heavy = heavy or itemsize == 4
-    return _TILES[kernel, min(itemsize, 4), heavy][min(max(block_d, 32), 256)]
+    heavy = heavy or itemsize == 4  # float32 has one table
+    return _TILES[kernel, itemsize, heavy][max(block_d, 32)]
 
 
 def _config(kernel: str, M: int, D: int, dtype: torch.dtype, heavy: bool,
