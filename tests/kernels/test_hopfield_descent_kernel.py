@@ -14,7 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from energy_attn.kernels import hopfield_descent as kmod
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from energy_attn import hopfield_descent
@@ -65,9 +65,13 @@ def run(backend, q, k, b, dout, **kw):
     return [out, *grads]
 
 
-def assert_close_to_truth(name, kernel, ref, truth, dtype):
+def assert_close_to_truth(name, kernel, ref, truth, dtype, scale=0.0):
+    """``scale``: the magnitude of the terms a result is computed from, when larger than the
+    result. ``d key_bias = Σ_i P ⊙ (dμ·k − Δ)`` cancels exactly where a row sees one key, and
+    the kernel's ``Δ = dμ·μ`` (the flash-attention identity, exact in exact arithmetic) differs
+    from ``dμ·k`` by an ulp of those terms, not of the zero result."""
     eps = torch.finfo(dtype).eps
-    mag = truth.abs().max().item()
+    mag = max(truth.abs().max().item(), scale)
     err_k = (kernel.to(f64) - truth).abs().max().item()
     err_r = (ref.to(f64) - truth).abs().max().item()
     assert torch.isfinite(kernel).all(), f"{name}: non-finite values"
@@ -86,9 +90,11 @@ def compare(dtype, *, B=2, H=2, Hk=1, N=63, M=111, D=32, mask_kind="none", optim
     got = run("triton", q, k, b, dout, **kw)
     ref = run("reference", q, k, b, dout, **kw)
     truth = run("reference", q64, k64, b64, dout64, **kw)
+    # The gradients are sums of dμ·k-sized terms: an ulp of that product is their rounding scale.
+    terms = dout64.abs().max().item() * k64.abs().max().item()
     for name, g, r, t in zip(["out", "dq", "dk", "dkey_bias"], got, ref, truth):
         assert g.dtype == r.dtype and g.shape == r.shape, name
-        assert_close_to_truth(name, g, r, t, dtype)
+        assert_close_to_truth(name, g, r, t, dtype, scale=terms if name != "out" else 0.0)
 
 
 @pytest.mark.parametrize("optimizer", list(OPTS))
@@ -322,6 +328,9 @@ def test_benchmark_script_smoke_run(tmp_path):
     bias=st.booleans(), short=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
+# Found by CI: the only unmasked row sees one key, so d key_bias cancels to exactly 0.
+@example(B=1, Hk=1, G=1, N=1, M=3, D=16, T=1, mask_kind="causal+padding", optimizer="gd",
+         bias=True, short=False, seed=0)
 def test_fuzz_kernel_matches_reference(B, Hk, G, N, M, D, T, mask_kind, optimizer, bias, short,
                                       seed):
     torch.manual_seed(seed)  # the example's data is a function of the example
