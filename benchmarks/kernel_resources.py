@@ -22,6 +22,7 @@ from pathlib import Path
 
 import triton
 from energy_attn.kernels.compile_check import markdown_table, resource_report
+from energy_attn.kernels.hopfield_descent import _interpreting
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path
 from _machine import machine_name  # noqa: E402
@@ -32,7 +33,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if _interpreting():
         p.error("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels")
     archs, dtypes, dims = ((90,), ("bf16",), (128,)) if args.quick else (
         (90, 80), ("bf16", "fp32"), (64, 128))

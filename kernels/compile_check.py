@@ -24,7 +24,6 @@ import argparse
 import contextlib
 import io
 import json
-import os
 import re
 import sys
 from typing import Any
@@ -179,7 +178,7 @@ def main(argv=None) -> int:
                    help="fail on register spills too (always fails on shared memory overruns)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if hd._interpreting():
         p.error("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels")
     rows = resource_report(args.arch, args.dtype, args.head_dim, args.light)
     print(markdown_table(rows))
