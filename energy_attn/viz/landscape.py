@@ -84,7 +84,7 @@ def simulate_and_plot_patterns(
         plot_title: axes title.
         ax: axes to draw on (a ``"3d"`` axes when ``plot_3d``); default a new pyplot figure.
         plot_3d: draw the energy as a 3-D surface with trajectories at their energies.
-        optimizer, momentum: descent optimizer (MATH.md §4); default plain gradient descent.
+        optimizer, momentum: descent optimizer (docs/math.md §4); default plain gradient descent.
         grid_points: grid resolution per axis (``>= 2``).
         cmap: colormap of the landscape (light = low energy: valleys).
         legend: draw a legend naming the markers.
