@@ -31,7 +31,9 @@ def _files():
             yield path
         elif path.is_dir():
             for f in sorted(path.rglob("*")):
-                if f.is_file() and f.suffix in SUFFIXES and "__pycache__" not in f.parts:
+                script = place == ".ci"  # the CI scripts have no suffix
+                if f.is_file() and (f.suffix in SUFFIXES or script) and \
+                        "__pycache__" not in f.parts:
                     yield f
 
 
