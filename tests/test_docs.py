@@ -99,3 +99,20 @@ def test_nothing_cites_files_outside_the_repository(place):
                 bad.append(f"{f.relative_to(ROOT).as_posix()}:{lineno}: {line.strip()[:100]}")
     assert not bad, "cite docs/math.md (or another file in the repository) instead:\n" + \
         "\n".join(bad)
+
+
+def test_sections_cited_in_the_other_docs_exist():
+    """``docs/zoo.md §6``, ``[results.md §2](results.md)``: numbered headings of that page."""
+    other = re.compile(r"\b(zoo|results|kernels)\.md`?\)?\s*§\s*(\d+(?:\.\d+)*)")
+    missing, seen = [], 0
+    for f in _files():
+        for lineno, line in enumerate(f.read_text(encoding="utf-8", errors="replace")
+                                      .splitlines(), 1):
+            for name, section in other.findall(line):
+                seen += 1
+                page = (ROOT / "docs" / f"{name}.md").read_text(encoding="utf-8")
+                if not re.search(rf"^#{{2,4}}\s+{re.escape(section)}\.?\s", page, flags=re.M):
+                    missing.append(f"{f.relative_to(ROOT).as_posix()}:{lineno}: {name}.md "
+                                   f"§{section}")
+    assert seen >= 2  # README's docs/zoo.md §6 and math.md's results.md §2
+    assert not missing, "\n".join(missing)
