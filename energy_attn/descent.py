@@ -1,4 +1,4 @@
-"""The descent engine: T fixed steps of an optimizer on an energy (MATH.md §4).
+"""The descent engine: T fixed steps of an optimizer on an energy (docs/math.md §4).
 
 Every layer in the package ends up in :func:`descend`, which knows nothing about attention:
 it takes a *direction* function ``d(ξ)`` (the gradient, or a Newton-preconditioned gradient)
@@ -129,7 +129,7 @@ def minimize_energy(
 ):
     """Minimise ``energy_func`` with respect to ``queries`` for ``num_steps`` steps.
 
-    The blog's function, generalised to the optimizers of MATH.md §4.
+    The blog's function, generalised to the optimizers of docs/math.md §4.
 
     Args:
         energy_func: ``energy_func(queries, keys, mask=mask) -> [..., n]`` per-query energies
@@ -149,7 +149,7 @@ def minimize_energy(
         momentum: ``ρ`` in ``[0, 1)`` for momentum/Nesterov.
         use_closed_form: set False to force the autograd path even when a closed form exists.
         self_consistent: self-attention whose stored patterns *are* the moving state patterns
-            (MATH.md §1, the blog's footnote 3): pass ``keys=None`` (or ``queries`` itself);
+            (docs/math.md §1.4, the blog's footnote 3): pass ``keys=None`` (or ``queries`` itself);
             every step descends the global energy ``Σ_i E(ξ_i; Ξ)`` with its true gradient,
             through the state both as query and as key (closed form ``energy_func.
             self_gradient`` when present, else autograd of ``energy_func(Ξ, Ξ)``). Energies in

@@ -15,7 +15,7 @@ nothing syncs with the host, and with closed-form products ``torch.compile(fullg
 traces forward and backward.
 
 Both solves converge when ``f`` is a contraction near ``z*`` (spectral radius of ``J`` below 1).
-:func:`hopfield_fixed_point` applies this to the Hopfield descent (MATH.md §1): the fixed point
+:func:`hopfield_fixed_point` does this for the Hopfield descent (docs/math.md §9.2): the fixed point
 of ``ξ ↦ ξ − η ∇E(ξ)`` is a stationary point of the energy, ``ξ* = softmax(β ξ* Kᵀ + b) K``.
 Because ``ξ*`` does not depend on where the iteration started (within a basin), its gradient
 with respect to the initial queries is zero; gradients flow to the keys (and key bias).
@@ -249,7 +249,7 @@ def _hopfield_step_vjp(scale, step_size, mask, is_causal):
         ∂/∂k_j = Σ_i p_ij w_i + β Σ_i p_ij s_ij(w) ξ_i       with w = η u
         ∂/∂b_j = Σ_i p_ij s_ij(w)
 
-    (the attention-weighted key covariance ``Σ_i`` of MATH.md §4). ``P`` is built once per
+    (``Σ_i`` the attention-weighted key covariance; docs/math.md §9.2). ``P`` is built once per
     backward and reused by the T adjoint iterations.
     """
     from .energies.hopfield import _logits, _readout  # noqa: PLC0415

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for T steps of Hopfield / elastic energy descent (MATH.md §1, §4, §7).
+"""Fused Triton kernels for T steps of Hopfield / elastic energy descent (docs/math.md §1, §4, §7).
 
 One step, for a query row ``ξ`` against fixed keys ``K`` (values = keys), with ``c = ρ`` for
 Nesterov and ``c = 0`` otherwise (GD is the ``ρ = 0`` case of momentum):

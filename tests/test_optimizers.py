@@ -1,4 +1,4 @@
-"""The optimizers of the descent engine (MATH.md §4), checked against first principles."""
+"""The optimizers of the descent engine (docs/math.md §4), checked against first principles."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""Self-consistent self-attention (MATH.md §1, the blog's footnote 3)."""
+"""Self-consistent self-attention (docs/math.md §1.4, the blog's footnote 3)."""
 
 import functools
 
@@ -35,7 +35,7 @@ def test_closed_form_equals_autograd_of_global_energy(energy, closed, masked):
 
 
 def test_the_true_gradient_has_the_key_term():
-    # MATH.md §1: ∇_i = ξ_i − Σ_j p_ij ξ_j − Σ_j p_ji ξ_j; the fixed-key gradient misses the last.
+    # docs/math.md §1.4: ∇_i = ξ_i − Σ_j p_ij ξ_j − Σ_j p_ji ξ_j; fixed keys miss the last term.
     x = torch.randn(1, 5, 3, dtype=DT)
     p = (0.5 * x @ x.transpose(-1, -2)).softmax(-1)
     expected = x - p @ x - p.transpose(-1, -2) @ x

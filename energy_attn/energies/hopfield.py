@@ -1,4 +1,4 @@
-"""Modern Hopfield energy and the elastic Helmholtz free energy (MATH.md §1, §2, §4).
+"""Modern Hopfield energy and the elastic Helmholtz free energy (docs/math.md §1, §2, §4).
 
 Both are one energy with an optional per-key bias ``b_j`` on the logits:
 
@@ -85,7 +85,7 @@ def hopfield_energy_grad(state_patterns, stored_patterns, scale, mask=None, key_
 
 
 def hopfield_energy_self_grad(state_patterns, stored_patterns, scale, mask=None, key_bias=None):
-    """Gradient of the *self-consistent* global energy (MATH.md §1, the blog's footnote 3).
+    """Gradient of the *self-consistent* global energy (docs/math.md §1.4, the blog's footnote 3).
 
     When the stored patterns are the state patterns and move with them,
     ``E(Ξ) = Σ_i ½‖ξ_i‖² − (1/β) Σ_i lse_j(β ξ_i·ξ_j + b_j)`` and every pattern is also a key:
@@ -121,7 +121,7 @@ def elastic_energy_self_grad(state_patterns, stored_patterns, scale, mask=None):
 def hopfield_newton_direction(
     state_patterns, stored_patterns, scale, mask=None, key_bias=None, kind="2nd1st"
 ):
-    """Preconditioned gradient ``d`` of the Newton-like steps (``ξ⁺ = ξ − η d``), MATH.md §4.
+    """Newton-like preconditioned gradient ``d`` (``ξ⁺ = ξ − η d``), docs/math.md §4.3, §4.4.
 
     With ``H = I − βΣ`` (``Σ_i`` the attention-weighted key covariance) and ``g = ξ − μ``:
 
@@ -155,7 +155,7 @@ def elastic_key_bias(stored_patterns, scale):
 
 
 def elastic_energy(state_patterns, stored_patterns, scale, mask=None):
-    """Helmholtz free energy with elastic local energy ``E_j(z) = ½‖z − k_j‖²`` (MATH.md §2).
+    """Helmholtz free energy with elastic local energy ``E_j(z) = ½‖z − k_j‖²`` (docs/math.md §2.1).
 
     ``F*(z) = −T log Σ_j exp(−E_j(z)/T) = ½‖z‖² − T lse_j((z·k_j − ½‖k_j‖²)/T)``, ``T = 1/scale``,
     i.e. the Hopfield energy with key bias :func:`elastic_key_bias`. Returns ``[..., n]``.

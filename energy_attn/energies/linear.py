@@ -1,4 +1,4 @@
-"""Linear and gated linear energies (Ren et al.; MATH.md §3 — the gated recipe is this project's).
+"""Linear and gated linear energies (Ren et al.; docs/math.md §3; the gating is this project's).
 
     F(ξ_i) = −(β/2) Σ_j w_ij (ξ_i·k_j)²          ∇F(ξ_i) = −β Σ_j w_ij (ξ_i·k_j) k_j
 

@@ -1,6 +1,6 @@
 """The one computation behind every drop-in adapter: descend, then read out with the values.
 
-``T − 1`` Hopfield descent steps move the queries ``ξ`` against the keys (MATH.md §1, via
+``T − 1`` Hopfield descent steps move the queries ``ξ`` against the keys (docs/math.md §1, §10, via
 :func:`energy_attn.ops.hopfield_descent`), then one softmax read-out with the values,
 
     ξ_0 = q,   ξ_{t+1} = step(ξ_t; K),   out = softmax(β ξ_{T−1} Kᵀ + b) V,
@@ -77,7 +77,7 @@ def descend_and_read_out(
         c = causal_mask(q.shape[2], k.shape[2], q.device)
         full = c if mask is None else mask & c
         is_causal = False
-    # Fully masked rows would be NaN: let them attend everything, then zero them (MATH.md §1).
+    # Fully masked rows would be NaN: let them attend all, then zero them (docs/math.md §1.3).
     valid = full.any(dim=-1, keepdim=True) if exists(full) else None
     allowed = full | ~valid if exists(full) else None
 

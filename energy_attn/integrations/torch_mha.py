@@ -62,7 +62,7 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
 
     Per head, with projected queries ``q`` (rows ``ξ``), keys ``K`` and values ``V``:
     ``num_steps − 1`` optimizer steps ``ξ ← ξ − η ∇E(ξ)``, ``E(ξ) = ½‖ξ‖² − (1/β) lse(β ξ Kᵀ)``
-    (MATH.md §1, §4), then ``softmax(β ξ Kᵀ + mask) V``. ``num_steps=1`` is exactly
+    (docs/math.md §1, §4, §10), then ``softmax(β ξ Kᵀ + mask) V``. ``num_steps=1`` is exactly
     ``nn.MultiheadAttention``; a ``state_dict`` loads unchanged both ways.
 
     Args:

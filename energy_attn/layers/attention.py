@@ -129,7 +129,7 @@ class EnergyBasedAttention(nn.Module):
             :func:`hopfield_energy`. Closed-form energies (``hopfield_energy``,
             ``elastic_energy``) run on the fused op :func:`hopfield_descent`; any other callable
             is descended with autograd like the blog.
-        optimizer, momentum: default descent optimizer (MATH.md §4), overridable per call.
+        optimizer, momentum: default descent optimizer (docs/math.md §4), overridable per call.
 
     ``forward(x, context=None, mask=None, scale=None, bare_attn=False, step_size=1.0,
     num_steps=1, return_trajs=False, optimizer=None, momentum=None, self_consistent=False)``
@@ -137,7 +137,7 @@ class EnergyBasedAttention(nn.Module):
     :func:`minimize_energy` with heads folded into the batch (``(b h) n d``).
 
     ``self_consistent=True`` (self-attention only, ``context=None``): the stored patterns are
-    the moving state patterns themselves (MATH.md §1, the blog's footnote 3), and each step
+    the moving state patterns themselves (docs/math.md §1.4, the blog's footnote 3), and each step
     follows the true gradient of the global energy ``Σ_i E(ξ_i; Ξ)``. The state starts at the
     queries ``to_q(x)`` (``x`` itself with ``bare_attn``); ``to_k`` is not used.
     """

@@ -1,4 +1,4 @@
-"""Optimizer-inspired pre-norm transformer blocks (Ren et al.; MATH.md §5).
+"""Optimizer-inspired pre-norm transformer blocks (Ren et al.; docs/math.md §5).
 
 The residual stream is the iterate and ``a_l(x) = MHA_l(LN(x))`` is layer ``l``'s step:
 

@@ -3,7 +3,7 @@
 The tokens themselves are the iterate (Hoover et al., 2023): ``x_{t+1} = x_t − α ∇E(x_t)`` with
 ``E`` of :func:`energy_attn.energies.energy_transformer_energy` (queries and keys both computed
 from the moving tokens), run by the package's one descent loop
-(:func:`energy_attn.descent.descend`), so the other optimizers of MATH.md §4 that need only a
+(:func:`energy_attn.descent.descend`), so the other optimizers of docs/math.md §4.1 that need only a
 gradient (momentum, Nesterov) work too. Defaults follow the original: ``T = 12``, ``α = 0.1``,
 ``β = dim_head ** -0.5``. This is the attention part of an Energy Transformer block only (no
 Hopfield-network term). The attention energy of raw tokens is unbounded below (longer tokens
@@ -36,7 +36,7 @@ class EnergyTransformerAttention(nn.Module):
         scale: inverse temperature ``β`` (default ``dim_head ** -0.5``).
         num_steps: default number of descent steps ``T`` (12).
         step_size: default step size ``α`` (0.1).
-        optimizer, momentum: ``"gd" | "momentum" | "nesterov"`` and ``ρ`` (MATH.md §4).
+        optimizer, momentum: ``"gd" | "momentum" | "nesterov"`` and ``ρ`` (docs/math.md §4.1).
         normalize: evaluate the energy on ``LayerNorm(x)`` (no affine) and step the tokens along
             its gradient, as the original Energy Transformer (default False: the energy of the
             raw tokens, as specified).

@@ -6,7 +6,7 @@ Three modules, as in the original library:
   queries), *stored* patterns (the keys) and a *pattern projection* (the values), each
   optionally layer-normalised and linearly projected. ``update_steps_max = T > 0`` first
   iterates the state ``ξ ← softmax(β ξ Kᵀ) K`` (gradient descent with step 1 on the Hopfield
-  energy, MATH.md §1) for T steps, then reads out the values with the final association.
+  energy, docs/math.md §1.1, §10) for T steps, then reads out the values with the final association.
 * :class:`HopfieldPooling`: the state patterns are learned (``quantity`` of them): pooling over
   a set or sequence given as stored patterns.
 * :class:`HopfieldLayer`: the stored patterns (and the projection) are learned (``quantity``
@@ -326,7 +326,7 @@ class Hopfield(nn.Module):
 
     def energy(self, input, stored_pattern_padding_mask=None, association_mask=None,
                return_trace=False):
-        """Hopfield energy of every state pattern in the association space (MATH.md §1).
+        """Hopfield energy of every state pattern in the association space (docs/math.md §1.1).
 
         ``E(ξ_i) = ½‖ξ_i‖² − (1/β) log Σ_j exp(β ξ_i·k_j)`` over unblocked keys, at the final
         state ``ξ_T``: ``[B, num_heads, N]`` (float32 accumulation). With ``return_trace=True``

@@ -1,7 +1,7 @@
 """``LinearAttention``: a thin multi-head layer on :func:`energy_attn.ops.linear_attention`.
 
 ``x [B, N, d_model] -> q, k, v (and gates) -> linear_attention -> W_O``. The unnormalised form
-is one GD step on the linear energy (MATH.md §3); ``gated=True`` adds per-head, per-token gates
+is one GD step on the linear energy (docs/math.md §3); ``gated=True`` adds per-head, per-token gates
 ``g = sigmoid(x W_g + b_g)`` (``S_t = g_t S_{t−1} + v_t k_tᵀ`` when causal).
 """
 

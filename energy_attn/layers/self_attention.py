@@ -4,12 +4,12 @@ One step ``a(x) = W_O · attend(W_Q x, W_K x, W_V x)``, where ``attend`` is, per
 
 * ``second_order=None``: softmax attention ``μ = softmax(β QKᵀ) V`` through
   ``F.scaled_dot_product_attention`` (flash/efficient kernels, no N×N matrix saved).
-* ``second_order="2nd1st"`` (MHA2nd1st, MATH.md §5): with the same probabilities ``P``,
+* ``second_order="2nd1st"`` (MHA2nd1st, docs/math.md §5.2): with the same probabilities ``P``,
   ``r_i = μ_i − v_i`` (``v_i`` the token's own value) and ``S_ij = (v_j − μ_i)·r_i``,
   ``o = μ + γ_h (P ⊙ S) V``. ``P`` is built explicitly (one N×N matrix, like a math-path
   attention call, and the only one autograd keeps: ``S`` is recomputed in backward); the
   correction costs two more N×N×d matmuls (``R Vᵀ`` and ``(P⊙S) V``).
-* ``second_order="light"`` (LightMHA2nd1st, MATH.md §5): ``o = μ + γ_h (P(V⊙V) − μ⊙μ) ⊙ r``;
+* ``second_order="light"`` (LightMHA2nd1st, docs/math.md §5.3): ``o = μ + γ_h (P(V⊙V) − μ⊙μ) ⊙ r``;
   ``μ`` and ``P(V⊙V)`` come from **one** SDPA call with values ``[V, V⊙V]`` (width 2d).
 
 ``γ_h = softplus(φ_h)`` per head (learnable) or a fixed non-negative buffer; ``γ = 0`` gives
@@ -18,7 +18,7 @@ plain attention exactly. These Newton-inspired forms are this project's reading 
 
 ``attention="energy"`` makes the read-out follow ``num_steps − 1`` steps of energy descent of
 the queries on the Hopfield energy against the keys (:func:`energy_attn.hopfield_descent`, any
-optimizer of MATH.md §4); the final step reads out the values with the (descended) queries. With
+optimizer of docs/math.md §4, §10); the last step reads out the values with the new queries. With
 ``num_steps=1`` it is plain attention exactly.
 
 Masks are boolean, True = may attend, broadcastable to ``[B, H, N, N]``; fully masked rows
@@ -124,7 +124,7 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         attention: ``"softmax"`` or ``"energy"`` (queries descend the Hopfield energy first).
         num_steps: energy attention: total steps ``T >= 1`` (``T − 1`` descent steps, then
             the read-out of the values).
-        step_size, optimizer, momentum: the descent's ``η``, optimizer and ``ρ`` (MATH.md §4).
+        step_size, optimizer, momentum: the descent's ``η``, optimizer and ``ρ`` (docs/math.md §4).
 
     ``forward(x [B, N, d_model], mask=None, is_causal=False) -> [B, N, d_model]``; ``mask``
     boolean broadcastable to ``[B, n_head, N, N]``, True = may attend.

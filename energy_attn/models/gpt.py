@@ -31,7 +31,7 @@ class GPTConfig:
         block: ``"mha" | "momen" | "nag" | "2nd1st" | "light2nd1st"``.
         attention: ``"softmax"`` or ``"energy"`` (each block's queries descend the Hopfield
             energy for ``num_steps − 1`` steps before the read-out of the values).
-        num_steps, step_size, optimizer, momentum: energy-attention options (MATH.md §4).
+        num_steps, step_size, optimizer, momentum: energy-attention options (docs/math.md §4, §10).
         rho, learn_rho: momentum of momen/nag blocks (``sigmoid`` of a parameter if learned).
         gamma, learn_gamma: per-head Newton weight of 2nd1st/light2nd1st blocks.
         mlp_ratio: FFN width multiplier.

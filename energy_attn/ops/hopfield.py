@@ -1,6 +1,6 @@
 """``hopfield_descent``: T optimizer steps on the Hopfield / elastic energy, in SDPA layout.
 
-One public function, three backends (DESIGN.md):
+One public function, three backends (docs/math.md §7 for their memory and cost):
 
 * ``reference``: closed-form steps in plain PyTorch; the read-out ``μ = softmax(β ξ Kᵀ + b) K``
   is one ``F.scaled_dot_product_attention(ξ, K, K)`` call per step, so autograd saves only
@@ -89,7 +89,7 @@ def _readout_masks(mask, is_causal, N, M, device):
     """SDPA masking for the read-out: ``(attn_mask, valid, sdpa_causal)``.
 
     Fully masked rows would give NaN in SDPA: they attend to every key and their read-out is
-    zeroed afterwards with ``valid`` (MATH.md §1), which also keeps gradients finite. Without a
+    zeroed afterwards with ``valid`` (docs/math.md §1.3), which keeps gradients finite. Without a
     mask, causality stays SDPA's ``is_causal`` flag (its fast path).
     """
     if mask is None:

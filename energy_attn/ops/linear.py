@@ -1,5 +1,5 @@
 """``linear_attention``: unnormalised (gated) linear attention, the untied GD step of the linear
-energies (MATH.md §3; weights in :mod:`energy_attn.energies.linear`).
+energies (docs/math.md §3; weights in :mod:`energy_attn.energies.linear`).
 
     o_i = β Σ_j w_ij (q_i·k_j) v_j
 

@@ -1,4 +1,4 @@
-"""Optimizers: the attention-informed Adam (MATH.md §6)."""
+"""Optimizers: the attention-informed Adam (docs/math.md §6)."""
 
 from .attention_informed import (
     AttentionInformedAdam,

@@ -1,4 +1,4 @@
-"""The attention-informed optimizer (MATH.md §6; Aranda Barois, details are this project's).
+"""The attention-informed optimizer (docs/math.md §6; Aranda Barois, details are this project's).
 
 Attention modules record two things during the ordinary forward pass (no extra forward):
 
@@ -20,7 +20,7 @@ The protocol is :class:`EnergyRecorder`: any ``nn.Module`` that mixes it in and 
 :meth:`EnergyRecorder.record_energy` with its per-head queries and keys takes part; the
 optimizer finds such modules with ``energy_source.modules()``.
 
-Normalisation (this project's choice, MATH.md writes ``Σ_i``): the free energy is averaged over
+Normalisation (ours, docs/math.md §6.1; the seed writes ``Σ_i``): the free energy is averaged over
 batch, heads and queries, like the loss, so the attention gradient's scale does not grow with
 batch size or context length; otherwise ``g_att/√v̂`` would dwarf the Adam direction by a factor
 of ``B·H·N``.
@@ -66,7 +66,7 @@ def attention_energy_stats(q, k, scale, *, causal=False, key_mask=None, mask=Non
             scores (the mask is N×M already).
         free_energy: also return ``F = mean_{b,h,i} −(1/β) lse_j(β q_i·k_j)`` (differentiable;
             needs the ``[B, H, N, M]`` scores, so only computed when asked). A query with no
-            key to attend has an empty memory and contributes 0 (MATH.md §1).
+            key to attend has an empty memory and contributes 0 (docs/math.md §1.3).
         probs: also return the attention maps ``softmax(β q kᵀ)`` ``[B, H, N, M]`` (detached).
 
     Returns:
@@ -196,7 +196,7 @@ def _check_gamma(gamma):
 
 
 class AttentionInformedAdam(torch.optim.Optimizer):
-    """AdamW with an attention-energy term (MATH.md §6).
+    """AdamW with an attention-energy term (docs/math.md §6).
 
     Args:
         params: parameters or parameter groups (each group may set its own ``lr``, ``betas``,
@@ -207,7 +207,7 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         weight_decay: decoupled weight decay (AdamW's).
         gamma: γ in ``α = sigmoid(γ·Ē)``; ±inf gives α ∈ {0, 1} by the sign of Ē
             (and α = ½ when Ē = 0).
-        attention_norm: what divides the attention gradient: ``"loss"`` (MATH.md §6,
+        attention_norm: what divides the attention gradient: ``"loss"`` (docs/math.md §6.3,
             ``g_att/(√v̂+ε)`` with the loss gradient's ``v̂``) or ``"own"`` (this project's
             variant, ``g_att/(√û+ε)`` with ``û`` the bias-corrected second moment of ``g_att``
             itself, so both directions have unit scale; see the note below).

@@ -15,7 +15,7 @@ HELP = {
     "optimizer": "adamw | aiadam (AttentionInformedAdam)",
     "gamma": "aiadam's gamma in alpha = sigmoid(gamma * mean energy)",
     "attention_norm": "aiadam: divide the attention gradient by the loss gradient's RMS (loss, "
-                      "MATH.md) or its own (own)",
+                      "docs/math.md §6.3) or its own (own)",
     "batch": "sequences per step per process",
     "steps": "training steps (the schedule's length)",
     "context": "sequence length in bytes",

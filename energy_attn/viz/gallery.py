@@ -76,6 +76,35 @@ def flatland_kwargs(name, state, stored, seed=0):
     return dict(state_patterns=state, context=context, plot_title=title, **kw)
 
 
+def optimizer_figure(state, stored, *, grid_points=80):
+    """The optimizers of ``OPTIMIZER_RUNS`` on one landscape: a 2×2 ``Figure`` and the traces.
+
+    ``β = 2/√2``, ``η = 0.5``, ``T = 8`` from the toy patterns ``state [1, n, 2]`` and
+    ``stored [1, m, 2]``. One legend for the four panels, below them (the constrained layout
+    keeps it inside the figure, clear of every title and label). Returns ``(fig, traces)``,
+    ``traces`` the trajectory dicts keyed by the panel labels (for :func:`plot_energy_trace`).
+    """
+    from matplotlib.figure import Figure
+
+    from ..energies import hopfield_energy
+    from .landscape import simulate_and_plot_patterns
+
+    fig = Figure(figsize=(11.0, 10.0), layout="constrained")
+    traces = {}
+    for i, (label, kw) in enumerate(OPTIMIZER_RUNS.items()):
+        _, ax, traj = simulate_and_plot_patterns(
+            hopfield_energy, state, context=stored, scale=2 * D2, step_size=0.5, num_steps=8,
+            plot_grid_size=4.5,
+            plot_title=f"{label}, η = 0.5, T = 8", ax=fig.add_subplot(2, 2, i + 1),
+            grid_points=grid_points, legend=False, return_trajs=True, **kw,
+        )
+        traces[label] = traj
+        if i == 0:
+            handles, labels = ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), frameon=False)
+    return fig, traces
+
+
 def write_gallery(out_dir, *, full=False, seed=0, progress=None, dpi=None):
     """Write the blog's flatland figures, an optimizer comparison and the norm sweep as PNGs.
 
@@ -126,32 +155,23 @@ def write_gallery(out_dir, *, full=False, seed=0, progress=None, dpi=None):
 
     state, stored = toy_patterns(seed)
     for name in FLATLAND:
-        fig = Figure(figsize=(6.0, 5.0))
+        fig = Figure(figsize=(6.0, 5.0), layout="constrained")
         simulate_and_plot_patterns(hopfield_energy, ax=fig.add_subplot(),
                                    grid_points=grid_points,
                                    **flatland_kwargs(name, state, stored, seed))
         save(fig, name)
 
     # Optimizers on one landscape: 2×2 trajectories, then the energy traces.
-    fig = Figure(figsize=(11.0, 9.5))
-    traces = {}
-    for i, (label, kw) in enumerate(OPTIMIZER_RUNS.items()):
-        _, _, traj = simulate_and_plot_patterns(
-            hopfield_energy, state, context=stored, scale=2 * D2, step_size=0.5, num_steps=8,
-            plot_grid_size=4.5,
-            plot_title=f"{label}, η = 0.5, T = 8", ax=fig.add_subplot(2, 2, i + 1),
-            grid_points=grid_points, legend=i == 0, return_trajs=True, **kw,
-        )
-        traces[label] = traj
+    fig, traces = optimizer_figure(state, stored, grid_points=grid_points)
     save(fig, "flatland_optimizers")
-    fig = Figure(figsize=(6.0, 4.0))
+    fig = Figure(figsize=(6.0, 4.0), layout="constrained")
     plot_energy_trace(traces, ax=fig.add_subplot(), log_gap=True,
                       title="energy per step on the landscape above (β = 2/√2, η = 0.5)")
     save(fig, "energy_trace")
 
     norms = norm_sweep(dims, beta_scales, seed=seed,
                        progress=lambda i, n: tick(f"norm sweep d_k = {dims[i - 1]}"))
-    fig = Figure(figsize=(8.0, 6.0))
+    fig = Figure(figsize=(8.0, 6.0), layout="constrained")
     plot_norm_sweep(dims, beta_scales, norms=norms, ax=fig.add_subplot(),
                     title="bare self-attention: how far one step moves 32 patterns (float32)")
     path = out / "norm_sweep.png"

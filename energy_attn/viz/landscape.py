@@ -16,7 +16,7 @@ import torch
 
 from .._utils import check_finite_number, check_float_tensor, check_same_device, exists
 from ..descent import minimize_energy
-from ._mpl import new_axes, require_matplotlib
+from ._mpl import below_x_axis, new_axes, require_matplotlib
 
 # Colours of the blog's figures.
 STORED, STATE, VALUE = "tab:blue", "red", "gold"
@@ -84,10 +84,12 @@ def simulate_and_plot_patterns(
         plot_title: axes title.
         ax: axes to draw on (a ``"3d"`` axes when ``plot_3d``); default a new pyplot figure.
         plot_3d: draw the energy as a 3-D surface with trajectories at their energies.
-        optimizer, momentum: descent optimizer (MATH.md §4); default plain gradient descent.
+        optimizer, momentum: descent optimizer (docs/math.md §4); default plain gradient descent.
         grid_points: grid resolution per axis (``>= 2``).
         cmap: colormap of the landscape (light = low energy: valleys).
-        legend: draw a legend naming the markers.
+        legend: draw a legend naming the markers, below the axes' x label (a new figure uses
+            the constrained layout, so ``fig.savefig`` keeps it; on your own figure use
+            ``layout="constrained"`` or ``bbox_inches="tight"``).
         return_trajs: also return the trajectory dict of :func:`energy_attn.minimize_energy`
             (``"queries"``/``"energies"``, T+1 entries of ``[1, n, 2]``/``[1, n]``), plus
             ``"values"`` (``[1, n, 2]``) when a value map is given.
@@ -207,9 +209,9 @@ def simulate_and_plot_patterns(
     ax.set_ylabel("pattern dim 2")
     if exists(plot_title):
         ax.set_title(plot_title)
-    if legend:  # below the axes, so it never hides a pattern
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize="small",
-                  frameon=False)
+    if legend:  # below the x label, so it hides no pattern, label or title
+        ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), bbox_transform=below_x_axis(ax),
+                  ncol=2, fontsize="small", frameon=False)
     return (fig, ax, trajs) if return_trajs else (fig, ax)
 
 

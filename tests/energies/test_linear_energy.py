@@ -17,7 +17,7 @@ f64 = torch.float64
 
 
 def explicit(q, k, v, beta, causal, gates):
-    """o_i = β Σ_j w_ij (q_i·k_j) v_j by loops, w from explicit products of gates (MATH.md §3)."""
+    """o_i = β Σ_j w_ij (q_i·k_j) v_j by loops, w from explicit gate products (docs/math.md §3)."""
     B, H, N, _ = q.shape
     out = torch.zeros(B, H, N, v.shape[-1], dtype=q.dtype)
     for b in range(B):

@@ -118,7 +118,7 @@ def test_half_precision_masks_and_many_steps(mask_kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_expanding_regime_median_error(dtype):
     """Unit-scale keys, rows that see only 5 keys, 5 Nesterov steps: near ties the step map
-    expands (Jacobian (1−η)I + ηβΣ, MATH.md §4) and amplifies any backend's rounding on a few
+    expands (Jacobian (1−η)I + ηβΣ, docs/math.md §4.2) and amplifies any backend's rounding on a few
     rows, so the maximum error is noise there; the typical (median) error must still match."""
     mask, _ = make_mask("full-rows", 2, 70)
     (q, k, b, dout), (q64, k64, b64, dout64) = make_inputs(2, 4, 2, 40, 70, 64, dtype,
@@ -193,7 +193,7 @@ def test_one_unit_step_is_softmax_attention():
 
 
 def test_fully_masked_rows_stay_finite_with_zero_readout():
-    """MATH.md §1: a row that sees nothing has μ = 0, so GD shrinks it by (1 − η) per step."""
+    """docs/math.md §1.3: a row that sees nothing has μ = 0; GD shrinks it by (1 − η) per step."""
     q = torch.randn(1, 1, 20, 16, device=DEVICE, requires_grad=True)
     k = torch.randn(1, 1, 20, 16, device=DEVICE, requires_grad=True)
     mask = torch.zeros(1, 1, 1, 20, dtype=torch.bool, device=DEVICE)
@@ -290,7 +290,7 @@ def test_supported_key_padding_shapes():
 
 @pytest.mark.slow
 def test_saved_for_backward_is_O_T_N_D_plus_1():
-    """MATH.md §7: besides its inputs the op saves T·B·H·N·(D+1) float32 numbers, no N×M."""
+    """docs/math.md §7.2: besides its inputs the op saves T·B·H·N·(D+1) float32 numbers, no N×M."""
     B, H, N, M, D, T = 1, 2, 40, 70, 16, 3
     q = torch.randn(B, H, N, D, device=DEVICE, requires_grad=True)
     k = torch.randn(B, 1, M, D, device=DEVICE, requires_grad=True)

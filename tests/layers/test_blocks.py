@@ -75,7 +75,7 @@ def test_momentum_and_nesterov_follow_the_recursions():
 
 
 def dense_newton(q, k, v, gamma, kind, allowed=None):
-    """Per-(batch, head, query) loops in float64 with the explicit covariance (MATH.md §5)."""
+    """Per-(batch, head, query) float64 loops with the explicit covariance (docs/math.md §5.2)."""
     Bq, Hq, Nq, d = q.shape
     out = torch.zeros_like(q)
     for b in range(Bq):
