@@ -46,6 +46,11 @@ def parse_grid(specs, config_cls):
             for combo in itertools.product(*axes)] if axes else [{}]
 
 
+# TrainConfig fields that do not change what a run trains (the thread count may change float
+# rounding only): a finished run is reused across them.
+_NOT_RESULTS = ("out", "threads", "log_interval")
+
+
 def _grid_value(key: str, typ: str, text: str):
     """One ``--grid`` value converted to its field's type; ValueError naming the key."""
     if typ == "bool":
@@ -94,8 +99,9 @@ def run_grid(base, variants, seeds, out: Path, progress=True, train_missing=True
             if done.exists():
                 log = json.loads(done.read_text())
                 finished = log["summary"]["steps"] == cfg.steps or log.get("diverged_at")
-                same = {**log["config"], "out": None} == json.loads(
-                    json.dumps({**cfg.__dict__, "out": None}))
+                ignore = dict.fromkeys(_NOT_RESULTS)
+                same = {**log["config"], **ignore} == json.loads(
+                    json.dumps({**cfg.__dict__, **ignore}))
                 if finished and same:
                     logs.setdefault(name, []).append(log)
                     print(f"[{name} seed {seed}] reusing {done}", file=sys.stderr)
