@@ -8,6 +8,7 @@ whether it passed. Exit status 1 if any check fails.
 from __future__ import annotations
 
 import functools
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -127,8 +128,12 @@ def format_table(results) -> str:
 
 
 def _run(args) -> int:
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"error: --device {args.device} requested but CUDA is not available")
+    from ._device import check_device
+
+    try:
+        check_device(args.device, name="--device")
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     results = run_checks(seed=args.seed, dtype=DTYPES[args.dtype], device=args.device)
     print(f"energy_attn equivalence checks (seed={args.seed}, dtype={args.dtype}, "

@@ -218,6 +218,9 @@ def _triton_module():
     try:
         from energy_attn.kernels import hopfield_descent as kmod  # noqa: PLC0415
     except ImportError as e:  # no Triton, or kernels not built for this install
+        if getattr(e, "name", None) == "triton":
+            return None, ('Triton is not installed: pip install "energy-attn[kernels]" '
+                          "(CUDA builds of PyTorch already include it)")
         return None, f"the Triton kernels are unavailable ({e})"
     return kmod, None
 

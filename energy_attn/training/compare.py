@@ -40,11 +40,27 @@ def parse_grid(specs, config_cls):
             parts = value.split(":")
             if len(parts) != len(keys):
                 raise ValueError(f"--grid {spec!r}: value {value!r} needs {len(keys)} parts")
-            axis.append(tuple((k, {"int": int, "float": float}.get(str(types[k]), str)(v))
-                              for k, v in zip(keys, parts)))
+            axis.append(tuple((k, _grid_value(k, str(types[k]), v)) for k, v in zip(keys, parts)))
         axes.append(axis)
     return [dict(kv for part in combo for kv in part)
             for combo in itertools.product(*axes)] if axes else [{}]
+
+
+# TrainConfig fields that do not change what a run trains (the thread count may change float
+# rounding only): a finished run is reused across them.
+_NOT_RESULTS = ("out", "threads", "log_interval")
+
+
+def _grid_value(key: str, typ: str, text: str):
+    """One ``--grid`` value converted to its field's type; ValueError naming the key."""
+    if typ == "bool":
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"--grid {key}={text!r}: expected true or false")
+        return text.lower() in ("true", "1")
+    try:
+        return {"int": int, "float": float}.get(typ, str)(text)
+    except ValueError:
+        raise ValueError(f"--grid {key}={text!r}: expected an {typ}") from None
 
 
 def variant_name(variant: dict) -> str:
@@ -57,24 +73,35 @@ def run_grid(base, variants, seeds, out: Path, progress=True, train_missing=True
     With ``train_missing=False`` only the finished runs already under ``out`` are collected.
     """
     from .corpus import load_corpus
-    from .loop import train
+    from .loop import check_config, train
 
+    # Check every run's settings before the first step: a bad value fails now, not after
+    # the runs before it have trained.
+    planned = []
+    for variant in variants:
+        name = variant_name(variant)
+        try:
+            cfgs = [replace(base, **variant, seed=seed, out=str(out / "runs" / f"{name}-s{seed}"))
+                    for seed in seeds]
+            if train_missing:
+                check_config(cfgs[0])
+        except ValueError as err:
+            raise ValueError(f"--grid variant {name}: {err}") from None
+        planned.append((name, list(zip(seeds, cfgs))))
     if train_missing:
         corpus = load_corpus(base.data, val_fraction=base.val_fraction,
                              min_bytes=base.context + 1)
         print(corpus.describe(), file=sys.stderr)
     logs = {}
-    for variant in variants:
-        name = variant_name(variant)
-        for seed in seeds:
-            run_dir = out / "runs" / f"{name}-s{seed}"
-            cfg = replace(base, **variant, seed=seed, out=str(run_dir))
-            done = run_dir / "log.json"
+    for name, runs in planned:
+        for seed, cfg in runs:
+            done = Path(cfg.out) / "log.json"
             if done.exists():
                 log = json.loads(done.read_text())
                 finished = log["summary"]["steps"] == cfg.steps or log.get("diverged_at")
-                same = {**log["config"], "out": None} == json.loads(
-                    json.dumps({**cfg.__dict__, "out": None}))
+                ignore = dict.fromkeys(_NOT_RESULTS)
+                same = {**log["config"], **ignore} == json.loads(
+                    json.dumps({**cfg.__dict__, **ignore}))
                 if finished and same:
                     logs.setdefault(name, []).append(log)
                     print(f"[{name} seed {seed}] reusing {done}", file=sys.stderr)
@@ -161,13 +188,15 @@ def markdown_table(rows, target=None) -> str:
     return "\n".join(lines)
 
 
-def plot_runs(logs: dict, path: Path, title: str = "") -> None:
-    """Validation loss vs step and vs training wall-clock (mean ± std over seeds)."""
+def plot_runs(logs: dict, path: Path, title: str = "") -> bool:
+    """Validation loss vs step and vs training wall-clock (mean ± std over seeds); False (and
+    a message on stderr) when matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
-        print("matplotlib is not installed: no figure", file=sys.stderr)
-        return
+        print(f'{path.name} skipped: matplotlib is not installed (pip install "energy-attn[viz]")',
+              file=sys.stderr)
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
@@ -204,9 +233,12 @@ def plot_runs(logs: dict, path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return True
 
 
-def write_summary(logs, rows, out: Path, target=None, command=None):
+def write_summary(logs, rows, out: Path, target=None, command=None, plot=True):
+    """``compare.{json,csv,md}`` and (``plot``) ``compare.png`` under ``out``; returns the
+    markdown table."""
     from .loop import machine_info
 
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +252,8 @@ def write_summary(logs, rows, out: Path, target=None, command=None):
         f.writelines(",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + "\n" for r in rows)
     table = markdown_table(rows, target)
     (out / "compare.md").write_text(table + "\n")
-    plot_runs(logs, out / "compare.png")
+    if plot:
+        plot_runs(logs, out / "compare.png")
     return table
 
 
@@ -233,7 +266,7 @@ def _run(args) -> int:
         base = config_from_args(args)
         variants = parse_grid(args.grid, TrainConfig)
         seeds = [int(s) for s in args.seeds.split(",")]
-        out = Path(args.out or "compare-out")
+        out = Path(getattr(args, "out", None) or "compare-out")
         base = replace(base, out=None)
         logs = run_grid(base, variants, seeds, out, progress=not args.quiet,
                         train_missing=not args.no_train)
@@ -243,9 +276,10 @@ def _run(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     rows = summarize_runs(logs, args.target_loss)
-    table = write_summary(logs, rows, out, args.target_loss, " ".join(sys.argv))
+    table = write_summary(logs, rows, out, args.target_loss, " ".join(sys.argv), plot=False)
+    png = plot_runs(logs, out / "compare.png")
     print(table)
-    print(f"wrote {out}/compare.{{json,csv,md,png}}")
+    print(f"wrote {out}/compare.{{json,csv,md{',png' if png else ''}}}")
     return 0
 
 

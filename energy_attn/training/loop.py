@@ -10,7 +10,17 @@ exactly on the same machine.
   generator seeded by ``(seed, t, r)``; under DDP each rank draws its own (global batch
   ``batch · world_size``).
 * Validation: a fixed set of ``eval_batches · batch`` windows evenly spaced over the validation
-  split (shared out over ranks); run at step 0, every ``eval_interval`` steps and at the end.
+  split (shared out over ranks); run at step 0, every ``eval_interval`` steps, at the end, and
+  at a ``stop_at`` stop (that record is marked ``"at_stop"`` and dropped when the run resumes,
+  so a resumed log equals the uninterrupted one).
+* Resuming: the checkpoint holds the run's config. Settings that would change the model, the
+  data or the optimizer state (:data:`RESUME_FIXED`) must match; the others (``steps``, the
+  eval/log/checkpoint intervals, ``threads``, the learning-rate settings, ``device``) may
+  change, e.g. a larger ``steps`` extends a finished run (the cosine schedule is then
+  stretched to the new length). Each resume and what it changed is logged under ``"resumes"``.
+* Threads: ``threads > 0`` sets ``torch.set_num_threads`` for the run (restored after). On a
+  machine shared with other busy processes, 1 thread avoids OpenMP threads spinning against
+  them (like ``OMP_NUM_THREADS=1``).
 * Attention-pattern stability: at each validation the attention maps of every attention module
   on a fixed validation batch; ``attn_kl`` is the mean KL(previous ‖ current) over modules,
   heads and query rows.
@@ -37,16 +47,25 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .._device import check_device
 from .._progress import StatusLine, bar
 from ..optim.attention_informed import AttentionInformedAdam, energy_modules
 from .corpus import load_corpus
 
-__all__ = ["OPTIMIZER_NAMES", "TrainConfig", "machine_info", "train"]
+__all__ = ["OPTIMIZER_NAMES", "RESUME_FIXED", "TrainConfig", "check_config", "machine_info",
+           "saved_config", "train"]
 
 OPTIMIZER_NAMES = ("adamw", "aiadam")
 CHECKPOINT = "ckpt.pt"
 _MODEL_FIELDS = ("block", "attention", "attn_steps", "attn_step_size", "n_layer", "n_head",
                  "d_model", "context", "dropout")
+# What a resumed run may not change: the model, the data a step or a validation sees, and the
+# optimizer (its saved state belongs to one optimizer).
+RESUME_FIXED = (*_MODEL_FIELDS, "data", "val_fraction", "seed", "batch", "eval_batches",
+                "stability_batch", "optimizer")
+CHOICES = {"optimizer": OPTIMIZER_NAMES,
+           "block": ("mha", "momen", "nag", "2nd1st", "light2nd1st"),
+           "attention": ("softmax", "energy"), "attention_norm": ("loss", "own")}
 
 
 @dataclass
@@ -73,6 +92,8 @@ class TrainConfig:
         seed, device, amp: random seed, torch device, fp16 autocast + GradScaler (CUDA only).
         val_fraction: validation share of the corpus.
         log_interval: progress-line interval in steps when stderr is not a terminal.
+        threads: CPU threads for this run (``torch.set_num_threads``; 0: torch's default,
+            e.g. from ``OMP_NUM_THREADS``).
     """
 
     data: str | None = None
@@ -107,14 +128,17 @@ class TrainConfig:
     amp: bool = False
     val_fraction: float = 0.05
     log_interval: int = 10
+    threads: int = 0
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZER_NAMES:
-            raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES}, got {self.optimizer!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_device(self.device, available=False)
         for name in ("steps", "batch", "eval_interval", "eval_batches", "context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup", "ckpt_interval", "stability_batch", "log_interval"):
+        for name in ("warmup", "ckpt_interval", "stability_batch", "log_interval", "threads"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
@@ -171,13 +195,55 @@ def val_starts(data: torch.Tensor, cfg: TrainConfig) -> torch.Tensor:
     return torch.linspace(0, data.numel() - cfg.context - 1, n).long()
 
 
-def build_model(cfg: TrainConfig):
-    from ..models.gpt import GPT, GPTConfig
+def gpt_config(cfg: TrainConfig):
+    """The run's :class:`~energy_attn.models.GPTConfig` (checks the model's settings)."""
+    from ..models.gpt import GPTConfig
 
-    return GPT(GPTConfig(vocab_size=256, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                         d_model=cfg.d_model, context=cfg.context, dropout=cfg.dropout,
-                         block=cfg.block, attention=cfg.attention, num_steps=cfg.attn_steps,
-                         step_size=cfg.attn_step_size))
+    return GPTConfig(vocab_size=256, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                     d_model=cfg.d_model, context=cfg.context, dropout=cfg.dropout,
+                     block=cfg.block, attention=cfg.attention, num_steps=cfg.attn_steps,
+                     step_size=cfg.attn_step_size)
+
+
+def build_model(cfg: TrainConfig):
+    from ..models.gpt import GPT
+
+    return GPT(gpt_config(cfg))
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Everything about ``cfg`` that can be checked before training without data: the device
+    exists here, ``amp`` has CUDA, the GPT can be built (on the meta device: no memory).
+    ValueError if not."""
+    device = check_device(cfg.device)
+    if cfg.amp and device.type != "cuda":
+        raise ValueError("amp=True needs a CUDA device (fp16 autocast with a GradScaler)")
+    try:
+        with torch.device("meta"):
+            build_model(cfg)
+    except TypeError as err:
+        raise ValueError(str(err)) from err
+
+
+def saved_config(out) -> dict | None:
+    """The config saved in the checkpoint of run directory ``out`` (None: no checkpoint)."""
+    path = Path(out) / CHECKPOINT
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+
+
+def _resume_changes(saved: dict, cfg: TrainConfig, path) -> dict:
+    """``{field: [saved, new]}`` of the settings a resume changes; ValueError naming those
+    that would change the model, the data or the optimizer state."""
+    new = asdict(cfg)
+    fixed = [k for k in RESUME_FIXED if saved.get(k) != new[k]]
+    if fixed:
+        diffs = ", ".join(f"{k} ({saved.get(k)!r} -> {new[k]!r})" for k in fixed)
+        raise ValueError(f"cannot resume {path}: {diffs} would change the model, the data or "
+                         "the optimizer; start a new run (another --out) instead")
+    return {k: [saved.get(k), v] for k, v in new.items()
+            if k != "out" and k not in RESUME_FIXED and saved.get(k) != v}
 
 
 def build_optimizer(cfg: TrainConfig, model):
@@ -254,6 +320,11 @@ class Progress:
                          due=force or step % self.interval == 0)
 
 
+def _threads() -> str:
+    n = torch.get_num_threads()
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
 def _atomic_save(obj, path: Path):
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
@@ -270,22 +341,21 @@ def train(cfg: TrainConfig, *, corpus=None, resume: bool = False, stop_at: int |
         cfg: the run's :class:`TrainConfig`.
         corpus: a preloaded :class:`~energy_attn.training.corpus.Corpus` (default: load
             ``cfg.data``).
-        resume: continue from ``cfg.out/ckpt.pt`` if it exists (its config must match).
+        resume: continue from ``cfg.out/ckpt.pt`` if it exists. The settings in
+            :data:`RESUME_FIXED` must match the checkpoint's (ValueError naming those that
+            differ); the others may change, e.g. a larger ``steps`` extends the run.
         stop_at: stop (with a checkpoint) after this many steps, as if interrupted; the
             schedule still runs to ``cfg.steps``.
         progress: show the progress bar (rank 0 only).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    check_config(cfg)
     device = torch.device(cfg.device)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={cfg.device!r} requested but CUDA is not available")
         if world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-    if cfg.amp and device.type != "cuda":
-        raise ValueError("amp=True needs a CUDA device (fp16 autocast with a GradScaler)")
     own_group = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
@@ -298,6 +368,16 @@ def train(cfg: TrainConfig, *, corpus=None, resume: bool = False, stop_at: int |
 
 
 def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
     out = Path(cfg.out) if cfg.out else None
     is_main = rank == 0
     if corpus is None:
@@ -328,27 +408,35 @@ def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):
     ckpt_path = out / CHECKPOINT if out else None
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        saved = ck["config"]
-        changed = [k for k in (*_MODEL_FIELDS, "optimizer", "seed", "steps", "batch")
-                   if saved.get(k) != getattr(cfg, k)]
-        if changed:
-            raise ValueError(f"cannot resume {ckpt_path}: config differs in {changed}")
+        changes = _resume_changes(ck["config"], cfg, ckpt_path)
+        if ck["step"] > cfg.steps:
+            raise ValueError(f"cannot resume {ckpt_path} at step {ck['step']} with "
+                             f"steps={cfg.steps}: give --steps >= {ck['step']}")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         step, train_time = ck["step"], ck["train_time"]
-        log["train"], log["eval"] = ck["log_train"], ck["log_eval"]
+        # a validation made only because the run stopped there is not part of the run
+        log["train"] = ck["log_train"]
+        log["eval"] = [e for e in ck["log_eval"] if not e.get("at_stop")]
+        log["resumes"] = [*ck.get("resumes", []), {"step": step, "changed": changes}]
+        if is_main and progress:
+            what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+            print(f"resuming {ckpt_path} at step {step}" + (f"; changed: {what}" if what else ""),
+                  file=sys.stderr)
         prev_maps = ck.get("prev_maps")
         torch.set_rng_state(ck["rng"].cpu())
         if device.type == "cuda" and ck.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
 
-    def run_eval():
+    def run_eval(at_stop=False):
         nonlocal prev_maps
         rec = {"step": step, "time": train_time,
                "val_loss": evaluate(model, corpus.val, starts, cfg, device, rank, world)}
-        if stab_x is not None:
+        if at_stop:  # extra, off the schedule: leaves the attention-stability chain alone
+            rec["at_stop"] = True
+        elif stab_x is not None:
             maps = attention_maps(model, stab_x)
             rec["attn_kl"] = mean_kl(prev_maps, maps) if prev_maps is not None else None
             prev_maps = maps
@@ -364,9 +452,17 @@ def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "train_time": train_time, "log_train": log["train"], "log_eval": log["eval"],
             "prev_maps": prev_maps, "rng": torch.get_rng_state(),
+            "resumes": log.get("resumes", []),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }, ckpt_path)
 
+    if progress and is_main:
+        print(f"energy-attn train: GPT {cfg.block}/{cfg.attention} {cfg.n_layer}x{cfg.d_model}, "
+              f"{model.num_parameters() / 1e6:.2f}M parameters | {cfg.optimizer} | {device}, "
+              f"{_threads()}" + (f" x {world} processes" if world > 1 else "")
+              + f" | steps {step} -> {cfg.steps if stop_at is None else min(cfg.steps, stop_at)}"
+              f" of {cfg.steps}"
+              + (f" | {out}" if out else " | nothing saved (no out)"), file=sys.stderr)
     bar = Progress(cfg.steps, enabled=progress and is_main, interval=cfg.log_interval)
     if step == 0 and not log["eval"]:
         run_eval()
@@ -414,6 +510,8 @@ def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):
         val = None
         if step % cfg.eval_interval == 0 or step == cfg.steps:
             val = run_eval()
+        elif step == last:  # stopped early (stop_at): the final numbers are this step's
+            val = run_eval(at_stop=True)
         if step % ckpt_every == 0 or step == last:
             save_checkpoint()
         bar.update(step, loss_v, cfg.batch * cfg.context * world / dt, val, force=val is not None)
@@ -427,7 +525,8 @@ def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):
             break
     log["summary"] = summarize(log)
     if is_main and out is not None:
-        write_log(log, out)
+        for name, why in write_log(log, out).items():
+            print(f"{name} skipped: {why}", file=sys.stderr)
     return log
 
 
@@ -447,9 +546,9 @@ def summarize(log: dict) -> dict:
     }
 
 
-def write_log(log: dict, out: Path) -> None:
+def write_log(log: dict, out: Path) -> dict:
     """``log.json``, ``log.csv`` (one row per step, validation columns at eval steps) and
-    ``loss.png`` (if matplotlib is installed)."""
+    ``loss.png`` (if matplotlib is installed); returns ``{file: why}`` of the files skipped."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "log.json").write_text(json.dumps(log, indent=1))
     evals = {e["step"]: e for e in log["eval"]}
@@ -466,7 +565,7 @@ def write_log(log: dict, out: Path) -> None:
     try:
         import matplotlib
     except ImportError:
-        return
+        return {"loss.png": 'matplotlib is not installed (pip install "energy-attn[viz]")'}
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -482,3 +581,4 @@ def write_log(log: dict, out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=110)
     plt.close(fig)
+    return {}

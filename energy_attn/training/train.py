@@ -1,13 +1,22 @@
-"""``energy-attn train``: train the byte-level GPT on a text corpus (see ``training.loop``)."""
+"""``energy-attn train``: train the byte-level GPT on a text corpus (see ``training.loop``).
+
+Only the options given on the command line are taken from it; the others come from the
+:class:`TrainConfig` defaults, or, with ``--resume``, from the run's checkpoint, so
+``energy-attn train --out RUN --resume --steps 60`` extends a finished 30-step run.
+"""
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import time
+from pathlib import Path
 
 HELP = {
     "data": "text file or folder (default: this Python's standard-library .py files)",
-    "out": "output folder: log.json, log.csv, loss.png, ckpt.pt",
+    "out": "run directory: log.json, log.csv, loss.png, ckpt.pt (train's default: "
+           "runs/train-DATE-TIME)",
     "block": "block variant: mha | momen | nag | 2nd1st | light2nd1st",
     "attn_steps": "energy attention: T steps (T-1 Hopfield descent steps, then the read-out)",
     "attn_step_size": "energy attention: descent step size",
@@ -22,35 +31,78 @@ HELP = {
     "amp": "fp16 autocast with a GradScaler (CUDA only)",
     "ckpt_interval": "steps between checkpoints (0: at each validation)",
     "stability_batch": "sequences in the fixed attention-stability batch (0: off)",
+    "threads": "CPU threads (torch.set_num_threads; 0: torch's default). On a machine shared "
+               "with other busy jobs use 1 (or OMP_NUM_THREADS=1)",
 }
 
 
 def add_train_arguments(p) -> None:
-    """One ``--option`` per :class:`TrainConfig` field (defaults from the dataclass)."""
+    """One ``--option`` per :class:`TrainConfig` field. Unset options stay out of the parsed
+    args (``argparse.SUPPRESS``): see :func:`given_options`."""
     from dataclasses import MISSING, fields
 
-    from .loop import OPTIMIZER_NAMES, TrainConfig
+    from .loop import CHOICES, TrainConfig
 
-    choices = {"optimizer": OPTIMIZER_NAMES,
-               "block": ("mha", "momen", "nag", "2nd1st", "light2nd1st"),
-               "attention": ("softmax", "energy"), "attention_norm": ("loss", "own")}
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", help=HELP.get(f.name))
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                           help=HELP.get(f.name))
             continue
         typ = {"int": int, "float": float}.get(str(f.type), str)
-        p.add_argument(flag, type=typ, default=default, choices=choices.get(f.name),
+        p.add_argument(flag, type=typ, default=argparse.SUPPRESS, choices=CHOICES.get(f.name),
                        help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (default {default})")
 
 
-def config_from_args(args):
+def given_options(args) -> dict:
+    """The :class:`TrainConfig` fields given on the command line."""
     from dataclasses import fields
 
     from .loop import TrainConfig
 
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    return {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+
+
+def config_from_args(args):
+    """A :class:`TrainConfig` from the given options and the dataclass defaults."""
+    from .loop import TrainConfig
+
+    return TrainConfig(**given_options(args))
+
+
+def default_run_dir() -> str:
+    """``runs/train-YYYYmmdd-HHMMSS`` (with ``-2``, ``-3``, ... if taken)."""
+    base = Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return str(path)
+
+
+def resolve_config(args):
+    """The run's config: with ``--resume`` the checkpoint's config updated by the options
+    given, else the given options over the defaults (``out`` defaulting to a new run
+    directory). Prints where the run goes."""
+    from .loop import CHECKPOINT, TrainConfig, saved_config
+
+    given = given_options(args)
+    main = int(os.environ.get("RANK", "0")) == 0
+    if args.resume:
+        if "out" not in given:
+            raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
+        saved = saved_config(given["out"])
+        if saved is not None:
+            return TrainConfig.from_dict({**saved, **given})
+        if main:
+            print(f"no checkpoint {Path(given['out']) / CHECKPOINT}: starting a new run",
+                  file=sys.stderr)
+    elif "out" not in given:
+        given["out"] = default_run_dir()
+        if main:
+            print(f"run directory: {given['out']} (choose one with --out)", file=sys.stderr)
+    return TrainConfig(**given)
 
 
 def _run(args) -> int:
@@ -58,15 +110,16 @@ def _run(args) -> int:
     from .loop import train
 
     try:
-        cfg = config_from_args(args)
+        cfg = resolve_config(args)
         log = train(cfg, resume=args.resume, stop_at=args.stop_at)
     except (CorpusError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     s = log["summary"]
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"done: {s['steps']} steps, final validation loss {s['final_val_loss']:.4f}, "
-              f"{s['median_step_ms']:.1f} ms/step" + (f"; wrote {cfg.out}" if cfg.out else ""))
+        ms = "" if s["median_step_ms"] is None else f", {s['median_step_ms']:.1f} ms/step"
+        print(f"done: {s['steps']} steps, final validation loss {s['final_val_loss']:.4f} "
+              f"(step {log['eval'][-1]['step']}){ms}" + (f"; wrote {cfg.out}" if cfg.out else ""))
     return 0
 
 
@@ -77,7 +130,10 @@ def add_parser(subparsers) -> None:
                     "running Python's standard-library .py files (fixed split by file). Runs "
                     "under torchrun (DDP: gloo on CPU, nccl on CUDA).")
     add_train_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint: its settings unless "
+                        "given again; --steps, intervals, --threads, learning-rate settings "
+                        "may change, the model, data and optimizer may not")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this many steps (checkpointed), keeping the schedule")
     p.set_defaults(func=_run)

@@ -137,3 +137,116 @@ def test_bad_arguments_raise_clear_errors():
         fn(torch.nn.Module(), q, k, k, None, softcap=30.0)
     with pytest.raises(ValueError, match="query"):
         fn(torch.nn.Module(), q[0], k, k, None)
+
+
+# --- options stored in the model's config (config.energy_attention) ---------------------------
+
+from energy_attn.integrations.huggingface import energy_options, set_energy_attention  # noqa: E402
+
+NESTEROV = {"num_steps": 3, "step_size": 0.5, "optimizer": "nesterov", "momentum": 0.5}
+
+
+def logits(model, ids, mask, pos):
+    with torch.no_grad():
+        return model(ids, attention_mask=mask, position_ids=pos).logits
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_save_pretrained_round_trip_reproduces_logits_exactly(name, tmp_path):
+    model = set_energy_attention(build(name, "sdpa"), attn_implementation="energy_saved",
+                                 **NESTEROV)
+    assert model.config.energy_attention == {**NESTEROV, "scale": None}
+    ids, mask, pos = left_padded()
+    expected = logits(model, ids, mask, pos)
+    kw = {"attention_mask": mask, "max_new_tokens": 4, "do_sample": False, "pad_token_id": 0}
+    generated = model.generate(ids, use_cache=True, **kw)
+    model.save_pretrained(tmp_path)
+    # A process whose registered defaults differ: the saved config's options still rule.
+    register("energy_saved", num_steps=2, step_size=1.0)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="energy_saved").eval()
+    assert loaded.config.energy_attention == model.config.energy_attention
+    assert (logits(loaded, ids, mask, pos) - expected).abs().max() == 0
+    assert torch.equal(loaded.generate(ids, use_cache=True, **kw), generated)
+    # ... and the defaults really are different: a config without options computes otherwise.
+    del loaded.config.energy_attention
+    assert (logits(loaded, ids, mask, pos) - expected).abs().max() > 1e-3
+
+
+def test_two_differently_configured_models_coexist():
+    ids, mask, pos = left_padded()
+    a = set_energy_attention(build("llama", "sdpa"), **NESTEROV)
+    before = logits(a, ids, mask, pos)
+    b = set_energy_attention(build("llama", "sdpa"), num_steps=1)  # same weights, plain attention
+    sdpa = logits(build("llama", "sdpa"), ids, mask, pos)
+    real = mask.bool()
+    torch.testing.assert_close(logits(b, ids, mask, pos)[real], sdpa[real], **TOL)
+    assert (logits(a, ids, mask, pos) - before).abs().max() == 0
+    assert (before[real] - sdpa[real]).abs().max() > 1e-3
+
+
+def test_per_layer_options(tmp_path):
+    ids, mask, pos = left_padded()
+    real = mask.bool()
+    same = set_energy_attention(build("gpt2", "sdpa"), [NESTEROV, NESTEROV])
+    one = set_energy_attention(build("gpt2", "sdpa"), NESTEROV)
+    assert (logits(same, ids, mask, pos) - logits(one, ids, mask, pos)).abs().max() == 0
+    # layer 0 plain attention, layer 1 descends: differs from both uniform settings
+    mixed = set_energy_attention(build("gpt2", "sdpa"), [{"num_steps": 1}, NESTEROV])
+    plain = set_energy_attention(build("gpt2", "sdpa"), num_steps=1)
+    out = logits(mixed, ids, mask, pos)
+    for other in (one, plain):
+        assert (out[real] - logits(other, ids, mask, pos)[real]).abs().max() > 1e-4
+    assert energy_options(mixed.config, 0)["num_steps"] == 1
+    assert energy_options(mixed.config, 1)["optimizer"] == "nesterov"
+    mixed.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="energy").eval()
+    assert (logits(loaded, ids, mask, pos) - out).abs().max() == 0
+
+
+def test_bad_config_options_raise_value_errors_naming_them():
+    model = build("gpt2", "sdpa")
+    with pytest.raises(ValueError, match=r"unknown option.*'num_step'"):
+        set_energy_attention(model, num_step=3)
+    with pytest.raises(ValueError, match=r"energy_attention.*num_steps"):
+        set_energy_attention(model, num_steps=0)
+    with pytest.raises(ValueError, match=r"energy_attention.*num_steps"):
+        set_energy_attention(model, num_steps=2.0)
+    with pytest.raises(ValueError, match=r"energy_attention.*step_size"):
+        set_energy_attention(model, step_size=float("nan"))
+    with pytest.raises(ValueError, match=r"energy_attention.*optimizer"):
+        set_energy_attention(model, optimizer="adamw")
+    with pytest.raises(ValueError, match=r"energy_attention\[1\].*unknown.*'steps'"):
+        set_energy_attention(model, [NESTEROV, {"steps": 2}])
+    with pytest.raises(ValueError, match="one dict per layer"):
+        set_energy_attention(model, [NESTEROV])
+    with pytest.raises(ValueError, match="registered to another"):
+        set_energy_attention(model, attn_implementation="sdpa")
+    with pytest.raises(TypeError, match="not both"):
+        set_energy_attention(model, NESTEROV, num_steps=2)
+    assert not hasattr(model.config, "energy_attention")  # nothing was half-written
+    # A hand-edited config is checked when the model runs; 1 and True are different options.
+    model = set_energy_attention(model, num_steps=1)
+    ids = torch.randint(1, VOCAB, (1, N))
+    model.config.energy_attention = {"num_steps": True}
+    with pytest.raises(ValueError, match=r"config\.energy_attention.*num_steps"):
+        model(ids)
+    model.config.energy_attention = {"num_steps": 2, "momentom": 0.5}
+    with pytest.raises(ValueError, match=r"unknown option.*'momentom'"):
+        model(ids)
+
+
+def test_missing_transformers_says_how_to_install():
+    import subprocess
+    import sys
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import energy_attn, energy_attn.integrations\n"
+            "try:\n"
+            "    import energy_attn.integrations.huggingface\n"
+            "except ImportError as e:\n"
+            "    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ImportError ")  # not ModuleNotFoundError
+    assert 'pip install "energy-attn[hf]"' in out.stdout
