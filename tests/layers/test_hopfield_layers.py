@@ -100,15 +100,29 @@ def test_energy_and_trace():
     assert torch.all(trace.diff(dim=-1) <= atol * trace.abs().max())
 
 
-def test_tolerance_stop_is_masked_and_fixed_count():
+def test_tolerance_stop_is_hflayers_rule_masked_per_head():
     x = torch.randn(2, 5, 6, dtype=DT)
-    loose = Hopfield(6, update_steps_max=6, update_steps_eps=1e9).to(DT)  # stops immediately
-    zero = Hopfield(6, update_steps_max=0).to(DT)
-    zero.load_state_dict(loose.state_dict())
-    torch.testing.assert_close(loose(x), zero(x))
-    tight = Hopfield(6, update_steps_max=6, update_steps_eps=0.0).to(DT)
-    tight.load_state_dict(loose.state_dict())
-    assert not torch.allclose(tight(x), zero(x))
+    # hflayers keeps the update whose change is <= eps: with a huge eps exactly one step is taken
+    loose = Hopfield(6, num_heads=2, update_steps_max=6, update_steps_eps=1e9).to(DT)
+    one = Hopfield(6, num_heads=2, update_steps_max=1, update_steps_eps=0.0).to(DT)
+    one.load_state_dict(loose.state_dict())
+    torch.testing.assert_close(loose(x), one(x), atol=0, rtol=0)
+    # per-head eps: head 0 stops after one step, head 1 runs all six; each head reads out as a
+    # module running that head's step count
+    kw = dict(num_heads=2, update_steps_max=6, scaling=2.0, disable_out_projection=True)
+    mixed = Hopfield(6, **{**kw, "update_steps_eps": torch.tensor([1e9, 0.0])}).to(DT)
+    with torch.no_grad():
+        for p in mixed.parameters():
+            p.normal_()
+    six = Hopfield(6, **kw, update_steps_eps=0.0).to(DT)
+    one = Hopfield(6, **{**kw, "update_steps_max": 1}, update_steps_eps=0.0).to(DT)
+    for m in (six, one):
+        m.load_state_dict(mixed.state_dict())
+    out = mixed(x)
+    atol, rtol = tol(DT)  # eps = 0 runs hopfield_descent, which rounds in another order
+    torch.testing.assert_close(out[..., :3], one(x)[..., :3], atol=atol, rtol=rtol)
+    torch.testing.assert_close(out[..., 3:], six(x)[..., 3:], atol=atol, rtol=rtol)
+    assert not torch.allclose(one(x), six(x))
 
 
 def test_static_patterns_and_batch_first_false():
@@ -118,13 +132,12 @@ def test_static_patterns_and_batch_first_false():
                    normalize_state_pattern_affine=False, normalize_pattern_projection=False,
                    normalize_pattern_projection_affine=False, disable_out_projection=True)
     assert hop.scaling == 1.0 and hop.q_proj is None and hop.out_proj is None
-    assert len(list(hop.parameters())) == 0
+    assert len(list(hop.parameters())) == 0 and hop.input_size is None  # as hflayers
     s, q = torch.randn(2, 6, 4), torch.randn(2, 3, 4)
     out = hop((s, q, s))
-    ref = F.scaled_dot_product_attention(q.view(2, 3, 2, 2).transpose(1, 2),
-                                         s.view(2, 6, 2, 2).transpose(1, 2),
-                                         s.view(2, 6, 2, 2).transpose(1, 2), scale=1.0)
-    torch.testing.assert_close(out, ref.transpose(1, 2).flatten(2))
+    # hflayers' static-only mode: every head sees the whole raw patterns
+    ref = F.scaled_dot_product_attention(q, s, s, scale=1.0)
+    torch.testing.assert_close(out, torch.cat([ref, ref], dim=-1))
     seq_first = Hopfield(4, batch_first=False)
     seq_first.load_state_dict(Hopfield(4).state_dict())
     assert seq_first(q.transpose(0, 1)).shape == (3, 2, 4)
@@ -133,7 +146,7 @@ def test_static_patterns_and_batch_first_false():
 def test_pooling_shapes_gradients_parameters():
     pool = HopfieldPooling(8, quantity=3, num_heads=2, output_size=5, update_steps_max=1)
     names = dict(pool.named_parameters())
-    assert "pooling_weights" in names and names["pooling_weights"].shape == (3, 8)
+    assert "pooling_weights" in names and names["pooling_weights"].shape == (1, 3, 8)
     x = torch.randn(4, 10, 8)
     pad = torch.zeros(4, 10, dtype=torch.bool)
     pad[0, 6:] = True
@@ -153,7 +166,8 @@ def test_layer_shapes_gradients_parameters():
     layer = HopfieldLayer(6, quantity=7, num_heads=3, update_steps_max=2,
                           lookup_weights_as_separated=True)
     names = dict(layer.named_parameters())
-    assert names["lookup_weights"].shape == (7, 6) and names["target_weights"].shape == (7, 6)
+    assert names["lookup_weights"].shape == (1, 7, 6)
+    assert names["target_weights"].shape == (1, 7, 6)
     x = torch.randn(2, 4, 6, requires_grad=True)
     out = layer(x)
     assert out.shape == (2, 4, 6)
@@ -207,12 +221,12 @@ def test_compile_fullgraph_with_steps(solver):
     "kwargs, error",
     [
         (dict(update_steps_max=-1), ValueError),
-        (dict(update_steps_max=None), ValueError),
+        (dict(update_steps_max=None, update_steps_eps=0.0), ValueError),
         (dict(update_steps_max=1.5), TypeError),
         (dict(update_steps_eps=-1.0), ValueError),
         (dict(num_heads=3), ValueError),
         (dict(normalize_state_pattern=False), ValueError),
-        (dict(state_pattern_as_static=True, hidden_size=3), ValueError),
+        (dict(pattern_projection_as_connected=True, stored_pattern_size=6), ValueError),
         (dict(solver="newton"), ValueError),
         (dict(anderson=2), ValueError),
         (dict(dropout=1.0), ValueError),
