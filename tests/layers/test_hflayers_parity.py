@@ -125,26 +125,6 @@ def test_static_patterns_stay_in_their_batch_element():
     assert not torch.allclose(out, case["out"])  # hflayers mixes the batch elements' patterns
 
 
-def test_concat_bias_pattern_appends_a_learned_pattern():
-    hop = Hopfield(8, num_heads=2, concat_bias_pattern=True, normalize_stored_pattern=False,
-                   normalize_stored_pattern_affine=False).to(DT)
-    plain = Hopfield(8, num_heads=2, normalize_stored_pattern=False,
-                     normalize_stored_pattern_affine=False).to(DT)
-    plain.load_state_dict(hop.state_dict(), strict=False)
-    stored, state = torch.randn(2, 5, 8, dtype=DT), torch.randn(2, 3, 8, dtype=DT)
-    # the bias pattern is the projection of a raw pattern b with W_k b = bias_k - b_k: append
-    # one raw pattern whose projections are bias_k and bias_v (solve in float64)
-    wk, bk = hop.k_proj.weight, hop.k_proj.bias
-    wv, bv = hop.v_proj.weight, hop.v_proj.bias
-    w = torch.cat([wk, wv]).detach()
-    target = torch.cat([hop.bias_k - bk, hop.bias_v - bv]).detach()
-    raw = torch.linalg.lstsq(w, target).solution
-    if torch.allclose(w @ raw, target, atol=1e-10):
-        x = torch.cat([stored, raw.expand(2, 1, 8)], dim=1)
-        torch.testing.assert_close(hop((stored, state, stored)), plain((x, state, x)))
-    assert hop.get_association_matrix((stored, state, stored)).shape == (2, 2, 3, 6)
-
-
 def test_signatures_match_hflayers():
     hflayers = _hflayers()
     if hflayers is None:

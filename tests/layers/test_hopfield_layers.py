@@ -11,14 +11,18 @@ from energy_attn.energies import hopfield_energy
 DT = torch.float64
 
 
-def _manual(hop, stored, state, proj, allowed=None, steps=0):
-    """softmax(β q kᵀ) v with the module's own normalisations and projections, by hand."""
+def _manual(hop, stored, state, proj, allowed=None, steps=0, extra_kv=()):
+    """softmax(β q kᵀ) v with the module's own normalisations and projections, by hand;
+    ``extra_kv``: (key [H, d], value [H, dv]) pairs appended to every batch element."""
     h = hop.num_heads
     q = hop.q_proj(hop.norm_state_pattern(state))
     k = hop.k_proj(hop.norm_stored_pattern(stored))
     v = hop.v_proj(hop.norm_pattern_projection(proj))
     split = lambda t: t.unflatten(-1, (h, -1)).transpose(1, 2)  # noqa: E731  [B,L,(h d)]->[B,h,L,d]
     q, k, v = split(q), split(k), split(v)
+    for ek, ev in extra_kv:
+        k = torch.cat([k, ek[None, :, None].expand(k.shape[0], -1, 1, -1)], dim=2)
+        v = torch.cat([v, ev[None, :, None].expand(v.shape[0], -1, 1, -1)], dim=2)
     for _ in range(steps):
         logits = hop.scaling * q @ k.transpose(-1, -2)
         if allowed is not None:
@@ -41,6 +45,27 @@ def test_zero_steps_is_softmax_attention_with_same_projections():
     assert hop.scaling == (8 // 2) ** -0.5
     atol, rtol = tol(DT)
     torch.testing.assert_close(out, _manual(hop, stored, state, proj), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_bias_and_zero_patterns_are_appended_keys_and_values(zero):
+    # hflayers creates concat_bias_pattern's parameters but never applies them (so there is no
+    # fixture for it); here they are a learned stored pattern and projection in the heads' space
+    hop = Hopfield(8, num_heads=2, update_steps_max=2, update_steps_eps=0.0,
+                   concat_bias_pattern=True, add_zero_association=zero).to(DT)
+    assert hop.bias_k.shape == (8,) and hop.bias_v.shape == (8,)
+    stored, state = torch.randn(2, 5, 8, dtype=DT), torch.randn(2, 3, 8, dtype=DT)
+    extra = [(hop.bias_k.view(2, 4), hop.bias_v.view(2, 4))]
+    if zero:
+        extra.append((torch.zeros(2, 4, dtype=DT), torch.zeros(2, 4, dtype=DT)))
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1] = True  # element 1: only the appended patterns remain
+    allowed = torch.cat([~pad, torch.ones(2, len(extra), dtype=torch.bool)], 1)[:, None, None]
+    want = _manual(hop, stored, state, stored, allowed=allowed, steps=2, extra_kv=extra)
+    atol, rtol = tol(DT)
+    torch.testing.assert_close(hop((stored, state, stored), stored_pattern_padding_mask=pad), want,
+                               atol=atol, rtol=rtol)
+    assert hop.get_association_matrix((stored, state, stored)).shape == (2, 2, 3, 5 + len(extra))
 
 
 def test_iterated_association_matches_hand_loop():
