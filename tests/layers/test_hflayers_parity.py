@@ -21,7 +21,8 @@ from energy_attn.layers.hopfield import Hopfield, hflayers_state_dict
 
 DT = torch.float64
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hflayers_f56f929.pt"
-CASES = torch.load(FIXTURE, weights_only=False)["cases"]
+FIXTURES = torch.load(FIXTURE, weights_only=False)
+CASES = FIXTURES["cases"]
 # ../shared beside the clone (CI), or beside a folder holding the worktree
 PEER = next((p / "shared" / "peers" / "hopfield-layers" for p in pathlib.Path(__file__).resolve()
              .parents[3:5] if (p / "shared" / "peers" / "hopfield-layers").is_dir()), None)
@@ -125,16 +126,19 @@ def test_static_patterns_stay_in_their_batch_element():
     assert not torch.allclose(out, case["out"])  # hflayers mixes the batch elements' patterns
 
 
-def test_signatures_match_hflayers():
+def _signature(cls):
+    return [(p.name, p.default, p.kind.name) for p in inspect.signature(cls).parameters.values()]
+
+
+@pytest.mark.parametrize("name", ["Hopfield", "HopfieldPooling", "HopfieldLayer"])
+def test_signatures_match_hflayers(name):
+    theirs = FIXTURES["signatures"][name]
     hflayers = _hflayers()
-    if hflayers is None:
-        pytest.skip("hflayers not beside the clone (../shared/peers/hopfield-layers)")
-    for name in ("Hopfield", "HopfieldPooling", "HopfieldLayer"):
-        theirs = list(inspect.signature(getattr(hflayers, name)).parameters.values())
-        ours = list(inspect.signature(getattr(energy_attn, name)).parameters.values())
-        assert [(p.name, p.default, p.kind) for p in ours[:len(theirs)]] == \
-            [(p.name, p.default, p.kind) for p in theirs], name
-        assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
+    if hflayers is not None:
+        assert _signature(getattr(hflayers, name)) == theirs
+    ours = _signature(getattr(energy_attn, name))
+    assert ours[:len(theirs)] == theirs  # names, defaults, positional order
+    assert all(kind == "KEYWORD_ONLY" for *_, kind in ours[len(theirs):])
 
 
 def test_positional_arguments_and_attributes():
@@ -206,6 +210,9 @@ def test_hflayers_loads_exported_state_dicts_and_transformer_layers_wrap_ours():
     enc_ours.load_state_dict(enc_theirs.state_dict())
     x = torch.randn(2, 5, 8, dtype=DT)
     torch.testing.assert_close(enc_ours(x), enc_theirs(x))
-    torch.manual_seed(0)
-    dec = HopfieldDecoderLayer(Hopfield(8), Hopfield(8), dim_feedforward=16).to(DT).eval()
-    assert dec(x, torch.randn(2, 4, 8, dtype=DT)).shape == (2, 5, 8)
+    dec_ours = HopfieldDecoderLayer(Hopfield(8), Hopfield(8), dim_feedforward=16).to(DT).eval()
+    dec_theirs = HopfieldDecoderLayer(hflayers.Hopfield(8), hflayers.Hopfield(8),
+                                      dim_feedforward=16).to(DT).eval()
+    dec_ours.load_state_dict(dec_theirs.state_dict())
+    memory = torch.randn(2, 4, 8, dtype=DT)
+    torch.testing.assert_close(dec_ours(x, memory), dec_theirs(x, memory))
