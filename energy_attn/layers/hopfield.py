@@ -22,7 +22,6 @@ breaks, and :func:`hflayers_state_dict` to export a state dict that hflayers loa
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -255,8 +254,8 @@ class Hopfield(nn.Module):
             raise ValueError("solver='fixed_point' needs one finite update_steps_max")
         if backend not in ("auto", "reference") and solver == "unrolled" and \
                 any(self._steps) and max(eps) > 0:
-            raise ValueError(f"update_steps_eps > 0 (hflayers' stopping rule) runs in PyTorch; pass "
-                             f"update_steps_eps=0 to use backend={backend!r}")
+            raise ValueError(f"update_steps_eps > 0 (hflayers' stopping rule) runs in PyTorch; "
+                             f"pass update_steps_eps=0 to use backend={backend!r}")
         if len(set(self._steps)) > 1:
             self.register_buffer("_steps_per_head", torch.tensor(
                 [-1 if t is None else t for t in self._steps]), persistent=False)
@@ -293,7 +292,10 @@ class Hopfield(nn.Module):
         inner_v = None if self.static_only else num_heads * self.pattern_size
         v_in = inner if pattern_projection_as_connected and not stored_pattern_as_static else \
             self.pattern_projection_dim
-        linear = lambda i, o, static: None if static else nn.Linear(i, o, bias=input_bias)  # noqa: E731
+
+        def linear(i, o, static):
+            return None if static else nn.Linear(i, o, bias=input_bias)
+
         self.q_proj = linear(input_size, inner, state_pattern_as_static)
         self.k_proj = linear(self.stored_pattern_dim, inner, stored_pattern_as_static)
         self.v_proj = linear(v_in, inner_v, pattern_projection_as_static)
@@ -718,11 +720,11 @@ def hflayers_state_dict(module: nn.Module) -> dict:
 
     hflayers (ml-jku/hopfield-layers) loads the result into the same model built with its
     classes (tested for its commit f56f929, every pattern/static combination). The renaming is
-    this package's ``q_proj``/``k_proj``/``v_proj`` ``.weight`` → ``association_core.in_proj_weight``
-    (rows q, k, v of the projected patterns, when hflayers packs them: all input sizes equal,
-    no ``pattern_size``, not connected) or ``association_core.{q,k,v}_proj_weight``; their biases
-    → ``association_core.in_proj_bias`` (zeros for the value rows of a static projection, which
-    hflayers keeps unused); ``out_proj.*`` → ``association_core.out_proj.*``;
+    this package's ``q_proj``/``k_proj``/``v_proj`` ``.weight`` →
+    ``association_core.in_proj_weight`` (rows q, k, v of the projected patterns, when hflayers
+    packs them: all input sizes equal, no ``pattern_size``, not connected) or
+    ``association_core.{q,k,v}_proj_weight``; their biases → ``association_core.in_proj_bias``
+    (zeros for the value rows of a static projection, which hflayers keeps unused); ``out_proj.*`` → ``association_core.out_proj.*``;
     ``norm_hopfield_space.*`` → ``association_core.p_norm_{weight,bias}``; ``bias_k``/``bias_v`` →
     ``association_core.bias_{k,v}`` ``[1, 1, H·d]``. ``norm_*`` and the wrappers' weights keep
     their names and layouts. Loading works the other way without any helper:
