@@ -724,7 +724,8 @@ def hflayers_state_dict(module: nn.Module) -> dict:
     ``association_core.in_proj_weight`` (rows q, k, v of the projected patterns, when hflayers
     packs them: all input sizes equal, no ``pattern_size``, not connected) or
     ``association_core.{q,k,v}_proj_weight``; their biases → ``association_core.in_proj_bias``
-    (zeros for the value rows of a static projection, which hflayers keeps unused); ``out_proj.*`` → ``association_core.out_proj.*``;
+    (zeros for the value rows of a static projection, which hflayers keeps unused);
+    ``out_proj.*`` → ``association_core.out_proj.*``;
     ``norm_hopfield_space.*`` → ``association_core.p_norm_{weight,bias}``; ``bias_k``/``bias_v`` →
     ``association_core.bias_{k,v}`` ``[1, 1, H·d]``. ``norm_*`` and the wrappers' weights keep
     their names and layouts. Loading works the other way without any helper:
