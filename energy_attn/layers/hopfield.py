@@ -293,8 +293,8 @@ class Hopfield(nn.Module):
         v_in = inner if pattern_projection_as_connected and not stored_pattern_as_static else \
             self.pattern_projection_dim
 
-        def linear(i, o, static):
-            return None if static else nn.Linear(i, o, bias=input_bias)
+        def linear(i, o, static):  # initialised by reset_parameters only (hflayers' RNG stream)
+            return None if static else nn.utils.skip_init(nn.Linear, i, o, bias=input_bias)
 
         self.q_proj = linear(input_size, inner, state_pattern_as_static)
         self.k_proj = linear(self.stored_pattern_dim, inner, stored_pattern_as_static)
@@ -322,15 +322,31 @@ class Hopfield(nn.Module):
             scaling = per_head.pop()
         self.scaling = check_finite_number("scaling", scaling, positive=True)
         self.reset_parameters()
+        self.reset_parameters()  # hflayers draws twice (its core, then the module): same stream
 
     def reset_parameters(self) -> None:
-        """hflayers' initialisation: weights ``N(0, 0.02)``, biases 0, LayerNorms (1, 0),
-        bias patterns ``N(0, 0.02)``."""
-        for lin in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            if exists(lin):
+        """hflayers' initialisation: weights ``N(0, 0.02)``, biases 0, LayerNorms (1, 0), bias
+        patterns ``N(0, 0.02)``, drawn in hflayers' order (the q, k, v weights as one packed
+        matrix where hflayers packs them, then ``out_proj``, ``bias_k``, ``bias_v``), so that
+        the same seed gives hflayers' initial values."""
+        projections = [lin for lin in (self.q_proj, self.k_proj, self.v_proj) if exists(lin)]
+        if self._in_proj_layout and projections:
+            w = projections[0].weight
+            packed = torch.empty(sum(lin.weight.shape[0] for lin in projections), w.shape[1],
+                                 dtype=w.dtype, device=w.device)
+            nn.init.normal_(packed, mean=0.0, std=0.02)
+            with torch.no_grad():
+                for lin, rows in zip(projections, packed.split(
+                        [lin.weight.shape[0] for lin in projections])):
+                    lin.weight.copy_(rows)
+        else:
+            for lin in projections:
                 nn.init.normal_(lin.weight, mean=0.0, std=0.02)
-                if exists(lin.bias):
-                    nn.init.zeros_(lin.bias)
+        for lin in (*projections, self.out_proj):
+            if exists(lin) and exists(lin.bias):
+                nn.init.zeros_(lin.bias)
+        if exists(self.out_proj):
+            nn.init.normal_(self.out_proj.weight, mean=0.0, std=0.02)
         for p in (self.bias_k, self.bias_v):
             if exists(p):
                 nn.init.normal_(p, mean=0.0, std=0.02)
@@ -746,10 +762,9 @@ class _LearnedPatterns(nn.Module):
     """
 
     def _weights(self, quantity, size, trainable):
+        """Uninitialised until :meth:`reset_parameters` (called last, in hflayers' order)."""
         shape = (1, quantity, size) if self.hopfield.batch_first else (quantity, 1, size)
-        p = nn.Parameter(torch.empty(shape), requires_grad=trainable)
-        nn.init.normal_(p, mean=0.0, std=0.02)
-        return p
+        return nn.Parameter(torch.empty(shape), requires_grad=trainable)
 
     def _expand(self, weights, batch, dtype):
         q, f = self.quantity, weights.shape[2]
@@ -760,7 +775,8 @@ class _LearnedPatterns(nn.Module):
         return t.shape[0 if self.hopfield.batch_first else 1]
 
     def reset_parameters(self) -> None:
-        """Re-initialise the Hopfield module and the learned weights (``N(0, 0.02)``)."""
+        """Re-initialise the Hopfield module, then the learned weights (``N(0, 0.02)``), as
+        hflayers (same seed, same values)."""
         self.hopfield.reset_parameters()
         for p in self._learned():
             nn.init.normal_(p, mean=0.0, std=0.02)
@@ -852,6 +868,7 @@ class HopfieldPooling(_LearnedPatterns):
             raise ValueError(f"quantity must be >= 1, got {quantity}")
         size = self.hopfield.hidden_size if state_pattern_as_static else self.hopfield.input_size
         self.pooling_weights = self._weights(self.quantity, size, trainable)
+        self.reset_parameters()
 
     def _learned(self):
         return (self.pooling_weights,)
@@ -917,6 +934,7 @@ class HopfieldLayer(_LearnedPatterns):
         if lookup_weights_as_separated:
             self.target_weights = self._weights(
                 self.quantity, default(pattern_projection_size, size), lookup_targets_as_trainable)
+        self.reset_parameters()
 
     def _learned(self):
         return tuple(p for p in (self.lookup_weights, self.target_weights) if exists(p))

@@ -73,6 +73,18 @@ def test_hflayers_state_dict_loads_and_exports_back(name):
         torch.testing.assert_close(exported[key], value, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_same_seed_gives_hflayers_initial_values(name):
+    case = CASES[name]
+    ours = hflayers_state_dict(_ours(case))  # built after torch.manual_seed(0), as the fixture
+    theirs = case["init_state_dict"]
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        if key.endswith("in_proj_bias"):
+            continue  # zeros, value rows of a static projection included (checked on loading)
+        torch.testing.assert_close(ours[key], value, atol=0, rtol=0, msg=key)
+
+
 @pytest.mark.parametrize("name", sorted(n for n, c in CASES.items()
                                         if c["out"] is not None and n != "static_batch_mixing"))
 def test_outputs_association_and_gradients_match_hflayers(name):
@@ -92,6 +104,8 @@ def test_outputs_association_and_gradients_match_hflayers(name):
     torch.testing.assert_close(out, case["out"], atol=atol * scale, rtol=rtol)
     assoc = ours.get_association_matrix(arg, **case["masks"])
     torch.testing.assert_close(assoc, case["assoc"], atol=atol, rtol=rtol)
+    projected = ours.get_projected_pattern_matrix(arg, **case["masks"])
+    torch.testing.assert_close(projected, case["projected"], atol=atol, rtol=rtol)
     if name == "eps_rule_extreme":
         # β = 2e10 on patterns of norm 1e-5: every step multiplies rounding errors by ‖βΣ‖ ≈ 2
         # (an expanding map), so gradients agree only to ~2^T ulp; the case is about which
