@@ -267,13 +267,14 @@ class Hopfield(nn.Module):
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.dropout = dropout
+        self.association_activation = None  # as hflayers: the torch function itself
         if association_activation is not None:
             fn = getattr(torch, association_activation, None) if isinstance(
                 association_activation, str) else None
             if not callable(fn):
                 raise ValueError(f"association_activation must name a torch function (e.g. "
                                  f"'tanh', 'relu'), got {association_activation!r}")
-        self.association_activation = association_activation
+            self.association_activation = fn
 
         # -- parameters --
         self.norm_stored_pattern = _layer_norm(
@@ -609,7 +610,7 @@ class Hopfield(nn.Module):
             out = self.out_proj(out)
         out = out if self.batch_first else out.transpose(0, 1)
         if exists(self.association_activation):
-            out = getattr(torch, self.association_activation)(out)
+            out = self.association_activation(out)
         return out
 
     def get_association_matrix(self, input, stored_pattern_padding_mask=None,

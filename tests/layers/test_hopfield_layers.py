@@ -111,8 +111,9 @@ def test_association_mask_both_shapes_and_fully_blocked_rows_are_finite():
     assert torch.all(hop.get_association_matrix(x, association_mask=blocked)[:, :, 3:] == 0)
 
 
-def test_energy_and_trace():
-    hop = Hopfield(6, num_heads=2, update_steps_max=4, update_steps_eps=0.0).to(DT)
+@pytest.mark.parametrize("eps", [0.0, 1e-3])  # hopfield_descent, and hflayers' stopping rule
+def test_energy_and_trace(eps):
+    hop = Hopfield(6, num_heads=2, update_steps_max=4, update_steps_eps=eps).to(DT)
     x = torch.randn(2, 5, 6, dtype=DT)
     e = hop.energy(x)
     trace = hop.energy(x, return_trace=True)
