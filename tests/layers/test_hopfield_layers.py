@@ -11,14 +11,18 @@ from energy_attn.energies import hopfield_energy
 DT = torch.float64
 
 
-def _manual(hop, stored, state, proj, allowed=None, steps=0):
-    """softmax(β q kᵀ) v with the module's own normalisations and projections, by hand."""
+def _manual(hop, stored, state, proj, allowed=None, steps=0, extra_kv=()):
+    """softmax(β q kᵀ) v with the module's own normalisations and projections, by hand;
+    ``extra_kv``: (key [H, d], value [H, dv]) pairs appended to every batch element."""
     h = hop.num_heads
     q = hop.q_proj(hop.norm_state_pattern(state))
     k = hop.k_proj(hop.norm_stored_pattern(stored))
     v = hop.v_proj(hop.norm_pattern_projection(proj))
     split = lambda t: t.unflatten(-1, (h, -1)).transpose(1, 2)  # noqa: E731  [B,L,(h d)]->[B,h,L,d]
     q, k, v = split(q), split(k), split(v)
+    for ek, ev in extra_kv:
+        k = torch.cat([k, ek[None, :, None].expand(k.shape[0], -1, 1, -1)], dim=2)
+        v = torch.cat([v, ev[None, :, None].expand(v.shape[0], -1, 1, -1)], dim=2)
     for _ in range(steps):
         logits = hop.scaling * q @ k.transpose(-1, -2)
         if allowed is not None:
@@ -41,6 +45,27 @@ def test_zero_steps_is_softmax_attention_with_same_projections():
     assert hop.scaling == (8 // 2) ** -0.5
     atol, rtol = tol(DT)
     torch.testing.assert_close(out, _manual(hop, stored, state, proj), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("zero", [False, True])
+def test_bias_and_zero_patterns_are_appended_keys_and_values(zero):
+    # hflayers creates concat_bias_pattern's parameters but never applies them (so there is no
+    # fixture for it); here they are a learned stored pattern and projection in the heads' space
+    hop = Hopfield(8, num_heads=2, update_steps_max=2, update_steps_eps=0.0,
+                   concat_bias_pattern=True, add_zero_association=zero).to(DT)
+    assert hop.bias_k.shape == (8,) and hop.bias_v.shape == (8,)
+    stored, state = torch.randn(2, 5, 8, dtype=DT), torch.randn(2, 3, 8, dtype=DT)
+    extra = [(hop.bias_k.view(2, 4), hop.bias_v.view(2, 4))]
+    if zero:
+        extra.append((torch.zeros(2, 4, dtype=DT), torch.zeros(2, 4, dtype=DT)))
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1] = True  # element 1: only the appended patterns remain
+    allowed = torch.cat([~pad, torch.ones(2, len(extra), dtype=torch.bool)], 1)[:, None, None]
+    want = _manual(hop, stored, state, stored, allowed=allowed, steps=2, extra_kv=extra)
+    atol, rtol = tol(DT)
+    torch.testing.assert_close(hop((stored, state, stored), stored_pattern_padding_mask=pad), want,
+                               atol=atol, rtol=rtol)
+    assert hop.get_association_matrix((stored, state, stored)).shape == (2, 2, 3, 5 + len(extra))
 
 
 def test_iterated_association_matches_hand_loop():
@@ -86,8 +111,9 @@ def test_association_mask_both_shapes_and_fully_blocked_rows_are_finite():
     assert torch.all(hop.get_association_matrix(x, association_mask=blocked)[:, :, 3:] == 0)
 
 
-def test_energy_and_trace():
-    hop = Hopfield(6, num_heads=2, update_steps_max=4, update_steps_eps=0.0).to(DT)
+@pytest.mark.parametrize("eps", [0.0, 1e-3])  # hopfield_descent, and hflayers' stopping rule
+def test_energy_and_trace(eps):
+    hop = Hopfield(6, num_heads=2, update_steps_max=4, update_steps_eps=eps).to(DT)
     x = torch.randn(2, 5, 6, dtype=DT)
     e = hop.energy(x)
     trace = hop.energy(x, return_trace=True)
@@ -100,15 +126,29 @@ def test_energy_and_trace():
     assert torch.all(trace.diff(dim=-1) <= atol * trace.abs().max())
 
 
-def test_tolerance_stop_is_masked_and_fixed_count():
+def test_tolerance_stop_is_hflayers_rule_masked_per_head():
     x = torch.randn(2, 5, 6, dtype=DT)
-    loose = Hopfield(6, update_steps_max=6, update_steps_eps=1e9).to(DT)  # stops immediately
-    zero = Hopfield(6, update_steps_max=0).to(DT)
-    zero.load_state_dict(loose.state_dict())
-    torch.testing.assert_close(loose(x), zero(x))
-    tight = Hopfield(6, update_steps_max=6, update_steps_eps=0.0).to(DT)
-    tight.load_state_dict(loose.state_dict())
-    assert not torch.allclose(tight(x), zero(x))
+    # hflayers keeps the update whose change is <= eps: with a huge eps exactly one step is taken
+    loose = Hopfield(6, num_heads=2, update_steps_max=6, update_steps_eps=1e9).to(DT)
+    one = Hopfield(6, num_heads=2, update_steps_max=1, update_steps_eps=0.0).to(DT)
+    one.load_state_dict(loose.state_dict())
+    torch.testing.assert_close(loose(x), one(x), atol=0, rtol=0)
+    # per-head eps: head 0 stops after one step, head 1 runs all six; each head reads out as a
+    # module running that head's step count
+    kw = dict(num_heads=2, update_steps_max=6, scaling=2.0, disable_out_projection=True)
+    mixed = Hopfield(6, **{**kw, "update_steps_eps": torch.tensor([1e9, 0.0])}).to(DT)
+    with torch.no_grad():
+        for p in mixed.parameters():
+            p.normal_()
+    six = Hopfield(6, **kw, update_steps_eps=0.0).to(DT)
+    one = Hopfield(6, **{**kw, "update_steps_max": 1}, update_steps_eps=0.0).to(DT)
+    for m in (six, one):
+        m.load_state_dict(mixed.state_dict())
+    out = mixed(x)
+    atol, rtol = tol(DT)  # eps = 0 runs hopfield_descent, which rounds in another order
+    torch.testing.assert_close(out[..., :3], one(x)[..., :3], atol=atol, rtol=rtol)
+    torch.testing.assert_close(out[..., 3:], six(x)[..., 3:], atol=atol, rtol=rtol)
+    assert not torch.allclose(one(x), six(x))
 
 
 def test_static_patterns_and_batch_first_false():
@@ -118,13 +158,12 @@ def test_static_patterns_and_batch_first_false():
                    normalize_state_pattern_affine=False, normalize_pattern_projection=False,
                    normalize_pattern_projection_affine=False, disable_out_projection=True)
     assert hop.scaling == 1.0 and hop.q_proj is None and hop.out_proj is None
-    assert len(list(hop.parameters())) == 0
+    assert len(list(hop.parameters())) == 0 and hop.input_size is None  # as hflayers
     s, q = torch.randn(2, 6, 4), torch.randn(2, 3, 4)
     out = hop((s, q, s))
-    ref = F.scaled_dot_product_attention(q.view(2, 3, 2, 2).transpose(1, 2),
-                                         s.view(2, 6, 2, 2).transpose(1, 2),
-                                         s.view(2, 6, 2, 2).transpose(1, 2), scale=1.0)
-    torch.testing.assert_close(out, ref.transpose(1, 2).flatten(2))
+    # hflayers' static-only mode: every head sees the whole raw patterns
+    ref = F.scaled_dot_product_attention(q, s, s, scale=1.0)
+    torch.testing.assert_close(out, torch.cat([ref, ref], dim=-1))
     seq_first = Hopfield(4, batch_first=False)
     seq_first.load_state_dict(Hopfield(4).state_dict())
     assert seq_first(q.transpose(0, 1)).shape == (3, 2, 4)
@@ -133,7 +172,7 @@ def test_static_patterns_and_batch_first_false():
 def test_pooling_shapes_gradients_parameters():
     pool = HopfieldPooling(8, quantity=3, num_heads=2, output_size=5, update_steps_max=1)
     names = dict(pool.named_parameters())
-    assert "pooling_weights" in names and names["pooling_weights"].shape == (3, 8)
+    assert "pooling_weights" in names and names["pooling_weights"].shape == (1, 3, 8)
     x = torch.randn(4, 10, 8)
     pad = torch.zeros(4, 10, dtype=torch.bool)
     pad[0, 6:] = True
@@ -153,7 +192,8 @@ def test_layer_shapes_gradients_parameters():
     layer = HopfieldLayer(6, quantity=7, num_heads=3, update_steps_max=2,
                           lookup_weights_as_separated=True)
     names = dict(layer.named_parameters())
-    assert names["lookup_weights"].shape == (7, 6) and names["target_weights"].shape == (7, 6)
+    assert names["lookup_weights"].shape == (1, 7, 6)
+    assert names["target_weights"].shape == (1, 7, 6)
     x = torch.randn(2, 4, 6, requires_grad=True)
     out = layer(x)
     assert out.shape == (2, 4, 6)
@@ -207,12 +247,12 @@ def test_compile_fullgraph_with_steps(solver):
     "kwargs, error",
     [
         (dict(update_steps_max=-1), ValueError),
-        (dict(update_steps_max=None), ValueError),
+        (dict(update_steps_max=None, update_steps_eps=0.0), ValueError),
         (dict(update_steps_max=1.5), TypeError),
         (dict(update_steps_eps=-1.0), ValueError),
         (dict(num_heads=3), ValueError),
         (dict(normalize_state_pattern=False), ValueError),
-        (dict(state_pattern_as_static=True, hidden_size=3), ValueError),
+        (dict(pattern_projection_as_connected=True, stored_pattern_size=6), ValueError),
         (dict(solver="newton"), ValueError),
         (dict(anderson=2), ValueError),
         (dict(dropout=1.0), ValueError),
