@@ -2,9 +2,10 @@
 
 Same module arguments, same weights (loaded from the hflayers model), forward+backward, float32
 on CPU (or ``--device cuda``). "saved MiB" counts the bytes autograd keeps for backward
-(deterministic). Needs hflayers importable (``PYTHONPATH=../shared/peers/hopfield-layers``).
+(deterministic). Needs hflayers importable: a checkout of ml-jku/hopfield-layers (commit
+f56f929) on ``PYTHONPATH``.
 
-    PYTHONPATH=../shared/peers/hopfield-layers python benchmarks/hopfield_vs_hflayers.py [--quick]
+    PYTHONPATH=path/to/hopfield-layers python benchmarks/hopfield_vs_hflayers.py [--quick]
 
 Prints a table and writes ``benchmarks/results/hopfield_vs_hflayers[_cuda].json``.
 """
