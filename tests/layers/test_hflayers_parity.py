@@ -21,9 +21,11 @@ from energy_attn.layers.hopfield import Hopfield, hflayers_state_dict
 
 DT = torch.float64
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "hflayers_f56f929.pt"
-FIXTURES = torch.load(FIXTURE, weights_only=False)
+# the fixture also records the peer's torch version and signatures (inspect's empty default)
+with torch.serialization.safe_globals([torch.torch_version.TorchVersion, inspect.Parameter.empty]):
+    FIXTURES = torch.load(FIXTURE, weights_only=True)
 CASES = FIXTURES["cases"]
-# ../shared beside the clone (CI), or beside a folder holding the worktree
+# the peer checkout in shared/peers/ beside the clone (CI) or beside the folder holding it
 PEER = next((p / "shared" / "peers" / "hopfield-layers" for p in pathlib.Path(__file__).resolve()
              .parents[3:5] if (p / "shared" / "peers" / "hopfield-layers").is_dir()), None)
 
