@@ -190,7 +190,7 @@ def logits_mask(logits: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor 
         return logits, None
     m = mask if isinstance(mask, Masks) else from_user("mask", mask)
     if m.bias is not None:
-        logits = logits + m.bias.to(logits.dtype)
+        logits = logits + _cast_bias(m.bias, logits.dtype)
     allowed = full_allowed(m, logits.shape[-2], logits.shape[-1], logits.device)
     if allowed is None:
         return logits, None
@@ -221,6 +221,18 @@ def readout_args(m: Masks, n: int, k: int, device):
     return bias.masked_fill(~(full | ~valid), float("-inf")), valid, False
 
 
+def _cast_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float bias in ``dtype``; finite entries below its range become its lowest value
+    (``−1e9`` in float16 would otherwise overflow to ``−inf`` and block the key), ``−inf``
+    stays ``−inf``."""
+    if bias.dtype == dtype:
+        return bias
+    low = torch.finfo(dtype).min
+    if torch.finfo(bias.dtype).min < low:
+        bias = torch.where(bias.isinf(), bias, bias.clamp(min=low))
+    return bias.to(dtype)
+
+
 def sdpa_mask(attn_mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.Tensor:
     """The mask as every CUDA SDPA backend takes it, for queries of ``dtype`` and ``keys`` keys.
 
@@ -235,11 +247,8 @@ def sdpa_mask(attn_mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.T
     * a boolean mask stays boolean. (The memory-efficient kernel's 16-element alignment of
       the last dimension is done by PyTorch itself, by padding.)
     """
-    if attn_mask.dtype != torch.bool and attn_mask.dtype != dtype:
-        low = torch.finfo(dtype).min
-        if torch.finfo(attn_mask.dtype).min < low:  # keep −inf, clamp finite entries
-            attn_mask = torch.where(attn_mask.isinf(), attn_mask, attn_mask.clamp(min=low))
-        attn_mask = attn_mask.to(dtype)
+    if attn_mask.dtype != torch.bool:
+        attn_mask = _cast_bias(attn_mask, dtype)
     if attn_mask.dim() == 0 or attn_mask.shape[-1] != keys:
         attn_mask = attn_mask.expand(*attn_mask.shape[:-1], keys)
     if attn_mask.stride(-1) != 1:

@@ -6,8 +6,7 @@ from helpers import tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from energy_attn import Hopfield, hopfield_descent
-from energy_attn import masks
+from energy_attn import Hopfield, hopfield_descent, masks
 from energy_attn.fixed_point import _hopfield_readout, fixed_point
 from energy_attn.ops.hopfield import hopfield_fixed_point
 
