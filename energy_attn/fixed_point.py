@@ -16,7 +16,8 @@ traces forward and backward.
 
 Both solves converge when ``f`` is a contraction near ``z*`` (spectral radius of ``J`` below 1).
 :func:`energy_attn.ops.hopfield.hopfield_fixed_point` applies this to the Hopfield descent
-(docs/math.md §1): the fixed point of ``ξ ↦ ξ − η ∇E(ξ)`` is a stationary point of the energy, ``ξ* = softmax(β ξ* Kᵀ + b) K``.
+(docs/math.md §1): the fixed point of ``ξ ↦ ξ − η ∇E(ξ)`` is a stationary point of the
+energy, ``ξ* = softmax(β ξ* Kᵀ + b) K``.
 Because ``ξ*`` does not depend on where the iteration started (within a basin), its gradient
 with respect to the initial queries is zero; gradients flow to the keys (and key bias).
 """
