@@ -1,0 +1,107 @@
+"""Float masks in the drop-in adapters act in every descent step (docs/math.md §1).
+
+A ``−1e4`` / ``−1e9`` entry next to a visible key gets softmax weight ``exp(−1e4 + Δ)`` = exactly
+0 in float32 (as in ``nn.MultiheadAttention``), in every step; so the gradient of an output
+with respect to a key it may not see is exactly 0 for every value users write for "blocked".
+"""
+
+import pytest
+import torch
+from torch import nn
+
+from energy_attn.integrations import EnergyMultiheadAttention, swap_attention
+
+OPTS = [("gd", 0.0), ("momentum", 0.6), ("nesterov", 0.6), ("newton_2nd1st", 0.0),
+        ("newton_light", 0.0)]
+BLOCKING = ["-1e4", "-1e9", "-inf", "finfo.min"]
+TOL = {"atol": 16 * torch.finfo(torch.float32).eps, "rtol": 16 * torch.finfo(torch.float32).eps}
+
+
+def causal_float_mask(L, value):
+    v = torch.finfo(torch.float32).min if value == "finfo.min" else float(value)
+    return torch.zeros(L, L).masked_fill(~torch.ones(L, L, dtype=torch.bool).tril(), v)
+
+
+def test_the_issue_case_minus_1e9_causal_mask_is_causal_in_every_step():
+    """E=8, H=2, L=4, sequence-first, [L, L] −1e9 above the diagonal: ∂out_1/∂x_{2,3} = 0."""
+    torch.manual_seed(0)
+    E, H, L = 8, 2, 4
+    mha = EnergyMultiheadAttention(E, H, num_steps=3)
+    x = torch.randn(L, 1, E)  # sequence first
+    mask = causal_float_mask(L, "-1e9")
+    jac = torch.autograd.functional.jacobian(
+        lambda x: mha(x, x, x, attn_mask=mask, need_weights=False)[0][1], x)  # [1, E, L, 1, E]
+    assert (jac[:, :, 2:] == 0).all()
+    assert jac[:, :, :2].abs().max() > 0  # it does depend on the tokens it may see
+
+
+@pytest.mark.parametrize("value", BLOCKING)
+@pytest.mark.parametrize("num_steps", [1, 3])
+@pytest.mark.parametrize("optimizer,rho", OPTS)
+def test_no_output_depends_on_a_future_or_padded_token(value, num_steps, optimizer, rho):
+    E, H, L, B = 8, 2, 5, 2
+    mha = EnergyMultiheadAttention(E, H, num_steps=num_steps, batch_first=True,
+                                   optimizer=optimizer, momentum=rho, step_size=0.7)
+    mask = causal_float_mask(L, value)
+    x = torch.randn(B, L, E)
+    jac = torch.autograd.functional.jacobian(
+        lambda x: mha(x, x, x, attn_mask=mask, need_weights=False)[0], x)  # [B, L, E, B, L, E]
+    for i in range(L - 1):
+        assert (jac[:, i, :, :, i + 1:] == 0).all(), (value, i)
+    # float key padding: the padded keys/values never reach any output
+    kpm = torch.zeros(B, L).masked_fill(torch.arange(L) >= 3, float(causal_float_mask(2, value)[0, 1]))
+    kv = torch.randn(B, L, E)
+    jac = torch.autograd.functional.jacobian(
+        lambda kv: mha(x, kv, kv, key_padding_mask=kpm, need_weights=False)[0], kv)
+    assert (jac[..., 3:, :] == 0).all() and jac[..., :3, :].abs().max() > 0
+    # and a finite blocking value acts exactly as a boolean block would
+    boolean = ~torch.ones(L, L, dtype=torch.bool).tril()
+    torch.testing.assert_close(mha(x, x, x, attn_mask=mask)[0],
+                               mha(x, x, x, attn_mask=boolean)[0], **TOL)
+
+
+@pytest.mark.parametrize("value", BLOCKING + ["random"])
+def test_num_steps_1_equals_nn_multihead_attention_for_float_masks(value):
+    E, H, L, B = 8, 2, 5, 3
+    ref = nn.MultiheadAttention(E, H)
+    energy = EnergyMultiheadAttention(E, H, num_steps=1)
+    energy.load_state_dict(ref.state_dict())
+    x = torch.randn(L, B, E)
+    mask = torch.randn(L, L) if value == "random" else causal_float_mask(L, value)
+    kpm = torch.zeros(B, L)
+    kpm[0, -2:] = -1e4
+    for kw in ({"attn_mask": mask}, {"attn_mask": mask, "key_padding_mask": kpm}):
+        out_ref, w_ref = ref(x, x, x, **kw)
+        out, w = energy(x, x, x, **kw)
+        torch.testing.assert_close(out, out_ref, **TOL)
+        torch.testing.assert_close(w, w_ref, **TOL)
+
+
+@pytest.mark.parametrize("value", ["-1e9", "-inf"])
+def test_swapped_transformer_is_causal_with_float_masks(value):
+    E, L = 8, 5
+    layer = nn.TransformerEncoderLayer(E, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
+    model = swap_attention(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                           num_steps=3, optimizer="nesterov", momentum=0.5).eval()
+    mask = causal_float_mask(L, value)
+    x = torch.randn(1, L, E)
+    jac = torch.autograd.functional.jacobian(lambda x: model(x, mask=mask), x)  # [1,L,E,1,L,E]
+    for i in range(L - 1):
+        assert (jac[:, i, :, :, i + 1:] == 0).all(), i
+
+
+def test_hugging_face_user_4d_float_mask_acts_in_every_step():
+    pytest.importorskip("transformers")
+    from energy_attn.integrations.huggingface import make_attention_function  # noqa: PLC0415
+
+    B, H, Hk, N, D = 2, 4, 2, 5, 8
+    attend = make_attention_function(num_steps=3, optimizer="newton_2nd1st")
+    q = torch.randn(B, H, N, D)
+    k = torch.randn(B, Hk, N, D, requires_grad=True)
+    v = torch.randn(B, Hk, N, D)
+    for value in BLOCKING:
+        mask = causal_float_mask(N, value).expand(B, 1, N, N)  # a user's 4-D additive mask
+        out, _ = attend(None, q, k, v, mask)  # [B, N, H, D]
+        for i in range(N - 1):
+            (g,) = torch.autograd.grad(out[:, i].sum(), k, retain_graph=True)
+            assert (g[:, :, i + 1:] == 0).all(), (value, i)
