@@ -40,6 +40,7 @@ __all__ = [
     "from_additive",
     "from_allowed",
     "from_blocked",
+    "from_tokens",
     "from_user",
     "full_allowed",
     "is_key_padding",
@@ -84,6 +85,12 @@ def from_additive(mask: torch.Tensor, is_causal: bool = False) -> Masks:
     """
     allowed = mask > torch.finfo(mask.dtype).min
     return Masks(allowed, mask.masked_fill(~allowed, 0.0), is_causal)
+
+
+def from_tokens(mask: torch.Tensor) -> Masks:
+    """Boolean token mask ``[B, N]``, True = real token (the Energy Transformer's): a pair may
+    interact when both are real tokens, ``allowed [B, N, N]``."""
+    return Masks(mask.unsqueeze(-1) & mask.unsqueeze(-2), None, False)
 
 
 def from_user(name: str, mask, *, blocked: bool = False, is_causal: bool = False) -> Masks:

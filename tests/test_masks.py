@@ -8,10 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from energy_attn import (
+    GPT,
     MHA,
     EnergyBasedAttention,
     EnergyMultiheadAttention,
-    GPT,
     GPTConfig,
     Hopfield,
     LightMHA2nd1st,

@@ -49,7 +49,8 @@ def test_no_output_depends_on_a_future_or_padded_token(value, num_steps, optimiz
     for i in range(L - 1):
         assert (jac[:, i, :, :, i + 1:] == 0).all(), (value, i)
     # float key padding: the padded keys/values never reach any output
-    kpm = torch.zeros(B, L).masked_fill(torch.arange(L) >= 3, float(causal_float_mask(2, value)[0, 1]))
+    blocked = float(causal_float_mask(2, value)[0, 1])
+    kpm = torch.zeros(B, L).masked_fill(torch.arange(L) >= 3, blocked)
     kv = torch.randn(B, L, E)
     jac = torch.autograd.functional.jacobian(
         lambda kv: mha(x, kv, kv, key_padding_mask=kpm, need_weights=False)[0], kv)
