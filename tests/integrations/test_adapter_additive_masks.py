@@ -7,6 +7,8 @@ with respect to a key it may not see is exactly 0 for every value users write fo
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from energy_attn.integrations import EnergyMultiheadAttention, swap_attention
@@ -106,3 +108,32 @@ def test_hugging_face_user_4d_float_mask_acts_in_every_step():
         for i in range(N - 1):
             (g,) = torch.autograd.grad(out[:, i].sum(), k, retain_graph=True)
             assert (g[:, :, i + 1:] == 0).all(), (value, i)
+
+
+@settings(max_examples=20, deadline=None)
+@given(L=st.integers(1, 5), S=st.integers(1, 6), H=st.sampled_from([1, 2]),
+       T=st.integers(1, 3), optimizer=st.sampled_from([o for o, _ in OPTS]),
+       batch_first=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_fuzz_no_output_depends_on_a_key_its_float_mask_blocks(L, S, H, T, optimizer,
+                                                               batch_first, seed):
+    """Random float masks mixing small biases with every blocking value users write: the
+    output of query i never depends on key/value j where mask[i, j] <= -1e4."""
+    torch.manual_seed(seed)  # the example's data is a function of the example
+    E, B = 4 * H, 2
+    rho = 0.5 if optimizer in ("momentum", "nesterov") else 0.0
+    mha = EnergyMultiheadAttention(E, H, num_steps=T, optimizer=optimizer, momentum=rho,
+                                   step_size=0.6, batch_first=batch_first)
+    values = torch.tensor([-1e4, -1e9, float("-inf"), torch.finfo(torch.float32).min])
+    mask = 0.5 * torch.randn(L, S)
+    blocked = torch.rand(L, S) < 0.5
+    blocked[torch.arange(L), torch.randint(0, S, (L,))] = False  # each query sees a key
+    mask[blocked] = values[torch.randint(0, 4, (int(blocked.sum()),))]
+    x = torch.randn(B, L, E) if batch_first else torch.randn(L, B, E)
+    kv = torch.randn(B, S, E) if batch_first else torch.randn(S, B, E)
+    jac = torch.autograd.functional.jacobian(
+        lambda kv: mha(x, kv, kv, attn_mask=mask, need_weights=False)[0], kv)
+    if not batch_first:  # [L, B, E, S, B, E] -> [B, L, E, B, S, E]
+        jac = jac.permute(1, 0, 2, 4, 3, 5)
+    assert jac.isfinite().all()
+    for i, j in blocked.nonzero().tolist():
+        assert (jac[:, i, :, :, j] == 0).all(), (i, j, mask[i, j].item())
