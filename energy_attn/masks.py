@@ -80,8 +80,9 @@ def from_blocked(mask: torch.Tensor | None, is_causal: bool = False) -> Masks:
 def from_additive(mask: torch.Tensor, is_causal: bool = False) -> Masks:
     """Additive float mask -> allowed (``mask > finfo.min``) and the finite bias.
 
-    ``−inf``, NaN-free ``finfo(mask.dtype).min`` and anything below it block the key; the
-    remaining entries are kept as a finite logit bias (0 where blocked).
+    ``−inf``, ``finfo(mask.dtype).min`` and anything below it block the key (so does a NaN
+    entry: it is never read); the remaining entries are kept as a finite logit bias (0 where
+    blocked).
     """
     allowed = mask > torch.finfo(mask.dtype).min
     return Masks(allowed, mask.masked_fill(~allowed, 0.0), is_causal)
@@ -110,7 +111,7 @@ def from_user(name: str, mask, *, blocked: bool = False, is_causal: bool = False
 
 def check(name: str, mask, target_shape: tuple[int, ...]) -> None:
     """``mask`` is a bool or float tensor broadcastable to ``target_shape`` (ValueError/TypeError
-    naming ``name`` otherwise). A NaN in a float mask is not checked (it would sync)."""
+    naming ``name`` otherwise). Values are not inspected (that would sync with the host)."""
     _require_tensor(name, mask)
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be bool (True = may attend) or floating-point (additive), "
@@ -136,16 +137,18 @@ def _and(a, b):
     return b if a is None else a if b is None else a & b
 
 
-def _add(a, b):
-    return b if a is None else a if b is None else a + b
-
-
 def combine(*masks: Masks) -> Masks:
-    """Intersection of the allowed sets, sum of the biases, causal if any is."""
+    """Intersection of the allowed sets, sum of the biases, causal if any is. A sum of finite
+    biases that reaches ``finfo.min`` (or overflows to ``−inf``) blocks its key."""
     out = Masks()
     for m in masks:
-        out = Masks(_and(out.allowed, m.allowed), _add(out.bias, m.bias),
-                    out.is_causal or m.is_causal)
+        allowed, bias = _and(out.allowed, m.allowed), m.bias
+        if out.bias is not None and m.bias is not None:
+            summed = from_additive(out.bias + m.bias)
+            allowed, bias = _and(allowed, summed.allowed), summed.bias
+        elif bias is None:
+            bias = out.bias
+        out = Masks(allowed, bias, out.is_causal or m.is_causal)
     return out
 
 

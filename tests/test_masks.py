@@ -40,6 +40,8 @@ def test_additive_masks_block_only_at_or_below_the_dtype_lowest_value(dtype):
     assert torch.equal(m.allowed, expected)
     assert torch.equal(m.bias, mask.masked_fill(~expected, 0.0))  # finite everywhere
     assert m.bias.isfinite().all()
+    nan = masks.from_user("mask", torch.tensor([0.0, float("nan")], dtype=dtype))
+    assert nan.allowed.tolist() == [True, False] and nan.bias.isfinite().all()
 
 
 def test_boolean_conventions_and_combination():
@@ -51,6 +53,9 @@ def test_boolean_conventions_and_combination():
                       masks.Masks(is_causal=True))
     assert torch.equal(c.allowed, torch.tensor([[False, True, False]]))
     assert torch.equal(c.bias, torch.tensor([[0.0, -1e9, 0.0]])) and c.is_causal
+    big = torch.tensor([0.0, -3e38, -2e38])  # finite, but their sum overflows
+    d = masks.combine(masks.from_user("a", big), masks.from_user("b", big))
+    assert d.allowed.tolist() == [True, False, False] and d.bias.isfinite().all()
     full = masks.full_allowed(masks.Masks(None, None, True), 3, 3, "cpu")
     assert torch.equal(full, torch.ones(3, 3, dtype=torch.bool).tril())
     with pytest.raises(TypeError, match="attn_mask.*True = blocked"):
