@@ -111,6 +111,13 @@ def test_only_masks_py_calls_scaled_dot_product_attention():
     assert not offenders, offenders
 
 
+def test_fixed_point_solver_does_not_import_the_ops():
+    """ops.hopfield imports fixed_point; fixed_point takes masks from masks.py, not from ops."""
+    tree = ast.parse((ROOT / "energy_attn" / "fixed_point.py").read_text())
+    imported = [node.module or "" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    assert imported and not [m for m in imported if "ops" in m.split(".")], imported
+
+
 @pytest.fixture
 def sdpa_calls(monkeypatch):
     """Wrap F.scaled_dot_product_attention: assert what CUDA's backends need of every mask."""

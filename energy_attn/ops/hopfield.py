@@ -85,6 +85,8 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
                                                        q.device)
     if exists(attn_mask):
         attn_mask = masks.sdpa_mask(attn_mask, q.dtype, M)
+    # Explicit-logit paths (2nd-order Newton, energies): causality folded in once, not per step.
+    m = masks.Masks(masks.full_allowed(m, N, M, q.device), m.bias)
 
     def readout(xi32, values):
         return masks.sdpa(xi32.to(q.dtype), k, values, attn_mask=attn_mask, valid=valid,
