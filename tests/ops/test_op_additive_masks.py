@@ -168,3 +168,20 @@ def test_fuzz_blocked_keys_are_removed_keys(B, Hk, G, N, M, D, T, dtype, optimiz
     torch.testing.assert_close(out, removed, atol=atol, rtol=rtol)
     (g,) = torch.autograd.grad(out.square().sum(), k)
     assert (g[:, :, ~keep] == 0).all() and g.isfinite().all()
+
+
+def test_fixed_point_solver_sees_the_bias_too():
+    """solver='fixed_point' solves ξ* = softmax(β ξ* Kᵀ + b) K with the same float mask. With
+    β = 0.1 and keys of norm ~1 the step's Jacobian βΣ has norm ≲ 0.1: one fixed point, and 100
+    steps take the unrolled gradient's transient (from where ξ started) down to rounding."""
+    q = 3 * torch.randn(2, 2, 4, 5, dtype=f64)
+    k = (0.5 * torch.randn(2, 2, 6, 5, dtype=f64)).requires_grad_()
+    bias = torch.randn(2, 1, 4, 6, dtype=f64).masked_fill(torch.rand(2, 1, 4, 6) < 0.3, -1e9)
+    kw = dict(scale=0.1, num_steps=100, mask=bias)
+    fixed = hopfield_descent(q, k, solver="fixed_point", **kw)
+    unrolled = hopfield_descent(q, k, **kw)
+    atol, rtol = tol(f64)
+    torch.testing.assert_close(fixed, unrolled, atol=atol, rtol=rtol)
+    w = torch.randn_like(q)
+    g_fixed, g_unrolled = (torch.autograd.grad((z * w).sum(), k)[0] for z in (fixed, unrolled))
+    torch.testing.assert_close(g_fixed, g_unrolled, atol=atol * g_unrolled.abs().max(), rtol=rtol)
