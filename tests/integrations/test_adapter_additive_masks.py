@@ -137,3 +137,39 @@ def test_fuzz_no_output_depends_on_a_key_its_float_mask_blocks(L, S, H, T, optim
     assert jac.isfinite().all()
     for i, j in blocked.nonzero().tolist():
         assert (jac[:, i, :, :, j] == 0).all(), (i, j, mask[i, j].item())
+
+
+def test_hugging_face_model_with_a_user_4d_float_mask_is_causal_in_every_step():
+    transformers = pytest.importorskip("transformers")
+    from energy_attn.integrations.huggingface import register  # noqa: PLC0415
+
+    register("energy_float_mask_test", num_steps=3, step_size=0.5)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=32,
+                                   bos_token_id=0, eos_token_id=0, pad_token_id=0,
+                                   initializer_range=0.3)
+    model = transformers.AutoModelForCausalLM.from_config(
+        cfg, attn_implementation="energy_float_mask_test").eval()
+    N = 6
+    mask = causal_float_mask(N, "-1e9").expand(2, 1, N, N)  # the user's own additive 4-D mask
+    emb = model.get_input_embeddings()(torch.randint(1, 64, (2, N))).detach().requires_grad_()
+    logits = model(inputs_embeds=emb, attention_mask=mask).logits
+    for i in range(N - 1):
+        (g,) = torch.autograd.grad(logits[:, i].sum(), emb, retain_graph=True)
+        assert (g[:, i + 1:] == 0).all() and g[:, :i + 1].abs().max() > 0, i
+
+
+@pytest.mark.parametrize("value", ["-inf", "finfo.min"])
+@pytest.mark.parametrize("num_steps", [1, 3])
+def test_float_masks_fully_blocked_rows_read_out_zero(value, num_steps):
+    E, H, L, B = 8, 2, 4, 2
+    mha = EnergyMultiheadAttention(E, H, num_steps=num_steps, batch_first=True)
+    mask = torch.randn(L, L)
+    mask[2] = float(causal_float_mask(2, value)[0, 1])  # query 2 may attend nothing
+    x = torch.randn(B, L, E, requires_grad=True)
+    out, w = mha(x, x, x, attn_mask=mask)
+    assert out.isfinite().all() and w.isfinite().all() and (w[:, 2] == 0).all()
+    torch.testing.assert_close(out[:, 2], mha.out_proj.bias.expand(B, E))
+    (g,) = torch.autograd.grad(out.sum(), x)
+    assert g.isfinite().all()
