@@ -250,19 +250,23 @@ def sdpa_mask(attn_mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.T
 
     * the last dimension is materialised (size ``M``, stride 1): a broadcast last dimension
       (``[B, 1, 1, 1]``, ``[B, 1, N, 1]``, or any expanded view) makes the memory-efficient
-      kernel fail with "(*bias): last dimension must be contiguous". Other dims may broadcast.
+      kernel fail with "(*bias): last dimension must be contiguous". Other dims may broadcast
+      (they stay broadcast: only one row per distinct mask row is materialised).
     * a float mask has the query's dtype; finite entries below that dtype's range are clamped
       to its lowest value instead of overflowing to ``−inf`` (``−1e9`` in float16), so a row
       whose every key is weighed down (not blocked) stays finite.
-    * a boolean mask stays boolean. (The memory-efficient kernel's 16-element alignment of
-      the last dimension is done by PyTorch itself, by padding.)
+    * a boolean mask stays boolean. (The memory-efficient kernel's alignment of the other
+      strides is done by PyTorch itself: it pads a misaligned mask; broadcast strides are 0.)
     """
     if attn_mask.dtype != torch.bool:
         attn_mask = _cast_bias(attn_mask, dtype)
     if attn_mask.dim() == 0 or attn_mask.shape[-1] != keys:
         attn_mask = attn_mask.expand(*attn_mask.shape[:-1], keys)
     if attn_mask.stride(-1) != 1:
-        attn_mask = attn_mask.contiguous()
+        # Materialise the last dim only: leading broadcast (stride-0) dims stay broadcast.
+        base = attn_mask[tuple(slice(0, 1) if st == 0 else slice(None)
+                               for st in attn_mask.stride()[:-1])]
+        attn_mask = base.contiguous().expand(attn_mask.shape)
     return attn_mask
 
 

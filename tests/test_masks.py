@@ -91,6 +91,9 @@ def test_sdpa_mask_materialises_the_last_dim_and_casts_without_overflow():
         out = masks.sdpa_mask(mask, q.dtype, 5)
         assert out.shape[-1] == 5 and out.stride(-1) == 1
         assert out.dtype in (torch.bool, q.dtype) and not out.isneginf().any()
+    lean = masks.sdpa_mask(torch.ones(1, 1, 1, 1, dtype=torch.bool).expand(8, 4, 16, 1), q.dtype,
+                           32)
+    assert lean.shape == (8, 4, 16, 32) and lean.stride() == (0, 0, 0, 1)  # one row stored
     kept = masks.sdpa_mask(torch.tensor([0.0, float("-inf")]), torch.float16, 2)
     assert kept[1] == float("-inf")
     ready = masks.sdpa_mask(torch.zeros(3, 5, dtype=torch.float16), torch.float16, 5)
