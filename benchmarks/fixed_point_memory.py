@@ -78,9 +78,10 @@ def run_one(solver: str, T: int, B: int, H: int, N: int, D: int, repeats: int,
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = hopfield_descent(q, k, scale=1.0, num_steps=T, solver=solver, backend="reference")
     with torch.no_grad():  # distance from a fixed point ξ = softmax(β ξ Kᵀ) K, for both solvers
-        from energy_attn.ops.hopfield import _sdpa_readout
+        from energy_attn.fixed_point import _hopfield_readout
+        from energy_attn.masks import Masks
 
-        res = (_sdpa_readout(out, k, 1.0) - out).norm(dim=-1).max().item()
+        res = (_hopfield_readout(out, k, 1.0, Masks()) - out).norm(dim=-1).max().item()
     return {
         "solver": solver,
         "T": T,

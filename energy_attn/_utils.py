@@ -94,3 +94,9 @@ def check_bool_mask(name: str, mask, target_shape: tuple[int, ...]) -> None:
         raise ValueError(
             f"{name} of shape {tuple(mask.shape)} is not broadcastable to {tuple(target_shape)}"
         )
+
+
+def expand_heads(t, heads: int):
+    """Grouped heads: ``[B, Hk, ...] -> [B, H, ...]``, head h reads group ``h // (H // Hk)``."""
+    g = heads // t.shape[1]
+    return t if g == 1 else t.repeat_interleave(g, dim=1)

@@ -138,7 +138,9 @@ def minimize_energy(
             closed form is used; otherwise ``torch.autograd.grad(..., create_graph=True)``.
         queries: state patterns ``[..., n, d]``.
         keys: stored patterns ``[..., m, d]``, held fixed during descent.
-        mask: optional boolean mask broadcastable to ``[..., n, m]``, True = may attend.
+        mask: optional mask broadcastable to ``[..., n, m]``, passed to ``energy_func``:
+            boolean (True = may attend) or additive float (a logit bias; ``−inf`` blocks),
+            as :mod:`energy_attn.masks` reads them.
         step_size: ``η`` (finite).
         num_steps: ``T >= 0`` (a Python int).
         return_trajs: return ``{"queries": [T+1], "energies": [T+1]}`` (plus ``"velocities"``
@@ -179,8 +181,9 @@ def minimize_energy(
             f"queries and keys must share the last (pattern) dimension, got "
             f"{tuple(queries.shape)} and {tuple(keys.shape)}"
         )
-    if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool):
-        raise TypeError("mask must be a boolean tensor (True = may attend)")
+    if mask is not None and (not isinstance(mask, torch.Tensor)
+                             or not (mask.dtype == torch.bool or mask.is_floating_point())):
+        raise TypeError("mask must be a boolean (True = may attend) or additive float tensor")
     check_same_device(queries=queries, keys=keys, mask=mask)
     num_steps = check_num_steps(num_steps)
     step_size = check_finite_number("step_size", step_size)

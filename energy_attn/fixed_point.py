@@ -15,8 +15,9 @@ nothing syncs with the host, and with closed-form products ``torch.compile(fullg
 traces forward and backward.
 
 Both solves converge when ``f`` is a contraction near ``z*`` (spectral radius of ``J`` below 1).
-:func:`hopfield_fixed_point` does this for the Hopfield descent (docs/math.md §9.2): the fixed point
-of ``ξ ↦ ξ − η ∇E(ξ)`` is a stationary point of the energy, ``ξ* = softmax(β ξ* Kᵀ + b) K``.
+:func:`energy_attn.ops.hopfield.hopfield_fixed_point` applies this to the Hopfield descent
+(docs/math.md §9.2): the fixed point of ``ξ ↦ ξ − η ∇E(ξ)`` is a stationary point of the
+energy, ``ξ* = softmax(β ξ* Kᵀ + b) K``.
 Because ``ξ*`` does not depend on where the iteration started (within a basin), its gradient
 with respect to the initial queries is zero; gradients flow to the keys (and key bias).
 """
@@ -27,7 +28,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ._utils import check_num_steps, exists
+from . import masks
+from ._utils import check_num_steps, exists, expand_heads
+from .energies.hopfield import _logits, _readout
 
 SOLVERS = ("unrolled", "fixed_point")
 
@@ -171,67 +174,36 @@ def fixed_point(
     return _FixedPoint.apply(f, vjp, num_iters, anderson, z0, *params)
 
 
-def hopfield_fixed_point(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    scale: float | None = None,
-    step_size: float = 1.0,
-    num_steps: int = 1,
-    mask: torch.Tensor | None = None,
-    is_causal: bool = False,
-    key_bias: torch.Tensor | None = None,
-    anderson: int = 0,
-    return_residual: bool = False,
-):
-    """Fixed point of the Hopfield descent ``ξ ← ξ − η (ξ − softmax(β ξ Kᵀ + b) K)``.
+def _hopfield_readout(xi, keys, scale, m, key_bias=None):
+    """``μ = softmax(β ξ Kᵀ + b) K`` (zero on fully masked rows) in ``keys``' dtype.
 
-    The same call as :func:`energy_attn.hopfield_descent` with ``solver="fixed_point"``:
-    ``num_steps`` forward iterations (Anderson-accelerated if ``anderson > 0``) from ``q``,
-    implicit differentiation in backward with ``num_steps`` adjoint iterations.
-
-    Args:
-        q, k, scale, step_size, num_steps, mask, is_causal, key_bias: as
-            :func:`energy_attn.hopfield_descent` (``q [B, H, N, D]``, ``k [B, Hk, M, D]``,
-            mask broadcastable to ``[B, H, N, M]``, True = may attend).
-        anderson: Anderson history size (0 = plain iteration).
-        return_residual: also return the per-query residual ``‖f(ξ*) − ξ*‖``, ``[B, H, N]``
-            (detached; how far from a fixed point the solve ended).
-
-    Returns:
-        ``ξ*`` ``[B, H, N, D]`` in ``q``'s dtype (half inputs are solved in float32), or
-        ``(ξ*, residual)``. ``q`` gets no gradient; ``k`` and ``key_bias`` get implicit ones.
+    ``xi [B, H, N, D]``, ``keys [B, H, M, D]``, ``m`` a :class:`energy_attn.masks.Masks`,
+    ``key_bias [B, H, M]`` (heads already expanded).
     """
-    from .ops.hopfield import _check_inputs  # noqa: PLC0415  (ops imports this module)
-
-    scale, step_size, num_steps, _ = _check_inputs(
-        q, k, scale, step_size, num_steps, mask, is_causal, key_bias, "gd", 0.0, "reference"
-    )
-    anderson = check_num_steps(anderson, "anderson")
-    if step_size == 0.0:
-        raise ValueError("step_size must be nonzero for solver='fixed_point'")
-    return _hopfield_fixed_point(q, k, scale, step_size, num_steps, mask, is_causal, key_bias,
-                                 anderson, return_residual)
+    N, M = xi.shape[-2], keys.shape[-2]
+    attn_mask, valid, causal = masks.readout_args(masks.with_key_bias(m, key_bias), N, M,
+                                                  xi.device)
+    return masks.sdpa(xi.to(keys.dtype), keys, keys, attn_mask=attn_mask, valid=valid,
+                      is_causal=causal, scale=scale)
 
 
-def _hopfield_fixed_point(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, anderson,
+def _hopfield_fixed_point(q, k, scale, step_size, num_steps, m, key_bias, anderson,
                           return_residual=False):
-    """Trusted internals of :func:`hopfield_fixed_point` (inputs already validated)."""
-    from .ops.hopfield import _expand_heads, _sdpa_readout  # noqa: PLC0415
-
+    """Internals of :func:`energy_attn.ops.hopfield.hopfield_fixed_point` (inputs validated;
+    ``m`` the canonical :class:`energy_attn.masks.Masks`)."""
     H = q.shape[1]
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    keys = _expand_heads(k, H).to(work)  # [B, H, M, D]
+    keys = expand_heads(k, H).to(work)  # [B, H, M, D]
     params = [keys]
     if exists(key_bias):
-        params.append(_expand_heads(key_bias, H).to(work))  # [B, H, M]
+        params.append(expand_heads(key_bias, H).to(work))  # [B, H, M]
 
     def f(xi, keys, bias=None):
-        mu = _sdpa_readout(xi, keys, scale, mask=mask, is_causal=is_causal, key_bias=bias)
+        mu = _hopfield_readout(xi, keys, scale, m, bias)
         return xi - step_size * (xi - mu)
 
     z = fixed_point(f, q.to(work), params, num_iters=num_steps, anderson=anderson,
-                    vjp=_hopfield_step_vjp(scale, step_size, mask, is_causal))
+                    vjp=_hopfield_step_vjp(scale, step_size, m))
     out = z.to(q.dtype)
     if not return_residual:
         return out
@@ -240,7 +212,7 @@ def _hopfield_fixed_point(q, k, scale, step_size, num_steps, mask, is_causal, ke
     return out, residual
 
 
-def _hopfield_step_vjp(scale, step_size, mask, is_causal):
+def _hopfield_step_vjp(scale, step_size, m):
     """Closed-form products of the step ``f(ξ) = (1 − η) ξ + η μ(ξ)``, ``μ = softmax(βξKᵀ+b) K``.
 
     With ``p_i`` the attention of query ``i`` and ``s_ij(w) = (k_j − μ_i)·w_i``:
@@ -252,13 +224,9 @@ def _hopfield_step_vjp(scale, step_size, mask, is_causal):
     (``Σ_i`` the attention-weighted key covariance; docs/math.md §9.2). ``P`` is built once per
     backward and reused by the T adjoint iterations.
     """
-    from .energies.hopfield import _logits, _readout  # noqa: PLC0415
-    from .ops.hopfield import _full_mask  # noqa: PLC0415
 
     def vjp(z, keys, bias=None):
-        N, M = z.shape[-2], keys.shape[-2]
-        full = _full_mask(mask, is_causal, N, M, z.device)
-        logits, valid = _logits(z, keys, scale, full, bias)
+        logits, valid = _logits(z, keys, scale, m, bias)
         p, mu = _readout(logits, valid, keys)  # [B, H, N, M], [B, H, N, D]
         kk, zz = keys.to(p.dtype), z.to(p.dtype)
 

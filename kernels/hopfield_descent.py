@@ -742,10 +742,9 @@ _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 def _key_padding(mask, B: int, M: int):
     """A mask broadcastable as ``[B, 1, 1, M]`` -> a contiguous ``[B, M]`` bool tensor."""
-    if mask is None:
-        return None
-    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    return mask.expand(B, 1, 1, M).reshape(B, M).contiguous()
+    from energy_attn.masks import key_padding  # noqa: PLC0415  (the one owner of masks)
+
+    return key_padding(mask, B, M)
 
 
 def unsupported_reason(q, k, *, mask=None, is_causal=False, key_bias=None, optimizer="gd",

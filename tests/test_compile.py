@@ -62,6 +62,11 @@ LAYERS = [
           lambda: EnergyMultiheadAttention(16, 2, batch_first=True, num_steps=3, step_size=0.5),
           lambda: ((x := torch.randn(2, 6, 16), x, x), {"key_padding_mask": ~_padding()}),
           inductor=True),
+    *case("EnergyMultiheadAttention(float causal mask)",
+          lambda: EnergyMultiheadAttention(16, 2, batch_first=True, num_steps=3, step_size=0.5),
+          lambda: ((x := torch.randn(2, 6, 16), x, x),
+                   {"attn_mask": torch.zeros(6, 6).masked_fill(
+                       ~torch.ones(6, 6, dtype=torch.bool).tril(), -1e9)})),
     *case("swap_attention(TransformerEncoder)",
           lambda: swap_attention(torch.nn.TransformerEncoder(
               torch.nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), 2,

@@ -114,6 +114,6 @@ def test_bad_tensors():
         minimize_energy(_energy(), torch.ones(1, 3, 2, dtype=torch.long), torch.randn(1, 4, 2))
     with pytest.raises(TypeError, match="mask"):
         minimize_energy(_energy(), torch.randn(1, 3, 2), torch.randn(1, 4, 2),
-                        mask=torch.ones(1, 3, 4))
+                        mask=torch.ones(1, 3, 4, dtype=torch.int32))
     with pytest.raises(TypeError, match="energy_func"):
         minimize_energy("hopfield", torch.randn(1, 3, 2), torch.randn(1, 4, 2))

@@ -6,9 +6,13 @@ from helpers import tol
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from energy_attn import Hopfield, hopfield_descent
-from energy_attn.fixed_point import fixed_point, hopfield_fixed_point
-from energy_attn.ops.hopfield import _sdpa_readout
+from energy_attn import Hopfield, hopfield_descent, masks
+from energy_attn.fixed_point import _hopfield_readout, fixed_point
+from energy_attn.ops.hopfield import hopfield_fixed_point
+
+
+def _sdpa_readout(xi, keys, scale, mask=None, is_causal=False, key_bias=None):
+    return _hopfield_readout(xi, keys, scale, masks.from_allowed(mask, is_causal), key_bias)
 
 DT = torch.float64
 

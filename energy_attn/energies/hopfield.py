@@ -10,7 +10,9 @@ elastic local energy ``½‖z − k_j‖²`` at temperature ``1/β``. A query th
 has an empty memory: potential 0, ``μ = 0``, ``∇E = ξ`` (finite, never NaN).
 
 Shapes: ``state`` ``[..., n, d]``, ``stored`` ``[..., m, d]`` (leading dims broadcast), ``mask``
-boolean broadcastable to ``[..., n, m]`` (True = may attend), ``key_bias`` ``[..., m]``.
+broadcastable to ``[..., n, m]``: boolean (True = may attend) or an additive float mask, a
+logit bias ``b_ij`` in the energy (``−inf`` / ``<= finfo.min`` blocks; see
+:mod:`energy_attn.masks`), ``key_bias`` ``[..., m]``.
 Energies are returned per query, ``[..., n]``, accumulated in float32 (float64 stays float64).
 """
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import masks
 from .._utils import exists
 
 
@@ -35,12 +38,7 @@ def _logits(state, stored, scale, mask=None, key_bias=None):
     logits = torch.einsum("...id,...jd->...ij", state.to(dt), stored.to(dt)) * scale
     if exists(key_bias):
         logits = logits + key_bias.to(dt).unsqueeze(-2)
-    valid = None
-    if exists(mask):
-        logits = logits.masked_fill(~mask, float("-inf"))
-        valid = mask.any(dim=-1, keepdim=True)  # [..., n, 1]
-        logits = logits.masked_fill(~valid, 0.0)
-    return logits, valid
+    return masks.logits_mask(logits, mask)  # blocked: −inf; fully masked rows: 0, valid False
 
 
 def _readout(logits, valid, stored):
@@ -58,7 +56,8 @@ def hopfield_energy(state_patterns, stored_patterns, scale, mask=None, key_bias=
         state_patterns: queries ``ξ``, ``[..., n, d]``.
         stored_patterns: keys ``K``, ``[..., m, d]``; held fixed (differentiate w.r.t. state).
         scale: inverse temperature ``β`` (the blog uses ``d ** -0.5``).
-        mask: optional boolean mask broadcastable to ``[..., n, m]``, True = may attend.
+        mask: optional mask broadcastable to ``[..., n, m]``: boolean (True = may attend) or
+            additive float (a logit bias ``b_ij``; ``−inf`` / ``<= finfo.min`` blocks).
         key_bias: optional per-key logit bias ``[..., m]`` (see :func:`elastic_energy`).
 
     Returns:

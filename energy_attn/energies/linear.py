@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import masks
 from .._utils import check_float_tensor, exists
 from .hopfield import _acc_dtype
 
@@ -51,7 +52,7 @@ def linear_weights(n: int, m: int, mask=None, causal: bool = False, gates=None,
     if exists(gates):
         w = gate_weights(gates.to(dtype), causal)
     elif causal:
-        w = torch.ones(n, m, dtype=dtype, device=device).tril()
+        w = masks.causal(n, m, device).to(dtype)
     if exists(mask):
         w = mask.to(dtype) if w is None else w * mask
     return w

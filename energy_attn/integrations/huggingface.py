@@ -49,8 +49,9 @@ except ImportError as err:  # transformers missing, or older than 4.56 (no Atten
         f"AttentionMaskInterface): pip install \"energy-attn[hf]\" ({err})"
     ) from err
 
+from .. import masks
 from .._utils import check_float_tensor, exists
-from ._energy_attention import causal_mask, descend_and_read_out, float_mask_to_bool
+from ._energy_attention import descend_and_read_out
 from .torch_mha import _check_energy_options
 
 __all__ = ["energy_mask", "energy_options", "make_attention_function", "register",
@@ -143,8 +144,10 @@ def make_attention_function(num_steps=2, step_size=1.0, optimizer="gd", momentum
                                  scaling=None, is_causal=None, **kwargs):
         """``query [B, H, N, D]``, ``key/value [B, Hk, M, D]``, ``attention_mask`` boolean
         (True = may attend) or additive float ``[B, 1|H, N, M]`` -> ``([B, N, H, D], weights)``.
-        The options come from ``module.config.energy_attention`` (at ``module.layer_idx`` for a
-        per-layer list), else from the defaults this function was made with."""
+        An additive mask is a logit bias of the energy: it acts in every descent step and in
+        the read-out (``−inf`` / ``<= finfo.min`` blocks). The options come from
+        ``module.config.energy_attention`` (at ``module.layer_idx`` for a per-layer list), else
+        from the defaults this function was made with."""
         opts = energy_options(getattr(module, "config", None), getattr(module, "layer_idx", None))
         opts = dict(default_opts if opts is None else opts)
         fixed_scale = opts.pop("scale")
@@ -155,27 +158,22 @@ def make_attention_function(num_steps=2, step_size=1.0, optimizer="gd", momentum
                 raise ValueError(f"energy attention does not support the model's {name!r} "
                                  "(it would be silently ignored); use another attn_implementation")
         N, M = query.shape[2], key.shape[2]
-        mask = bias = None
-        causal = False
-        if exists(attention_mask):
-            if attention_mask.dtype == torch.bool:
-                mask = attention_mask
-            else:  # an additive mask (e.g. a user's 4-D float mask): blocked where <= finfo.min
-                mask = float_mask_to_bool(attention_mask)
-                bias = attention_mask.to(query.dtype).masked_fill(~mask, 0.0)
+        if exists(attention_mask):  # bool (True = may attend) or additive float (user 4-D masks)
+            mask = masks.from_user("attention_mask", attention_mask)
         else:
             # No mask: full attention, or a causal model whose mask function skipped it. Follow
             # sdpa's rule (causal unless decoding a single token), top-left aligned.
             causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
             causal = causal and N > 1
+            mask = masks.from_allowed(None, causal)
             if causal and N != M:
-                mask, causal = causal_mask(N, M, query.device), False
+                mask = masks.from_allowed(masks.causal(N, M, query.device))
         scale = fixed_scale if exists(fixed_scale) else scaling
         if scale is None:
             scale = query.shape[-1] ** -0.5
         out, weights = descend_and_read_out(
             query, key, value, scale=scale,
-            mask=mask, bias=bias, is_causal=causal, dropout_p=dropout,
+            mask=mask, dropout_p=dropout,
             need_weights=bool(kwargs.get("output_attentions", False)), **opts,
         )
         return out.transpose(1, 2).contiguous(), weights  # [B, H, N, D] -> [B, N, H, D]

@@ -17,9 +17,10 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .. import masks
 from .._utils import check_finite_number, check_float_tensor, check_num_steps, exists
 from ..descent import check_optimizer
-from ._energy_attention import causal_mask, descend_and_read_out, float_mask_to_bool
+from ._energy_attention import descend_and_read_out
 
 
 def _keep_energy_forward(module, args):
@@ -40,21 +41,11 @@ def _check_energy_options(num_steps=2, step_size=1.0, optimizer="gd", momentum=0
             "momentum": momentum, "scale": scale}
 
 
-def _mha_mask(name: str, mask, dtype, shape: tuple[int, ...]):
-    """One nn.MultiheadAttention mask -> (allowed bool, additive bias or None), both ``shape``-d.
-
-    Boolean masks are True = blocked (nn.MultiheadAttention's convention); float masks are
-    added to the logits, entries ``<= finfo.min`` (e.g. −inf) meaning blocked.
-    """
-    if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype == torch.bool:
-        return ~mask.reshape(shape), None
-    if not mask.is_floating_point():
-        raise TypeError(f"{name} must be a bool (True = blocked) or float (additive) mask, got {mask.dtype}")
-    mask = mask.reshape(shape)
-    allowed = float_mask_to_bool(mask)
-    return allowed, mask.to(dtype).masked_fill(~allowed, 0.0)
+def _mha_mask(name: str, mask, shape: tuple[int, ...]) -> masks.Masks:
+    """One nn.MultiheadAttention mask (bool True = blocked, or additive float) -> canonical,
+    reshaped to ``shape``."""
+    m = masks.from_user(name, mask, blocked=True)
+    return masks.Masks(*(None if t is None else t.reshape(shape) for t in m[:2]))
 
 
 class EnergyMultiheadAttention(nn.MultiheadAttention):
@@ -62,7 +53,8 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
 
     Per head, with projected queries ``q`` (rows ``ξ``), keys ``K`` and values ``V``:
     ``num_steps − 1`` optimizer steps ``ξ ← ξ − η ∇E(ξ)``, ``E(ξ) = ½‖ξ‖² − (1/β) lse(β ξ Kᵀ)``
-    (docs/math.md §1, §4, §10), then ``softmax(β ξ Kᵀ + mask) V``. ``num_steps=1`` is exactly
+    (docs/math.md §1, §4, §10; an additive mask enters ``E`` as a logit bias), then
+    ``softmax(β ξ Kᵀ + mask) V``. ``num_steps=1`` is exactly
     ``nn.MultiheadAttention``; a ``state_dict`` loads unchanged both ways.
 
     Args:
@@ -78,12 +70,13 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
     average_attn_weights=True, is_causal=False)`` as ``nn.MultiheadAttention``: inputs
     ``[L, B, E]`` (``[B, L, E]`` with ``batch_first``, or unbatched ``[L, E]``), keys/values
     ``[S, B, kdim|vdim]``; ``key_padding_mask [B, S]`` and ``attn_mask [L, S] | [B·H, L, S]``,
-    bool (True = blocked) or float (additive; ``-inf`` blocks). ``is_causal=True`` with no
-    ``attn_mask`` means the causal mask (nn.MultiheadAttention requires the mask as well).
+    bool (True = blocked) or float (additive). ``is_causal=True`` with no ``attn_mask`` means
+    the causal mask (nn.MultiheadAttention requires the mask as well).
     Returns ``(out [L, B, E], weights [B, L, S] | [B, H, L, S] | None)``: the weights are the
-    final read-out's. The descent steps see which keys are blocked; finite additive entries of
-    a float mask act in the read-out only. A query with every key blocked reads out 0: finite
-    (where nn.MultiheadAttention returns NaN).
+    final read-out's. A float mask is a logit bias of the energy (docs/math.md §1): it acts in
+    every descent step and in the read-out, so ``−1e9`` above the diagonal is causal in every
+    step, as in nn.MultiheadAttention; ``−inf`` and entries ``<= finfo.min`` block the key. A
+    query with every key blocked reads out 0: finite (where nn.MultiheadAttention returns NaN).
     """
 
     def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False,
@@ -141,10 +134,10 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
             raise ValueError(f"key and value must share batch and length, got {tuple(key.shape)} "
                              f"and {tuple(value.shape)}")
 
-    def _masks(self, key_padding_mask, attn_mask, is_causal, B, L, S, dtype, device):
-        """nn.MultiheadAttention's masks -> (allowed [B|1, H|1, L|1, S] bool, bias, causal)."""
+    def _masks(self, key_padding_mask, attn_mask, is_causal, B, L, S, device) -> masks.Masks:
+        """nn.MultiheadAttention's masks -> canonical (allowed ``[B|1, H|1, L, S']`` ...)."""
         H = self.num_heads
-        allowed = bias = None
+        m = masks.Masks()
         if exists(attn_mask):
             if attn_mask.dim() == 2 and tuple(attn_mask.shape) == (L, S):
                 shape = (1, 1, L, S)
@@ -153,33 +146,27 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
             else:
                 raise ValueError(f"attn_mask must have shape (L, S) = {(L, S)} or (B*H, L, S) = "
                                  f"{(B * H, L, S)}, got {tuple(attn_mask.shape)}")
-            allowed, bias = _mha_mask("attn_mask", attn_mask, dtype, shape)
+            m = _mha_mask("attn_mask", attn_mask, shape)
         if exists(key_padding_mask):
             if tuple(key_padding_mask.shape) != (B, S):
                 raise ValueError(f"key_padding_mask must have shape (B, S) = {(B, S)}, got "
                                  f"{tuple(key_padding_mask.shape)}")
-            kp_allowed, kp_bias = _mha_mask("key_padding_mask", key_padding_mask, dtype,
-                                            (B, 1, 1, S))
-            allowed = kp_allowed if allowed is None else allowed & kp_allowed
-            if exists(kp_bias):
-                bias = kp_bias if bias is None else bias + kp_bias
-        for name, m in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
-            if exists(m) and m.device != device:
-                raise ValueError(f"{name} is on {m.device} but query is on {device}")
+            m = masks.combine(m, _mha_mask("key_padding_mask", key_padding_mask, (B, 1, 1, S)))
+        for name, t in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask)):
+            if exists(t) and t.device != device:
+                raise ValueError(f"{name} is on {t.device} but query is on {device}")
         causal = bool(is_causal) and attn_mask is None  # with a mask, is_causal is only a hint
         if causal and L != S:
             raise ValueError(f"is_causal=True without attn_mask needs L == S, got L={L}, S={S}")
         extra = int(self.bias_k is not None) + int(self.add_zero_attn)
-        if causal and (extra or exists(allowed)):
-            c = causal_mask(L, S, device)
-            allowed = c if allowed is None else allowed & c
-            causal = False
-        if extra:  # the appended bias_k / zero keys may always be attended (as in nn.MHA)
-            if exists(allowed):
-                allowed = F.pad(allowed, (0, extra), value=True)
-            if exists(bias):
-                bias = F.pad(bias, (0, extra), value=0.0)
-        return allowed, bias, causal
+        if not extra:
+            return masks.Masks(m.allowed, m.bias, causal)
+        # The appended bias_k / zero keys may always be attended (as in nn.MHA): fold causality
+        # over the S real keys first, then pad.
+        allowed = masks.full_allowed(masks.Masks(m.allowed, None, causal), L, S, device)
+        allowed = None if allowed is None else F.pad(allowed, (0, extra), value=True)
+        bias = None if m.bias is None else F.pad(m.bias, (0, extra), value=0.0)
+        return masks.Masks(allowed, bias, False)
 
     def _project(self, query, key, value, packed):
         """Input projections: ``[B, L, E] -> [B, L, E]`` (and ``[B, S, kdim|vdim] -> [B, S, E]``).
@@ -213,8 +200,7 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
         S = key.shape[1]
         if key.shape[0] != B:
             raise ValueError(f"query and key must share the batch size, got {B} and {key.shape[0]}")
-        allowed, bias, causal = self._masks(key_padding_mask, attn_mask, is_causal, B, L, S,
-                                            query.dtype, query.device)
+        mask = self._masks(key_padding_mask, attn_mask, is_causal, B, L, S, query.device)
 
         q, k, v = self._project(query, key, value, packed)
         if exists(self.bias_k):  # one learned key/value appended: [B, S, E] -> [B, S+1, E]
@@ -226,8 +212,8 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
 
         out, weights = descend_and_read_out(
             q, k, v, scale=self.scale, num_steps=self.num_steps, step_size=self.step_size,
-            optimizer=self.optimizer, momentum=self.momentum, mask=allowed, bias=bias,
-            is_causal=causal, dropout_p=self.dropout if self.training else 0.0,
+            optimizer=self.optimizer, momentum=self.momentum, mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
             need_weights=need_weights,
         )
         out = self.out_proj(rearrange(out, "b h n d -> b n (h d)"))

@@ -11,10 +11,10 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .. import masks
 from .._utils import check_finite_number, check_float_tensor, default, exists
 from ..descent import check_optimizer, minimize_energy
 from ..energies.hopfield import elastic_energy, elastic_key_bias, hopfield_energy
@@ -108,13 +108,10 @@ class VanillaSoftmaxAttention(nn.Module):
         v = context if bare_attn else self.to_v(context)
         h = self.heads
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=h) for t in (q, k, v))
-        m = _mask_to_bhnm(mask)
-        if exists(m):
-            valid = m.any(dim=-1, keepdim=True)  # fully masked rows read nothing (finite)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=m | ~valid, scale=scale)
-            out = out * valid
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        # fully masked rows read nothing (finite): see masks.readout_args
+        attn_mask, valid, _ = masks.readout_args(masks.from_allowed(_mask_to_bhnm(mask)),
+                                                 q.shape[-2], k.shape[-2], q.device)
+        out = masks.sdpa(q, k, v, attn_mask=attn_mask, valid=valid, scale=scale)
         out = rearrange(out, "b h n d -> b n (h d)")
         return out if bare_attn or h == 1 else self.to_out(out)
 

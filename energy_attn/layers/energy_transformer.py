@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import masks
 from .._utils import check_finite_number, check_float_tensor, check_num_steps, default, exists
 from ..descent import check_optimizer, descend
 from ..energies.energy_transformer import _grad, energy_transformer_energy
@@ -87,7 +88,7 @@ class EnergyTransformerAttention(nn.Module):
                                  f"{tuple(mask.shape)}")
             if mask.device != x.device:
                 raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
-            pair = mask.unsqueeze(-1) & mask.unsqueeze(-2)  # [B, N, N]: both real tokens
+            pair = masks.from_tokens(mask).allowed  # [B, N, N]: both real tokens
         num_steps = check_num_steps(default(num_steps, self.num_steps))
         step_size = check_finite_number("step_size", default(step_size, self.step_size))
 

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .. import masks
 from .._utils import check_finite_number, check_float_tensor, check_num_steps, default, exists
 from ..energies.hopfield import _logits, _readout, hopfield_energy
 from ..fixed_point import check_solver
@@ -453,11 +454,12 @@ class Hopfield(nn.Module):
         if exists(stored_pattern_padding_mask):
             pad = stored_pattern_padding_mask
             self._check_mask("stored_pattern_padding_mask", pad, device, [(B, M)])
-            allowed = rearrange(~pad, "b m -> b 1 1 m")
+            allowed = rearrange(masks.from_blocked(pad).allowed, "b m -> b 1 1 m")
         if exists(association_mask):
             am = association_mask
             self._check_mask("association_mask", am, device, [(N, M), (B * self.num_heads, N, M)])
-            am = ~am if am.dim() == 2 else rearrange(~am, "(b h) n m -> b h n m", b=B)
+            am = masks.from_blocked(am).allowed
+            am = am if am.dim() == 2 else rearrange(am, "(b h) n m -> b h n m", b=B)
             allowed = am if allowed is None else allowed & am
         return allowed
 
@@ -599,13 +601,11 @@ class Hopfield(nn.Module):
         q, k, v, mask = self._project(input, stored_pattern_padding_mask, association_mask)
         xi = self._associate(q, k, mask)
         dropout_p = self.dropout if self.training else 0.0
-        if exists(mask):
-            valid = mask.any(dim=-1, keepdim=True)  # rows with every key blocked read nothing
-            out = F.scaled_dot_product_attention(
-                xi, k, v, attn_mask=mask | ~valid, dropout_p=dropout_p, scale=self.scaling)
-            out = out * valid
-        else:
-            out = F.scaled_dot_product_attention(xi, k, v, dropout_p=dropout_p, scale=self.scaling)
+        # rows with every key blocked read nothing (finite): see masks.readout_args
+        attn_mask, valid, _ = masks.readout_args(masks.from_allowed(mask), xi.shape[-2],
+                                                 k.shape[-2], xi.device)
+        out = masks.sdpa(xi, k, v, attn_mask=attn_mask, valid=valid, dropout_p=dropout_p,
+                         scale=self.scaling)
         out = rearrange(out, "b h n d -> b n (h d)")
         if exists(self.out_proj):
             out = self.out_proj(out)

@@ -35,6 +35,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .. import masks
 from .._utils import check_bool_mask, check_finite_number, check_float_tensor, check_num_steps
 from ..descent import check_optimizer
 from ..ops.hopfield import hopfield_descent
@@ -87,27 +88,6 @@ class ConstrainedScalars(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}, link={self.link}, learnable={self.learnable}"
-
-
-def allowed_mask(mask, is_causal: bool, n: int, device):
-    """The boolean mask combined with causality (True = may attend); None if neither."""
-    if not is_causal:
-        return mask
-    tri = torch.ones(n, n, dtype=torch.bool, device=device).tril()
-    return tri if mask is None else mask & tri
-
-
-def attention_masks(mask, is_causal: bool, n: int, device):
-    """SDPA arguments for a boolean mask and/or causality (True = may attend).
-
-    Returns ``(attn_mask, sdpa_causal, valid)``: fully masked rows are let through to every key
-    (so softmax stays finite) and ``valid`` (``[.., N, 1]`` bool, or None) zeroes them after.
-    """
-    if mask is None:
-        return None, is_causal, None
-    full = allowed_mask(mask, is_causal, n, device)
-    valid = full.any(dim=-1, keepdim=True)
-    return full | ~valid, False, valid
 
 
 class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
@@ -192,12 +172,12 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         p_drop = self.dropout if self.training else 0.0
         if self.second_order == "2nd1st":
             return self._attend_2nd1st(q, k, v, mask, is_causal, p_drop)
-        attn_mask, sdpa_causal, valid = attention_masks(mask, is_causal, q.shape[-2], q.device)
+        n = q.shape[-2]
+        attn_mask, valid, sdpa_causal = masks.readout_args(masks.from_allowed(mask, is_causal),
+                                                           n, n, q.device)
         values = v if self.second_order is None else torch.cat([v, v * v], dim=-1)
-        out = F.scaled_dot_product_attention(q, k, values, attn_mask=attn_mask,
-                                             dropout_p=p_drop, is_causal=sdpa_causal)
-        if valid is not None:
-            out = out * valid
+        out = masks.sdpa(q, k, values, attn_mask=attn_mask, valid=valid, dropout_p=p_drop,
+                         is_causal=sdpa_causal)
         if self.second_order is None:
             return out
         # light: diag-covariance correction from the same probabilities (one SDPA call)
@@ -208,7 +188,8 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
 
     def _attend_2nd1st(self, q, k, v, mask, is_causal, p_drop):
         logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, N]
-        allowed = allowed_mask(mask, is_causal, q.shape[-2], q.device)
+        n = q.shape[-2]
+        allowed = masks.full_allowed(masks.from_allowed(mask, is_causal), n, n, q.device)
         valid = None
         if allowed is not None:
             logits = logits.masked_fill(~allowed, float("-inf"))

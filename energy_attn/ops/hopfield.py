@@ -3,7 +3,8 @@
 One public function, three backends (docs/math.md §7 for their memory and cost):
 
 * ``reference``: closed-form steps in plain PyTorch; the read-out ``μ = softmax(β ξ Kᵀ + b) K``
-  is one ``F.scaled_dot_product_attention(ξ, K, K)`` call per step, so autograd saves only
+  is one ``F.scaled_dot_product_attention(ξ, K, K)`` call per step (through
+  :func:`energy_attn.masks.sdpa`), so autograd saves only
   O(N·D) per step (no N×M matrix on the flash/efficient SDPA kernels). A float32 master copy
   of ξ (and v) is kept across steps; each read-out runs in the input dtype, like the kernel.
 * ``autograd``: the blog's semantics, ``torch.autograd.grad(E, ξ, create_graph=True)``.
@@ -18,15 +19,15 @@ import functools
 from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 
+from .. import masks
 from .._utils import (
-    check_bool_mask,
     check_finite_number,
     check_float_tensor,
     check_num_steps,
     check_same_device,
     exists,
+    expand_heads,
 )
 from ..descent import _NEWTON_KIND, check_optimizer, descend, minimize_energy
 from ..energies.hopfield import hopfield_energy, hopfield_newton_direction
@@ -51,7 +52,7 @@ def _check_inputs(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, 
         raise ValueError(f"k's head count ({Hk}) must divide q's ({H}) for grouped-query descent")
     check_same_device(q=q, k=k, mask=mask, key_bias=key_bias)
     if exists(mask):
-        check_bool_mask("mask", mask, (B, H, N, M))
+        masks.check("mask", mask, (B, H, N, M))
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if is_causal and N != M:
@@ -71,78 +72,25 @@ def _check_inputs(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, 
     return scale, step_size, num_steps, momentum
 
 
-def _expand_heads(t, heads: int):
-    """Grouped heads: ``[B, Hk, ...] -> [B, H, ...]``, head h reads group ``h // (H // Hk)``."""
-    g = heads // t.shape[1]
-    return t if g == 1 else t.repeat_interleave(g, dim=1)
-
-
-def _full_mask(mask, is_causal, N, M, device):
-    """Combine a boolean mask with the causal mask (True = may attend); None if neither."""
-    if is_causal:
-        causal = torch.ones(N, M, dtype=torch.bool, device=device).tril()
-        return causal if mask is None else mask & causal
-    return mask
-
-
-def _readout_masks(mask, is_causal, N, M, device):
-    """SDPA masking for the read-out: ``(attn_mask, valid, sdpa_causal)``.
-
-    Fully masked rows would give NaN in SDPA: they attend to every key and their read-out is
-    zeroed afterwards with ``valid`` (docs/math.md §1.3), which keeps gradients finite. Without a
-    mask, causality stays SDPA's ``is_causal`` flag (its fast path).
-    """
-    if mask is None:
-        return None, None, is_causal
-    full = _full_mask(mask, is_causal, N, M, device)
-    valid = full.any(dim=-1, keepdim=True)  # [..., N, 1]
-    return full | ~valid, valid, False
-
-
-def _fold_key_bias(attn_mask, sdpa_causal, key_bias, N, M):
-    """Fold a per-key bias ``[B, H, M]`` into SDPA's float mask: ``(attn_mask, is_causal)``."""
-    if key_bias is None:
-        return attn_mask, sdpa_causal
-    if sdpa_causal:
-        attn_mask = torch.ones(N, M, dtype=torch.bool, device=key_bias.device).tril()
-    b = key_bias.unsqueeze(-2)  # [B, H, 1, M]
-    return (b if attn_mask is None else b.masked_fill(~attn_mask, float("-inf"))), False
-
-
-def _sdpa_readout(xi, k, scale, mask=None, is_causal=False, key_bias=None):
-    """``μ = softmax(β ξ Kᵀ + b) K`` (zero on fully masked rows), in ``k``'s dtype.
-
-    ``xi [B, H, N, D]``, ``k [B, H, M, D]``, ``key_bias [B, H, M]`` (heads already expanded).
-    """
-    N, M = xi.shape[-2], k.shape[-2]
-    attn_mask, valid, sdpa_causal = _readout_masks(mask, is_causal, N, M, xi.device)
-    bias = key_bias.to(k.dtype) if exists(key_bias) else None
-    attn_mask, sdpa_causal = _fold_key_bias(attn_mask, sdpa_causal, bias, N, M)
-    out = F.scaled_dot_product_attention(
-        xi.to(k.dtype), k, k, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale
-    )
-    return out if valid is None else out * valid
-
-
-def _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer,
-               momentum, return_energies, tol=0.0):
+def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, momentum,
+               return_energies, tol=0.0):
+    """``m``: the canonical :class:`energy_attn.masks.Masks` (its bias acts in every step)."""
     B, H, N, D = q.shape
     M = k.shape[2]
-    k = _expand_heads(k, H)
-    bias = _expand_heads(key_bias, H) if exists(key_bias) else None
-    full = _full_mask(mask, is_causal, N, M, q.device)
+    k = expand_heads(k, H)
+    bias = expand_heads(key_bias, H) if exists(key_bias) else None
 
-    # One SDPA call per step, its masks built once (see _readout_masks, _fold_key_bias).
-    attn_mask, valid, sdpa_causal = _readout_masks(mask, is_causal, N, M, q.device)
-    attn_mask, sdpa_causal = _fold_key_bias(
-        attn_mask, sdpa_causal, bias.to(q.dtype) if exists(bias) else None, N, M
-    )
+    # One SDPA call per step, its mask built (and laid out for SDPA) once.
+    attn_mask, valid, sdpa_causal = masks.readout_args(masks.with_key_bias(m, bias), N, M,
+                                                       q.device)
+    if exists(attn_mask):
+        attn_mask = masks.sdpa_mask(attn_mask, q.dtype, M)
+    # Explicit-logit paths (2nd-order Newton, energies): causality folded in once, not per step.
+    m = masks.Masks(masks.full_allowed(m, N, M, q.device), m.bias)
 
     def readout(xi32, values):
-        out = F.scaled_dot_product_attention(
-            xi32.to(q.dtype), k, values, attn_mask=attn_mask, is_causal=sdpa_causal, scale=scale
-        )
-        return out if valid is None else out * valid
+        return masks.sdpa(xi32.to(q.dtype), k, values, attn_mask=attn_mask, valid=valid,
+                          is_causal=sdpa_causal, scale=scale)
 
     if optimizer in _NEWTON_KIND:
         # Newton-like steps need the covariance; see hopfield_newton_direction (explicit P).
@@ -155,7 +103,7 @@ def _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, opt
                 mu, second = both[..., :D], both[..., D:]
                 g = xi32 - mu
                 return (1.0 + scale * (second - mu * mu)) * g
-            return hopfield_newton_direction(xi32, k, scale, mask=full, key_bias=bias, kind=kind)
+            return hopfield_newton_direction(xi32, k, scale, mask=m, key_bias=bias, kind=kind)
 
     else:
 
@@ -186,19 +134,20 @@ def _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, opt
     if not return_energies:
         return out
     energies = torch.stack(
-        [hopfield_energy(xi, k, scale, mask=full, key_bias=bias) for xi in traj["queries"]],
+        [hopfield_energy(xi, k, scale, mask=m, key_bias=bias) for xi in traj["queries"]],
         dim=-1,
     )
     return out, energies
 
 
-def _autograd(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer,
-              momentum, return_energies):
+def _autograd(q, k, scale, step_size, num_steps, m, key_bias, optimizer, momentum,
+              return_energies):
     B, H, N, D = q.shape
     M = k.shape[2]
-    k = _expand_heads(k, H)
-    bias = _expand_heads(key_bias, H) if exists(key_bias) else None
-    full = _full_mask(mask, is_causal, N, M, q.device)
+    k = expand_heads(k, H)
+    bias = expand_heads(key_bias, H) if exists(key_bias) else None
+    # The energy's mask argument in SDPA's convention (bool, or float with −inf = blocked).
+    full = masks.to_sdpa_mask(masks.Masks(masks.full_allowed(m, N, M, q.device), m.bias))
     energy = functools.partial(hopfield_energy, scale=scale, key_bias=bias)
     if optimizer == "newton_light":
         raise ValueError("backend='autograd' has no optimizer='newton_light' (needs a closed "
@@ -236,6 +185,23 @@ def _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer, num_steps):
     )
 
 
+def _kernel_masks(m, key_bias, k_shape):
+    """Canonical masks -> the kernel's ``(bool mask, per-key bias [B, Hk, M], why_not)``.
+
+    An additive mask that is per key (``[B|1, 1, 1, M]``) joins the per-key bias (float32);
+    one that varies over heads or queries has no kernel form (``why_not`` says so).
+    """
+    if m.bias is None:
+        return m.allowed, key_bias, None
+    if not masks.is_key_padding(m.bias):
+        return None, None, (f"an additive float mask of shape {tuple(m.bias.shape)} (the kernel "
+                            "takes per-key biases [B, 1, 1, M]; use backend='reference')")
+    B, Hk, M, _ = k_shape
+    per_key = masks.key_padding(m.bias, B, M).float().unsqueeze(1).expand(B, Hk, M).contiguous()
+    bias = per_key if key_bias is None else key_bias.float() + per_key
+    return m.allowed, bias, None
+
+
 def hopfield_descent(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -265,10 +231,19 @@ def hopfield_descent(
         scale: inverse temperature ``β``; default ``D ** -0.5``.
         step_size: ``η``.
         num_steps: ``T >= 0`` (Python int; ``T = 0`` returns ``q``).
-        mask: boolean, broadcastable to ``[B, H, N, M]``, True = may attend (SDPA's convention);
-            a key-padding mask is ``[B, 1, 1, M]``. Fully masked rows: ``μ = 0``, finite.
+        mask: broadcastable to ``[B, H, N, M]``, SDPA's ``attn_mask`` convention: boolean,
+            True = may attend; or an additive float mask, a logit bias ``b_ij`` of the energy
+            ``½‖ξ_i‖² − (1/β) log Σ_j exp(β ξ_i·k_j + b_ij)`` acting in every step and the
+            read-out (docs/math.md §1): ``−inf`` and entries ``<= finfo(mask.dtype).min`` block
+            the key, finite entries (``−1e4``, ``−1e9``) weigh it down by that much. A
+            key-padding mask is ``[B, 1, 1, M]``. Fully masked rows: ``μ = 0``, finite. The
+            triton backend takes boolean masks and float masks broadcastable as
+            ``[B, 1, 1, M]`` (folded into its per-key bias); a float mask varying over heads
+            or queries runs on the reference backend (``auto`` falls back to it, ``triton``
+            raises ``ValueError``).
         is_causal: query ``i`` attends keys ``j <= i`` (needs ``N == M``); combines with ``mask``.
-        key_bias: per-key logit bias ``[B, Hk, M]`` (float32 recommended).
+        key_bias: per-key logit bias ``[B, Hk, M]`` (float32 recommended): ``b_ij = b_j``,
+            added to a float ``mask``.
         return_energies: also return the energy of every iterate, ``[B, H, N, T+1]`` float32.
         optimizer: ``"gd" | "momentum" | "nesterov" | "newton_2nd1st" | "newton_light"``.
         momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).
@@ -277,7 +252,7 @@ def hopfield_descent(
             than ``tol`` (Euclidean norm) stops there for the remaining steps. The step count
             stays fixed (no host sync). ``gd``/Newton optimizers, reference backend.
         solver: ``"unrolled"`` (differentiate through the T steps) or ``"fixed_point"``
-            (:func:`energy_attn.fixed_point.hopfield_fixed_point`: T forward iterations, implicit
+            (:func:`hopfield_fixed_point`: T forward iterations, implicit
             backward with T adjoint iterations, memory independent of T; ``gd`` only, and
             ``q`` gets no gradient since the fixed point does not depend on it).
         anderson: Anderson history size for ``solver="fixed_point"`` (0 = plain iteration).
@@ -290,6 +265,7 @@ def hopfield_descent(
     )
     if exists(mask) and mask.dim() < 4:  # e.g. a [M] key mask: SDPA wants the 4-d layout
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m = masks.from_user("mask", mask, is_causal=is_causal)
     anderson = check_solver(solver, anderson)
     tol = check_finite_number("tol", tol)
     if tol < 0:
@@ -311,24 +287,73 @@ def hopfield_descent(
             raise ValueError(f"solver='fixed_point' runs on backend='reference', got {backend!r}")
         if step_size == 0.0:
             raise ValueError("step_size must be nonzero for solver='fixed_point'")
-        return _hopfield_fixed_point(q, k, scale, step_size, num_steps, mask, is_causal,
-                                     key_bias, anderson)
+        return _hopfield_fixed_point(q, k, scale, step_size, num_steps, m, key_bias, anderson)
     if tol > 0:
-        return _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias,
-                          optimizer, momentum, return_energies, tol)
-    args = (q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum,
-            return_energies)
+        return _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, momentum,
+                          return_energies, tol)
+    args = (q, k, scale, step_size, num_steps, m, key_bias, optimizer, momentum, return_energies)
     if backend == "auto":
         backend = "reference"
-        if q.is_cuda and _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer,
-                                             num_steps) is None:
-            backend = "triton"
+        if q.is_cuda:
+            k_mask, k_bias, why = _kernel_masks(m, key_bias, k.shape)
+            if why is None and _triton_unsupported(q, k, k_mask, is_causal, k_bias, optimizer,
+                                                   num_steps) is None:
+                backend = "triton"
     if backend == "reference":
         return _reference(*args)
     if backend == "autograd":
         return _autograd(*args)
-    why = _triton_unsupported(q, k, mask, is_causal, key_bias, optimizer, num_steps)
+    k_mask, k_bias, why = _kernel_masks(m, key_bias, k.shape)
+    if why is None:
+        why = _triton_unsupported(q, k, k_mask, is_causal, k_bias, optimizer, num_steps)
     if why is not None:
         raise ValueError(f"backend='triton' cannot run this call: {why}")
     kmod, _ = _triton_module()
-    return kmod.hopfield_descent_triton(*args)
+    return kmod.hopfield_descent_triton(q, k, scale, step_size, num_steps, k_mask, is_causal,
+                                        k_bias, optimizer, momentum, return_energies)
+
+
+def hopfield_fixed_point(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | None = None,
+    step_size: float = 1.0,
+    num_steps: int = 1,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    key_bias: torch.Tensor | None = None,
+    anderson: int = 0,
+    return_residual: bool = False,
+):
+    """Fixed point of the Hopfield descent ``ξ ← ξ − η (ξ − softmax(β ξ Kᵀ + b) K)``.
+
+    The same call as :func:`hopfield_descent` with ``solver="fixed_point"``: ``num_steps``
+    forward iterations (Anderson-accelerated if ``anderson > 0``) from ``q``, implicit
+    differentiation in backward with ``num_steps`` adjoint iterations
+    (:func:`energy_attn.fixed_point.fixed_point`).
+
+    Args:
+        q, k, scale, step_size, num_steps, mask, is_causal, key_bias: as
+            :func:`hopfield_descent` (``q [B, H, N, D]``, ``k [B, Hk, M, D]``, ``mask`` bool
+            True = may attend or additive float, broadcastable to ``[B, H, N, M]``).
+        anderson: Anderson history size (0 = plain iteration).
+        return_residual: also return the per-query residual ``‖f(ξ*) − ξ*‖``, ``[B, H, N]``
+            (detached; how far from a fixed point the solve ended).
+
+    Returns:
+        ``ξ*`` ``[B, H, N, D]`` in ``q``'s dtype (half inputs are solved in float32), or
+        ``(ξ*, residual)``. ``q`` gets no gradient; ``k`` and ``key_bias`` get implicit ones.
+
+    Raises:
+        ValueError, TypeError: as :func:`hopfield_descent`; ``step_size == 0``.
+    """
+    scale, step_size, num_steps, _ = _check_inputs(
+        q, k, scale, step_size, num_steps, mask, is_causal, key_bias, "gd", 0.0, "reference"
+    )
+    anderson = check_num_steps(anderson, "anderson")
+    if step_size == 0.0:
+        raise ValueError("step_size must be nonzero for solver='fixed_point'")
+    m = masks.from_user("mask", mask, is_causal=is_causal)
+    return _hopfield_fixed_point(q, k, scale, step_size, num_steps, m, key_bias, anderson,
+                                 return_residual)

@@ -201,7 +201,7 @@ def _bad(**over):
         (dict(q=torch.ones(2, 2, 7, 5, dtype=torch.long)), TypeError, "q must be a floating"),
         (dict(k=torch.randn(2, 2, 7, 5)), TypeError, "share a dtype"),
         (dict(mask=torch.ones(2, 2, 7, 6, dtype=torch.bool)), ValueError, "mask"),
-        (dict(mask=torch.ones(2, 1, 1, 7)), TypeError, "mask"),
+        (dict(mask=torch.ones(2, 1, 1, 7, dtype=torch.long)), TypeError, "mask"),
         (dict(num_steps=-1), ValueError, "num_steps"),
         (dict(num_steps=2.0), TypeError, "num_steps"),
         (dict(step_size=float("inf")), ValueError, "step_size"),

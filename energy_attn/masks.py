@@ -1,0 +1,284 @@
+"""The one owner of mask semantics: every user convention in, one canonical form out.
+
+Users write masks in several conventions; each is one function here, and everything else in the
+package (ops, layers, adapters, kernels) consumes the canonical form :class:`Masks`:
+
+* ``allowed``: boolean, broadcastable to ``[B, H, N, M]``, **True = may attend** (SDPA's
+  convention), or None (every key allowed). Causality is *not* folded in.
+* ``bias``: a finite additive logit bias ``b_ij`` broadcastable to ``[B, H, N, M]`` (0 wherever
+  ``allowed`` is False), or None.
+* ``is_causal``: query ``i`` may attend key ``j <= i`` (top-left aligned, like SDPA).
+
+Conventions (docs/zoo.md, "Masks"):
+
+* :func:`from_allowed`: boolean, True = may attend (SDPA, this package's ops and layers).
+* :func:`from_blocked`: boolean, True = blocked (``nn.MultiheadAttention``, hopfield-layers).
+* :func:`from_additive`: float, added to the logits (``nn.MultiheadAttention`` and SDPA float
+  masks, Hugging Face 4-D masks). An additive mask is a logit bias *in the energy*
+  ``E(ξ_i) = ½‖ξ_i‖² − (1/β) log Σ_j exp(β ξ_i·k_j + b_ij)`` (docs/math.md §1), so it acts in
+  every descent step and in the read-out alike. ``−inf`` and any entry at or below the mask
+  dtype's lowest finite value (``finfo.min``, which users write for "blocked") block the key;
+  any other entry (``−1e4``, ``−1e9``) weighs the key down by exactly that much.
+
+A query with every key blocked has an empty memory: its read-out is 0 and everything stays
+finite (docs/math.md §1). :func:`sdpa` is the one call of ``F.scaled_dot_product_attention``
+in the package; it enforces what CUDA's SDPA backends impose on masks (see there).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "Masks",
+    "causal",
+    "check",
+    "combine",
+    "from_additive",
+    "from_allowed",
+    "from_blocked",
+    "from_tokens",
+    "from_user",
+    "full_allowed",
+    "is_key_padding",
+    "key_padding",
+    "logits_mask",
+    "readout_args",
+    "sdpa",
+    "sdpa_mask",
+    "to_sdpa_mask",
+    "with_key_bias",
+]
+
+
+class Masks(NamedTuple):
+    """The canonical form (see the module docstring)."""
+
+    allowed: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    is_causal: bool = False
+
+
+def _require_tensor(name: str, mask) -> None:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
+
+
+def from_allowed(mask: torch.Tensor | None, is_causal: bool = False) -> Masks:
+    """Boolean mask, True = may attend (SDPA's convention)."""
+    return Masks(mask, None, is_causal)
+
+
+def from_blocked(mask: torch.Tensor | None, is_causal: bool = False) -> Masks:
+    """Boolean mask, True = blocked (``nn.MultiheadAttention``'s and hopfield-layers')."""
+    return Masks(None if mask is None else ~mask, None, is_causal)
+
+
+def from_additive(mask: torch.Tensor, is_causal: bool = False) -> Masks:
+    """Additive float mask -> allowed (``mask > finfo.min``) and the finite bias.
+
+    ``−inf``, ``finfo(mask.dtype).min`` and anything below it block the key (so does a NaN
+    entry: it is never read); the remaining entries are kept as a finite logit bias (0 where
+    blocked).
+    """
+    allowed = mask > torch.finfo(mask.dtype).min
+    return Masks(allowed, mask.masked_fill(~allowed, 0.0), is_causal)
+
+
+def from_tokens(mask: torch.Tensor) -> Masks:
+    """Boolean token mask ``[B, N]``, True = real token (the Energy Transformer's): a pair may
+    interact when both are real tokens, ``allowed [B, N, N]``."""
+    return Masks(mask.unsqueeze(-1) & mask.unsqueeze(-2), None, False)
+
+
+def from_user(name: str, mask, *, blocked: bool = False, is_causal: bool = False) -> Masks:
+    """Any user mask -> :class:`Masks`: float masks are additive; boolean ones are True = may
+    attend, or True = blocked with ``blocked=True``. Raises ``TypeError`` naming ``name``."""
+    if mask is None:
+        return Masks(None, None, is_causal)
+    _require_tensor(name, mask)
+    if mask.dtype == torch.bool:
+        return (from_blocked if blocked else from_allowed)(mask, is_causal)
+    if mask.is_floating_point():
+        return from_additive(mask, is_causal)
+    meaning = "True = blocked" if blocked else "True = may attend"
+    raise TypeError(f"{name} must be a bool ({meaning}) or floating-point (additive) mask, "
+                    f"got {mask.dtype}")
+
+
+def check(name: str, mask, target_shape: tuple[int, ...]) -> None:
+    """``mask`` is a bool or float tensor broadcastable to ``target_shape`` (ValueError/TypeError
+    naming ``name`` otherwise). Values are not inspected (that would sync with the host)."""
+    _require_tensor(name, mask)
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise TypeError(f"{name} must be bool (True = may attend) or floating-point (additive), "
+                        f"got {mask.dtype}")
+    try:
+        ok = (mask.dim() <= len(target_shape)
+              and torch.broadcast_shapes(tuple(mask.shape), tuple(target_shape))
+              == tuple(target_shape))
+    except RuntimeError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"{name} of shape {tuple(mask.shape)} is not broadcastable to {tuple(target_shape)}"
+        )
+
+
+def causal(n: int, m: int, device) -> torch.Tensor:
+    """``[n, m]`` boolean, True where key ``j <= i`` (top-left aligned, like SDPA)."""
+    return torch.ones(n, m, dtype=torch.bool, device=device).tril()
+
+
+def _and(a, b):
+    return b if a is None else a if b is None else a & b
+
+
+def combine(*masks: Masks) -> Masks:
+    """Intersection of the allowed sets, sum of the biases, causal if any is. A sum of finite
+    biases that reaches ``finfo.min`` (or overflows to ``−inf``) blocks its key."""
+    out = Masks()
+    for m in masks:
+        allowed, bias = _and(out.allowed, m.allowed), m.bias
+        if out.bias is not None and m.bias is not None:
+            summed = from_additive(out.bias + m.bias)
+            allowed, bias = _and(allowed, summed.allowed), summed.bias
+        elif bias is None:
+            bias = out.bias
+        out = Masks(allowed, bias, out.is_causal or m.is_causal)
+    return out
+
+
+def full_allowed(m: Masks, n: int, k: int, device) -> torch.Tensor | None:
+    """``allowed`` with causality folded in (True = may attend); None if neither."""
+    return _and(m.allowed, causal(n, k, device)) if m.is_causal else m.allowed
+
+
+def to_sdpa_mask(m: Masks) -> torch.Tensor | None:
+    """One SDPA-convention tensor for a public ``mask`` argument (causality not included):
+    the boolean ``allowed`` if there is no bias, else the float bias with ``−inf`` where
+    blocked."""
+    if m.bias is None:
+        return m.allowed
+    return m.bias if m.allowed is None else m.bias.masked_fill(~m.allowed, float("-inf"))
+
+
+def with_key_bias(m: Masks, key_bias: torch.Tensor | None) -> Masks:
+    """Add a per-key bias ``[B, H, M]`` as ``b_ij = b_j`` (docs/math.md §2)."""
+    return m if key_bias is None else combine(m, Masks(None, key_bias.unsqueeze(-2)))
+
+
+def is_key_padding(mask: torch.Tensor | None) -> bool:
+    """Whether ``mask`` broadcasts as ``[B, 1, 1, M]`` (a per-key mask)."""
+    if mask is None:
+        return True
+    shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
+    return shape[1] == 1 and shape[2] == 1
+
+
+def key_padding(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tensor | None:
+    """A mask broadcastable as ``[B, 1, 1, M]`` -> a contiguous ``[B, M]`` tensor (None stays
+    None). Callers check :func:`is_key_padding` first."""
+    if mask is None:
+        return None
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    return mask.expand(batch, 1, 1, keys).reshape(batch, keys).contiguous()
+
+
+def logits_mask(logits: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply a mask (None, bool True = may attend, additive float, or :class:`Masks` with its
+    causality) to explicit logits ``[..., n, m]``.
+
+    Returns ``(logits, valid)``: blocked entries are ``−inf``; fully masked rows get all-zero
+    logits (softmax and log-sum-exp stay finite) and ``valid [..., n, 1]`` False, so callers
+    zero their read-out and potential. ``valid`` is None without a mask.
+    """
+    if mask is None:
+        return logits, None
+    m = mask if isinstance(mask, Masks) else from_user("mask", mask)
+    if m.bias is not None:
+        logits = logits + _cast_bias(m.bias, logits.dtype)
+    allowed = full_allowed(m, logits.shape[-2], logits.shape[-1], logits.device)
+    if allowed is None:
+        return logits, None
+    logits = logits.masked_fill(~allowed, float("-inf"))
+    valid = allowed.any(dim=-1, keepdim=True)
+    return logits.masked_fill(~valid, 0.0), valid
+
+
+def readout_args(m: Masks, n: int, k: int, device):
+    """SDPA arguments of a read-out: ``(attn_mask, valid, is_causal)``.
+
+    ``attn_mask`` is None, boolean (True = may attend) or the float bias with ``−inf`` where
+    blocked. Fully masked rows would be NaN in SDPA: they are let through to every key (with
+    bias 0) and ``valid`` (``[..., n, 1]`` bool, or None) zeroes their read-out afterwards
+    (docs/math.md §1), which also keeps gradients finite. With no mask and no bias, causality
+    stays SDPA's ``is_causal`` flag (its fast path).
+    """
+    if m.allowed is None and m.bias is None:
+        return None, None, m.is_causal
+    full = full_allowed(m, n, k, device)
+    if full is None:  # a bias and no blocked entry: every row is valid
+        return m.bias, None, False
+    valid = full.any(dim=-1, keepdim=True)  # [..., n, 1]
+    if m.bias is None:
+        return full | ~valid, valid, False
+    # Rows with every key blocked attend everything with bias 0 (then zeroed).
+    bias = m.bias.masked_fill(~valid, 0.0)
+    return bias.masked_fill(~(full | ~valid), float("-inf")), valid, False
+
+
+def _cast_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float bias in ``dtype``; finite entries below its range become its lowest value
+    (``−1e9`` in float16 would otherwise overflow to ``−inf`` and block the key), ``−inf``
+    stays ``−inf``."""
+    if bias.dtype == dtype:
+        return bias
+    low = torch.finfo(dtype).min
+    if torch.finfo(bias.dtype).min < low:
+        bias = torch.where(bias.isinf(), bias, bias.clamp(min=low))
+    return bias.to(dtype)
+
+
+def sdpa_mask(attn_mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.Tensor:
+    """The mask as every CUDA SDPA backend takes it, for queries of ``dtype`` and ``keys`` keys.
+
+    Idempotent and free on a mask already in that form (prepare once, call SDPA many times).
+
+    * the last dimension is materialised (size ``M``, stride 1): a broadcast last dimension
+      (``[B, 1, 1, 1]``, ``[B, 1, N, 1]``, or any expanded view) makes the memory-efficient
+      kernel fail with "(*bias): last dimension must be contiguous". Other dims may broadcast
+      (they stay broadcast: only one row per distinct mask row is materialised).
+    * a float mask has the query's dtype; finite entries below that dtype's range are clamped
+      to its lowest value instead of overflowing to ``−inf`` (``−1e9`` in float16), so a row
+      whose every key is weighed down (not blocked) stays finite.
+    * a boolean mask stays boolean. (The memory-efficient kernel's alignment of the other
+      strides is done by PyTorch itself: it pads a misaligned mask; broadcast strides are 0.)
+    """
+    if attn_mask.dtype != torch.bool:
+        attn_mask = _cast_bias(attn_mask, dtype)
+    if attn_mask.dim() == 0 or attn_mask.shape[-1] != keys:
+        attn_mask = attn_mask.expand(*attn_mask.shape[:-1], keys)
+    if attn_mask.stride(-1) != 1:
+        # Materialise the last dim only: leading broadcast (stride-0) dims stay broadcast.
+        base = attn_mask[tuple(slice(0, 1) if st == 0 else slice(None)
+                               for st in attn_mask.stride()[:-1])]
+        attn_mask = base.contiguous().expand(attn_mask.shape)
+    return attn_mask
+
+
+def sdpa(q, k, v, *, attn_mask=None, valid=None, is_causal=False, scale=None, dropout_p=0.0,
+         enable_gqa=False):
+    """``F.scaled_dot_product_attention`` with a mask every backend accepts (the package's only
+    call of it). ``attn_mask``: None, bool (True = may attend) or float (additive), broadcastable
+    to ``[B, H, N, M]``; ``valid`` (``[..., N, 1]`` bool, from :func:`readout_args`) zeroes the
+    rows that may attend nothing. Returns ``[B, H, N, Dv]`` in ``q``'s dtype."""
+    if attn_mask is not None:
+        attn_mask = sdpa_mask(attn_mask, q.dtype, k.shape[-2])
+    kwargs = {"enable_gqa": True} if enable_gqa else {}
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                         is_causal=is_causal, scale=scale, **kwargs)
+    return out if valid is None else out * valid
