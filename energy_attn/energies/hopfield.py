@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from .._moments import centred, key_rows
 from .._utils import exists
 
 
@@ -121,7 +122,7 @@ def elastic_energy_self_grad(state_patterns, stored_patterns, scale, mask=None):
 def hopfield_newton_direction(
     state_patterns, stored_patterns, scale, mask=None, key_bias=None, kind="2nd1st"
 ):
-    """Preconditioned gradient ``d`` of the Newton-like steps (``ξ⁺ = ξ − η d``), MATH.md §4.
+    """Preconditioned gradient ``d`` of the Newton-like steps (``ξ⁺ = ξ − η d``), docs/math.md §4.
 
     With ``H = I − βΣ`` (``Σ_i`` the attention-weighted key covariance) and ``g = ξ − μ``:
 
@@ -129,19 +130,27 @@ def hopfield_newton_direction(
       ``s_ij = (k_j − μ_i)·r_i`` (a second pass over the keys).
     * ``kind="light"``: ``d = (1 + β diag Σ) ⊙ g``, ``diag Σ = Σ_j p_ij k_j⊙k_j − μ⊙μ``.
 
-    ``I + βΣ`` is positive definite, so both are descent directions.
+    ``I + βΣ`` is positive definite, so both are descent directions. Both are formed about the
+    mean ``c`` of the keys every query may attend, in float32 (docs/math.md §4): keys sharing a
+    large offset do not cancel and masked-out keys are never read.
     """
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
-    p, mu = _readout(logits, valid, stored_patterns)
-    keys = stored_patterns.to(p.dtype)
+    p = logits.softmax(dim=-1)
+    if exists(valid):
+        p = p * valid
+    kc, c = centred(stored_patterns.to(p.dtype), *key_rows(mask))
+    mc = p @ kc  # μ − c (0 on fully masked rows, where μ = 0)
+    mu = mc + (c if valid is None else c * valid)
     g = state_patterns.to(p.dtype) - mu
     if kind == "2nd1st":
-        # Σ g = Σ_j p_ij ((k_j − μ_i)·g_i) k_j ; the μ_i part cancels because Σ_j p_ij (k_j−μ_i)=0
-        s = torch.einsum("...jd,...id->...ij", keys, g) - (mu * g).sum(-1, keepdim=True)
-        sigma_g = (p * s) @ keys
+        # Σ g = Σ_j p_ij ((k_j − μ_i)·g_i)(k_j − μ_i): about c, and with the μ_i − c part
+        # subtracted explicitly (Σ_j p_ij s_ij is 0 in exact arithmetic).
+        s = torch.einsum("...jd,...id->...ij", kc, g) - (mc * g).sum(-1, keepdim=True)
+        ps = p * s
+        sigma_g = ps @ kc - mc * ps.sum(-1, keepdim=True)
         d = g + scale * sigma_g
     elif kind == "light":
-        diag = p @ keys.pow(2) - mu.pow(2)
+        diag = (p @ kc.square() - mc.square()).clamp_min(0)
         d = (1.0 + scale * diag) * g
     else:
         raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")

@@ -20,6 +20,7 @@ from collections import defaultdict
 import torch
 import torch.nn.functional as F
 
+from .._moments import centred, key_rows, moment_values
 from .._utils import (
     check_bool_mask,
     check_finite_number,
@@ -148,13 +149,28 @@ def _reference(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, opt
         # Newton-like steps need the covariance; see hopfield_newton_direction (explicit P).
         kind = _NEWTON_KIND[optimizer]
 
+        if kind == "light":
+            # Shifted moments (docs/math.md §4; energy_attn/_moments.py): with c a mean of keys
+            # every query may see, one float32 read-out with values [K − c, (K − c)⊙(K − c)]
+            # gives μ − c and Σ_j p_ij (k_j−c)⊙(k_j−c); masked-out keys are zeroed.
+            kc, c = centred(k, *key_rows(full))
+            values, k_acc = moment_values(kc), k.to(kc.dtype)
+            mask_acc = attn_mask
+            if exists(attn_mask) and attn_mask.is_floating_point():
+                mask_acc = attn_mask.to(kc.dtype)
+
         def direction(xi32):
             if kind == "light":
-                # μ and Σ_j p_ij k_j⊙k_j in one read-out with values [K, K⊙K].
-                both = readout(xi32, torch.cat([k, k * k], dim=-1)).to(xi32.dtype)
-                mu, second = both[..., :D], both[..., D:]
-                g = xi32 - mu
-                return (1.0 + scale * (second - mu * mu)) * g
+                both = F.scaled_dot_product_attention(
+                    xi32.to(kc.dtype), k_acc, values, attn_mask=mask_acc, is_causal=sdpa_causal,
+                    scale=scale,
+                ).to(xi32.dtype)
+                if valid is not None:
+                    both = both * valid
+                mc = both[..., :D]  # μ − c
+                var = (both[..., D:] - mc.square()).clamp_min(0)  # diag Σ
+                mu = mc + (c if valid is None else c * valid)  # μ = 0 on fully masked rows
+                return (1.0 + scale * var) * (xi32 - mu)
             return hopfield_newton_direction(xi32, k, scale, mask=full, key_bias=bias, kind=kind)
 
     else:
