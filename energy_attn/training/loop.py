@@ -62,8 +62,8 @@ class TrainConfig:
             descent steps, then the value read-out) and step size ``η``; unused by softmax.
         n_layer, n_head, d_model, context, dropout: GPT size.
         optimizer: ``"adamw"`` or ``"aiadam"``; ``lr``, ``beta1``, ``beta2``,
-            ``weight_decay``, ``gamma`` (aiadam's γ), ``attention_norm`` (aiadam: ``"loss"``
-            or ``"own"``) its settings.
+            ``weight_decay``, ``gamma`` (aiadam's γ), ``attention_norm`` (aiadam: ``"own"``,
+            the default, or ``"loss"``; docs/math.md §6) its settings.
         warmup, min_lr_ratio: schedule (module docstring).
         grad_clip: max global norm of the loss gradient (0: off).
         batch, steps: per-rank batch size and number of steps.
@@ -92,7 +92,7 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.1
     gamma: float = 1.0
-    attention_norm: str = "loss"
+    attention_norm: str = "own"
     warmup: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
