@@ -21,7 +21,12 @@ from typing import Callable
 
 import torch
 
-from ._utils import check_finite_number, check_num_steps, check_same_device
+from ._utils import (
+    check_finite_number,
+    check_num_steps,
+    check_same_device,
+    check_step_size,
+)
 
 OPTIMIZERS = ("gd", "momentum", "nesterov", "newton_2nd1st", "newton_light")
 _NEWTON_KIND = {"newton_2nd1st": "2nd1st", "newton_light": "light"}
@@ -183,7 +188,7 @@ def minimize_energy(
         raise TypeError("mask must be a boolean tensor (True = may attend)")
     check_same_device(queries=queries, keys=keys, mask=mask)
     num_steps = check_num_steps(num_steps)
-    step_size = check_finite_number("step_size", step_size)
+    step_size = check_step_size(step_size)
     momentum = check_optimizer(optimizer, momentum)
 
     direction = None

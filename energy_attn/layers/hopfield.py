@@ -38,7 +38,14 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .._utils import check_finite_number, check_float_tensor, check_num_steps, default, exists
+from .._utils import (
+    check_finite_number,
+    check_float_tensor,
+    check_module_input,
+    check_num_steps,
+    default,
+    exists,
+)
 from ..energies.hopfield import _logits, _readout, hopfield_energy
 from ..fixed_point import check_solver
 from ..ops.hopfield import BACKENDS, hopfield_descent
@@ -221,10 +228,13 @@ class Hopfield(nn.Module):
             raise TypeError("input must be a tensor or a tuple (stored_pattern, state_pattern, "
                             "pattern_projection)")
         names = ("stored_pattern", "state_pattern", "pattern_projection")
+        if isinstance(input, torch.Tensor):
+            check_module_input(self, input=input)
         sizes = (self.stored_pattern_size, self.input_size, self.pattern_projection_size)
         out = []
         for name, t, size in zip(names, parts, sizes):
             check_float_tensor(name, t, ndim=3)
+            check_module_input(self, **{name: t})
             t = t if self.batch_first else t.transpose(0, 1)  # [L, B, F] -> [B, L, F]
             if t.shape[-1] != size:
                 raise ValueError(f"{name} must have {size} features, got shape {tuple(t.shape)}")
@@ -401,6 +411,7 @@ class HopfieldPooling(_LearnedPatterns):
 
     def _prepare_input(self, input):
         if isinstance(input, torch.Tensor):
+            check_module_input(self, input=input)
             stored, proj = input, input
         elif isinstance(input, (tuple, list)) and len(input) == 2:
             stored, proj = input
@@ -463,6 +474,7 @@ class HopfieldLayer(_LearnedPatterns):
 
     def _prepare_input(self, input):
         check_float_tensor("input", input, ndim=3)
+        check_module_input(self, input=input)
         batch = self._batch(input)
         stored = self._expand(self.lookup_weights.to(input.dtype), batch)
         targets = self.target_weights if exists(self.target_weights) else self.lookup_weights

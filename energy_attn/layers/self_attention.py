@@ -36,7 +36,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._moments import acc_dtype, centred, key_rows, moment_values
-from .._utils import check_bool_mask, check_finite_number, check_float_tensor, check_num_steps
+from .._utils import (
+    check_bool_mask,
+    check_finite_number,
+    check_float_tensor,
+    check_module_input,
+    check_num_steps,
+    check_step_size,
+)
 from ..descent import check_optimizer
 from ..ops.hopfield import hopfield_descent
 from ..optim.attention_informed import EnergyRecorder
@@ -157,7 +164,7 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         if num_steps < 1:
             raise ValueError("num_steps must be >= 1 (the last step reads out values), got 0")
         self.momentum = check_optimizer(optimizer, momentum)
-        self.step_size = check_finite_number("step_size", step_size)
+        self.step_size = check_step_size(step_size)
         self.optimizer, self.num_steps, self.attention = optimizer, num_steps, attention
         self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
         self.dropout, self.second_order = dropout, second_order
@@ -171,6 +178,7 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         check_float_tensor("x", x, ndim=3)
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dim d_model={self.d_model}, got {tuple(x.shape)}")
+        check_module_input(self, x=x)
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         B, N, _ = x.shape

@@ -27,6 +27,7 @@ from .._utils import (
     check_float_tensor,
     check_num_steps,
     check_same_device,
+    check_step_size,
     exists,
 )
 from ..descent import _NEWTON_KIND, check_optimizer, descend, minimize_energy
@@ -64,7 +65,7 @@ def _check_inputs(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, 
                 f"key_bias must have shape [B, Hk, M] = {(B, Hk, M)}, got {tuple(key_bias.shape)}"
             )
     num_steps = check_num_steps(num_steps)
-    step_size = check_finite_number("step_size", step_size)
+    step_size = check_step_size(step_size)
     scale = check_finite_number("scale", scale, positive=True) if exists(scale) else D**-0.5
     momentum = check_optimizer(optimizer, momentum)
     if backend not in BACKENDS:

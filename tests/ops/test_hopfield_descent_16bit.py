@@ -78,7 +78,7 @@ def test_float16_masked_keys_beyond_256_give_no_nan(optimizer, rho):
 @pytest.mark.parametrize("dtype", HALF)
 def test_newton_light_matches_gd_accuracy_at_offset_100(dtype):
     # bf16, offset 100: newton_light's error was 0.19 where gd's was 0.012.
-    q, k, mask = inputs(dtype, offset=100.0, padded=False)
+    q, k, _ = inputs(dtype, offset=100.0, padded=False)
     kw = dict(num_steps=2, step_size=0.5, backend="reference")
     errs = {}
     for opt in ("gd", "newton_light"):

@@ -17,7 +17,7 @@ SEED_LINE = "torch.manual_seed(0)"
 
 
 def readme_example() -> str:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
     found = [b for b in blocks if "AttentionInformedAdam(" in b]
     assert len(found) == 1, "README.md must hold one AttentionInformedAdam example"
     assert found[0].count(SEED_LINE) == 1
