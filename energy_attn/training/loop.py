@@ -291,10 +291,31 @@ def train(cfg: TrainConfig, *, corpus=None, resume: bool = False, stop_at: int |
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         own_group = True
     try:
-        return _train(cfg, corpus, resume, stop_at, progress, world, rank, device)
-    finally:
-        if own_group:
+        log = _train(cfg, corpus, resume, stop_at, progress, world, rank, device)
+    except BaseException:
+        if own_group:  # no barrier here: the other ranks may be blocked in a collective
             dist.destroy_process_group()
+        raise
+    if own_group:
+        leave_process_group()
+    return log
+
+
+def leave_process_group() -> None:
+    """Tear the default process group down once every rank is done with it: barrier, destroy.
+
+    Ranks finish at different times (rank 0 still writes the log, its figure and the
+    checkpoint). DDP and FSDP2 keep the gloo group referenced past ``destroy_process_group``:
+    its worker and I/O threads stay alive until the process exits (measured with PyTorch
+    2.13), so a rank that left early would close its connections under a peer's live gloo
+    threads while that peer is still working or shutting down. The barrier makes every rank
+    leave together. Call it on the success path only (a rank that raised may leave peers
+    blocked in a collective, where a barrier would wait for the timeout).
+    """
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):
