@@ -144,7 +144,8 @@ def minimize_energy(
         queries: state patterns ``[..., n, d]``.
         keys: stored patterns ``[..., m, d]``, held fixed during descent.
         mask: optional boolean mask broadcastable to ``[..., n, m]``, True = may attend.
-        step_size: ``η`` (finite).
+        step_size: ``η``, finite and ``>= 0`` (ValueError otherwise: the engine minimises;
+            to ascend an energy, minimise its negation).
         num_steps: ``T >= 0`` (a Python int).
         return_trajs: return ``{"queries": [T+1], "energies": [T+1]}`` (plus ``"velocities"``
             for momentum/Nesterov) instead of the final queries.

@@ -277,7 +277,7 @@ def hopfield_descent(
         q: queries ``[B, H, N, D]`` (float32/float16/bfloat16/float64).
         k: keys ``[B, Hk, M, D]``, same dtype; ``Hk`` divides ``H`` (grouped-query).
         scale: inverse temperature ``β``; default ``D ** -0.5``.
-        step_size: ``η``.
+        step_size: ``η >= 0`` (a negative step would ascend the energy: ValueError).
         num_steps: ``T >= 0`` (Python int; ``T = 0`` returns ``q``).
         mask: boolean, broadcastable to ``[B, H, N, M]``, True = may attend (SDPA's convention);
             a key-padding mask is ``[B, 1, 1, M]``. Fully masked rows: ``μ = 0``, finite.
