@@ -48,8 +48,8 @@ def softmax_error(q, k, mask):
 
 
 def check(q, k, mask, optimizer, rho, num_steps=3):
-    kw = dict(mask=mask, num_steps=num_steps, step_size=0.5, optimizer=optimizer, momentum=rho,
-              backend="reference")
+    kw = {"mask": mask, "num_steps": num_steps, "step_size": 0.5, "optimizer": optimizer,
+          "momentum": rho, "backend": "reference"}
     out = hopfield_descent(q, k, **kw)
     assert torch.isfinite(out).all(), f"{optimizer} {q.dtype}: non-finite output"
     truth = hopfield_descent(q.double(), k.double(), **kw)
@@ -79,7 +79,7 @@ def test_float16_masked_keys_beyond_256_give_no_nan(optimizer, rho):
 def test_newton_light_matches_gd_accuracy_at_offset_100(dtype):
     # bf16, offset 100: newton_light's error was 0.19 where gd's was 0.012.
     q, k, _ = inputs(dtype, offset=100.0, padded=False)
-    kw = dict(num_steps=2, step_size=0.5, backend="reference")
+    kw = {"num_steps": 2, "step_size": 0.5, "backend": "reference"}
     errs = {}
     for opt in ("gd", "newton_light"):
         out = hopfield_descent(q, k, optimizer=opt, **kw)
