@@ -76,6 +76,49 @@ def check_finite_number(name: str, x, *, positive: bool = False, allow_tensor: b
     return x
 
 
+def check_positive_int(name: str, value) -> int:
+    """A Python integer ``>= 1`` (bools rejected): head counts, widths."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be a positive int, got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be >= 1, got {value}")
+    return int(value)
+
+
+def check_module_input(module: torch.nn.Module, **tensors) -> None:
+    """Each given tensor lives on the device of ``module``'s parameters and, outside
+    ``torch.autocast``, has their dtype (the layer computes with them): otherwise a clear error
+    naming the argument instead of one from deep inside ``F.linear``/``layer_norm``."""
+    ref = next((t for t in module.parameters() if t.is_floating_point()), None)
+    if ref is None:
+        return
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.device != ref.device:
+            raise ValueError(
+                f"{name} is on {t.device} but the module's parameters are on {ref.device}; "
+                f"move one to the other (e.g. module.to({str(t.device)!r}))"
+            )
+        if (t.is_floating_point() and t.dtype != ref.dtype
+                and not torch.is_autocast_enabled(t.device.type)):
+            raise TypeError(
+                f"{name} has dtype {t.dtype} but the module's parameters are {ref.dtype}; cast "
+                f"one to the other (e.g. module.to({t.dtype})) or run under torch.autocast"
+            )
+
+
+def check_step_size(step_size, name: str = "step_size") -> float:
+    """The descent step size ``η``: a finite number ``>= 0`` (every optimizer minimises)."""
+    step_size = check_finite_number(name, step_size)
+    if step_size < 0:
+        raise ValueError(
+            f"{name} must be >= 0, got {step_size}: the descent minimises the energy and a "
+            "negative step would ascend it (to ascend, negate the energy instead)"
+        )
+    return step_size
+
+
 def check_bool_mask(name: str, mask, target_shape: tuple[int, ...]) -> None:
     """``mask`` is a boolean tensor broadcastable to ``target_shape`` (True = may attend)."""
     if not isinstance(mask, torch.Tensor):

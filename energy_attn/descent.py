@@ -21,7 +21,12 @@ from typing import Callable
 
 import torch
 
-from ._utils import check_finite_number, check_num_steps, check_same_device
+from ._utils import (
+    check_finite_number,
+    check_num_steps,
+    check_same_device,
+    check_step_size,
+)
 
 OPTIMIZERS = ("gd", "momentum", "nesterov", "newton_2nd1st", "newton_light")
 _NEWTON_KIND = {"newton_2nd1st": "2nd1st", "newton_light": "light"}
@@ -141,7 +146,8 @@ def minimize_energy(
         mask: optional mask broadcastable to ``[..., n, m]``, passed to ``energy_func``:
             boolean (True = may attend) or additive float (a logit bias; ``−inf`` blocks),
             as :mod:`energy_attn.masks` reads them.
-        step_size: ``η`` (finite).
+        step_size: ``η``, finite and ``>= 0`` (ValueError otherwise: the engine minimises;
+            to ascend an energy, minimise its negation).
         num_steps: ``T >= 0`` (a Python int).
         return_trajs: return ``{"queries": [T+1], "energies": [T+1]}`` (plus ``"velocities"``
             for momentum/Nesterov) instead of the final queries.
@@ -186,7 +192,7 @@ def minimize_energy(
         raise TypeError("mask must be a boolean (True = may attend) or additive float tensor")
     check_same_device(queries=queries, keys=keys, mask=mask)
     num_steps = check_num_steps(num_steps)
-    step_size = check_finite_number("step_size", step_size)
+    step_size = check_step_size(step_size)
     momentum = check_optimizer(optimizer, momentum)
 
     direction = None

@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 __all__ = [
     "Masks",
+    "as_masks",
     "causal",
     "check",
     "combine",
@@ -188,6 +189,11 @@ def key_padding(mask: torch.Tensor | None, batch: int, keys: int) -> torch.Tenso
     return mask.expand(batch, 1, 1, keys).reshape(batch, keys).contiguous()
 
 
+def as_masks(mask) -> Masks:
+    """A :class:`Masks` as it is, else a user mask read by :func:`from_user` (name "mask")."""
+    return mask if isinstance(mask, Masks) else from_user("mask", mask)
+
+
 def logits_mask(logits: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply a mask (None, bool True = may attend, additive float, or :class:`Masks` with its
     causality) to explicit logits ``[..., n, m]``.
@@ -198,7 +204,7 @@ def logits_mask(logits: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor 
     """
     if mask is None:
         return logits, None
-    m = mask if isinstance(mask, Masks) else from_user("mask", mask)
+    m = as_masks(mask)
     if m.bias is not None:
         logits = logits + _cast_bias(m.bias, logits.dtype)
     allowed = full_allowed(m, logits.shape[-2], logits.shape[-1], logits.device)

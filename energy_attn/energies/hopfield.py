@@ -21,11 +21,26 @@ from __future__ import annotations
 import torch
 
 from .. import masks
+from .._moments import centred, key_rows
 from .._utils import exists
 
 
 def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _resolve_scale(state, stored, scale):
+    """Check that the patterns are tensors sharing the pattern size ``d``; return ``β``
+    (``d ** -0.5`` when ``scale`` is None, as everywhere in the package)."""
+    for name, t in (("state_patterns", state), ("stored_patterns", stored)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if state.shape[-1] != stored.shape[-1]:
+        raise ValueError(
+            f"state_patterns and stored_patterns must share the last (pattern) dimension d, got "
+            f"{tuple(state.shape)} and {tuple(stored.shape)}"
+        )
+    return state.shape[-1] ** -0.5 if scale is None else scale
 
 
 def _logits(state, stored, scale, mask=None, key_bias=None):
@@ -49,22 +64,27 @@ def _readout(logits, valid, stored):
     return p, p @ stored.to(p.dtype)
 
 
-def hopfield_energy(state_patterns, stored_patterns, scale, mask=None, key_bias=None):
+def hopfield_energy(state_patterns, stored_patterns, scale=None, mask=None, key_bias=None):
     """Modern Hopfield energy per state pattern (the blog's ``hopfield_energy``).
 
     Args:
         state_patterns: queries ``ξ``, ``[..., n, d]``.
         stored_patterns: keys ``K``, ``[..., m, d]``; held fixed (differentiate w.r.t. state).
-        scale: inverse temperature ``β`` (the blog uses ``d ** -0.5``).
+        scale: inverse temperature ``β``; default ``d ** -0.5`` (as the blog uses).
         mask: optional mask broadcastable to ``[..., n, m]``: boolean (True = may attend) or
             additive float (a logit bias ``b_ij``; ``−inf`` / ``<= finfo.min`` blocks).
         key_bias: optional per-key logit bias ``[..., m]`` (see :func:`elastic_energy`).
+
+    Raises:
+        TypeError: a pattern argument is not a tensor.
+        ValueError: the two pattern sets differ in their last dimension ``d``.
 
     Returns:
         ``[..., n]`` energies ``½‖ξ‖² − (1/β) lse_j(β ξ·k_j + b_j)`` (float32 accumulation).
         Works under autograd exactly like the blog's function; its closed-form gradient is
         :func:`hopfield_energy_grad` (found by :func:`energy_attn.minimize_energy`).
     """
+    scale = _resolve_scale(state_patterns, stored_patterns, scale)
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
     kinetic = 0.5 * state_patterns.to(logits.dtype).pow(2).sum(dim=-1)
     lse = torch.logsumexp(logits, dim=-1)
@@ -73,17 +93,19 @@ def hopfield_energy(state_patterns, stored_patterns, scale, mask=None, key_bias=
     return kinetic - lse / scale
 
 
-def hopfield_energy_grad(state_patterns, stored_patterns, scale, mask=None, key_bias=None):
+def hopfield_energy_grad(state_patterns, stored_patterns, scale=None, mask=None, key_bias=None):
     """Closed-form ``∇_ξ E = ξ − softmax(β ξ Kᵀ + b) K`` (``ξ`` on fully masked rows).
 
     Same arguments as :func:`hopfield_energy`; returns ``[..., n, d]`` in the state's dtype.
     """
+    scale = _resolve_scale(state_patterns, stored_patterns, scale)
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
     _, mu = _readout(logits, valid, stored_patterns)
     return (state_patterns.to(mu.dtype) - mu).to(state_patterns.dtype)
 
 
-def hopfield_energy_self_grad(state_patterns, stored_patterns, scale, mask=None, key_bias=None):
+def hopfield_energy_self_grad(state_patterns, stored_patterns, scale=None, mask=None,
+                              key_bias=None):
     """Gradient of the *self-consistent* global energy (docs/math.md §1.4, the blog's footnote 3).
 
     When the stored patterns are the state patterns and move with them,
@@ -94,6 +116,7 @@ def hopfield_energy_self_grad(state_patterns, stored_patterns, scale, mask=None,
     (``key_bias`` held constant). ``stored_patterns`` must be ``state_patterns`` itself (the
     signature matches :func:`hopfield_energy_grad` so the descent engine binds it alike).
     """
+    scale = _resolve_scale(state_patterns, stored_patterns, scale)
     if stored_patterns is not state_patterns:
         raise ValueError("the self-consistent gradient needs stored_patterns is state_patterns")
     logits, valid = _logits(state_patterns, state_patterns, scale, mask, key_bias)
@@ -102,11 +125,12 @@ def hopfield_energy_self_grad(state_patterns, stored_patterns, scale, mask=None,
     return (xi - mu - p.transpose(-1, -2) @ xi).to(state_patterns.dtype)
 
 
-def elastic_energy_self_grad(state_patterns, stored_patterns, scale, mask=None):
+def elastic_energy_self_grad(state_patterns, stored_patterns, scale=None, mask=None):
     """Self-consistent gradient of :func:`elastic_energy` (its key bias moves too).
 
     With ``b_j = −½β‖ξ_j‖²``: ``∇_i = ξ_i − Σ_j p_ij ξ_j − Σ_j p_ji (ξ_j − ξ_i)``.
     """
+    scale = _resolve_scale(state_patterns, stored_patterns, scale)
     if stored_patterns is not state_patterns:
         raise ValueError("the self-consistent gradient needs stored_patterns is state_patterns")
     bias = elastic_key_bias(state_patterns, scale)
@@ -118,7 +142,7 @@ def elastic_energy_self_grad(state_patterns, stored_patterns, scale, mask=None):
 
 
 def hopfield_newton_direction(
-    state_patterns, stored_patterns, scale, mask=None, key_bias=None, kind="2nd1st"
+    state_patterns, stored_patterns, scale=None, mask=None, key_bias=None, kind="2nd1st"
 ):
     """Newton-like preconditioned gradient ``d`` (``ξ⁺ = ξ − η d``), docs/math.md §4.3, §4.4.
 
@@ -128,49 +152,65 @@ def hopfield_newton_direction(
       ``s_ij = (k_j − μ_i)·r_i`` (a second pass over the keys).
     * ``kind="light"``: ``d = (1 + β diag Σ) ⊙ g``, ``diag Σ = Σ_j p_ij k_j⊙k_j − μ⊙μ``.
 
-    ``I + βΣ`` is positive definite, so both are descent directions.
+    ``I + βΣ`` is positive definite, so both are descent directions. Both are formed about the
+    mean ``c`` of the keys every query may attend, in float32 (docs/math.md §4): keys sharing a
+    large offset do not cancel and masked-out keys are never read.
     """
+    scale = _resolve_scale(state_patterns, stored_patterns, scale)
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
-    p, mu = _readout(logits, valid, stored_patterns)
-    keys = stored_patterns.to(p.dtype)
+    p = logits.softmax(dim=-1)
+    if exists(valid):
+        p = p * valid
+    allowed = None if mask is None else masks.full_allowed(masks.as_masks(mask), *p.shape[-2:],
+                                                             p.device)
+    kc, c = centred(stored_patterns.to(p.dtype), *key_rows(allowed))
+    mc = p @ kc  # μ − c (0 on fully masked rows, where μ = 0)
+    mu = mc + (c if valid is None else c * valid)
     g = state_patterns.to(p.dtype) - mu
     if kind == "2nd1st":
-        # Σ g = Σ_j p_ij ((k_j − μ_i)·g_i) k_j ; the μ_i part cancels because Σ_j p_ij (k_j−μ_i)=0
-        s = torch.einsum("...jd,...id->...ij", keys, g) - (mu * g).sum(-1, keepdim=True)
-        sigma_g = (p * s) @ keys
+        # Σ g = Σ_j p_ij ((k_j − μ_i)·g_i)(k_j − μ_i): about c, and with the μ_i − c part
+        # subtracted explicitly (Σ_j p_ij s_ij is 0 in exact arithmetic).
+        s = torch.einsum("...jd,...id->...ij", kc, g) - (mc * g).sum(-1, keepdim=True)
+        ps = p * s
+        sigma_g = ps @ kc - mc * ps.sum(-1, keepdim=True)
         d = g + scale * sigma_g
     elif kind == "light":
-        diag = p @ keys.pow(2) - mu.pow(2)
+        diag = (p @ kc.square() - mc.square()).clamp_min(0)
         d = (1.0 + scale * diag) * g
     else:
         raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
     return d.to(state_patterns.dtype)
 
 
-def elastic_key_bias(stored_patterns, scale):
+def elastic_key_bias(stored_patterns, scale=None):
     """Per-key logit bias ``−½ β ‖k_j‖²`` that turns the Hopfield energy into ``F*``."""
+    scale = _resolve_scale(stored_patterns, stored_patterns, scale)
     dt = _acc_dtype(stored_patterns)
     return -0.5 * scale * stored_patterns.to(dt).pow(2).sum(dim=-1)
 
 
-def elastic_energy(state_patterns, stored_patterns, scale, mask=None):
+def elastic_energy(state_patterns, stored_patterns, scale=None, mask=None):
     """Helmholtz free energy with elastic local energy ``E_j(z) = ½‖z − k_j‖²`` (docs/math.md §2.1).
 
     ``F*(z) = −T log Σ_j exp(−E_j(z)/T) = ½‖z‖² − T lse_j((z·k_j − ½‖k_j‖²)/T)``, ``T = 1/scale``,
     i.e. the Hopfield energy with key bias :func:`elastic_key_bias`. Returns ``[..., n]``.
     """
+    scale = _resolve_scale(state_patterns, stored_patterns, scale)
     bias = elastic_key_bias(stored_patterns, scale)
     return hopfield_energy(state_patterns, stored_patterns, scale, mask, key_bias=bias)
 
 
-def elastic_energy_grad(state_patterns, stored_patterns, scale, mask=None):
+def elastic_energy_grad(state_patterns, stored_patterns, scale=None, mask=None):
     """Closed-form ``∇F*(z) = z − Σ_j p_j k_j``, ``p = softmax((z·k_j − ½‖k_j‖²)/T)``."""
+    scale = _resolve_scale(state_patterns, stored_patterns, scale)
     bias = elastic_key_bias(stored_patterns, scale)
     return hopfield_energy_grad(state_patterns, stored_patterns, scale, mask, key_bias=bias)
 
 
-def elastic_newton_direction(state_patterns, stored_patterns, scale, mask=None, kind="2nd1st"):
+def elastic_newton_direction(state_patterns, stored_patterns, scale=None, mask=None,
+                             kind="2nd1st"):
     """Newton-like direction for :func:`elastic_energy` (same Hessian form as Hopfield's)."""
+    scale = _resolve_scale(state_patterns, stored_patterns, scale)
     bias = elastic_key_bias(stored_patterns, scale)
     return hopfield_newton_direction(
         state_patterns, stored_patterns, scale, mask, key_bias=bias, kind=kind

@@ -18,7 +18,14 @@ from einops import rearrange
 from torch import nn
 
 from .. import masks
-from .._utils import check_finite_number, check_float_tensor, check_num_steps, exists
+from .._utils import (
+    check_finite_number,
+    check_float_tensor,
+    check_module_input,
+    check_num_steps,
+    check_step_size,
+    exists,
+)
 from ..descent import check_optimizer
 from ._energy_attention import descend_and_read_out
 
@@ -34,7 +41,7 @@ def _check_energy_options(num_steps=2, step_size=1.0, optimizer="gd", momentum=0
     num_steps = check_num_steps(num_steps)
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1 (num_steps=1 is standard attention), got {num_steps}")
-    step_size = check_finite_number("step_size", step_size)
+    step_size = check_step_size(step_size)
     momentum = check_optimizer(optimizer, momentum)
     scale = check_finite_number("scale", scale, positive=True) if exists(scale) else None
     return {"num_steps": num_steps, "step_size": step_size, "optimizer": optimizer,
@@ -113,6 +120,7 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
     def _check_inputs(self, query, key, value):
         for name, t in (("query", query), ("key", key), ("value", value)):
             check_float_tensor(name, t)
+            check_module_input(self, **{name: t})
             if t.is_nested:
                 raise ValueError(
                     f"{name} is a nested tensor; energy attention takes padded tensors (build "

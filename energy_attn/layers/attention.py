@@ -15,7 +15,14 @@ from einops import rearrange
 from torch import nn
 
 from .. import masks
-from .._utils import check_finite_number, check_float_tensor, default, exists
+from .._utils import (
+    check_finite_number,
+    check_float_tensor,
+    check_module_input,
+    check_positive_int,
+    default,
+    exists,
+)
 from ..descent import check_optimizer, minimize_energy
 from ..energies.hopfield import elastic_energy, elastic_key_bias, hopfield_energy
 from ..ops.hopfield import hopfield_descent
@@ -87,8 +94,10 @@ class VanillaSoftmaxAttention(nn.Module):
 
     def __init__(self, query_dim, context_dim=None, heads=1, dim_head=64, scale=None):
         super().__init__()
+        query_dim, heads, dim_head = (check_positive_int(n, v) for n, v in (
+            ("query_dim", query_dim), ("heads", heads), ("dim_head", dim_head)))
+        context_dim = check_positive_int("context_dim", default(context_dim, query_dim))
         inner_dim = dim_head * heads
-        context_dim = default(context_dim, query_dim)
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
@@ -99,6 +108,8 @@ class VanillaSoftmaxAttention(nn.Module):
 
     def forward(self, x, context=None, mask=None, scale=None, bare_attn=False):
         _check_forward(x, context, mask, self.query_dim, self.context_dim, bare_attn)
+        if not bare_attn:
+            check_module_input(self, x=x, context=context)
         if bare_attn:
             _check_bare(self.heads, x, context)
         scale = check_finite_number("scale", scale, positive=True) if exists(scale) else self.scale
@@ -142,8 +153,10 @@ class EnergyBasedAttention(nn.Module):
     def __init__(self, query_dim, context_dim=None, heads=1, dim_head=64, scale=None,
                  energy_func=None, optimizer="gd", momentum=0.0):
         super().__init__()
+        query_dim, heads, dim_head = (check_positive_int(n, v) for n, v in (
+            ("query_dim", query_dim), ("heads", heads), ("dim_head", dim_head)))
+        context_dim = check_positive_int("context_dim", default(context_dim, query_dim))
         inner_dim = dim_head * heads
-        context_dim = default(context_dim, query_dim)
         self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Linear(inner_dim, query_dim)
@@ -160,6 +173,8 @@ class EnergyBasedAttention(nn.Module):
                 num_steps=1, return_trajs=False, optimizer=None, momentum=None,
                 self_consistent=False):
         _check_forward(x, context, mask, self.query_dim, self.context_dim, bare_attn)
+        if not bare_attn:
+            check_module_input(self, x=x, context=context)
         if self_consistent and exists(context):
             raise ValueError("self_consistent=True is self-attention: pass context=None")
         if bare_attn:

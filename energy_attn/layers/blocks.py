@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._utils import check_finite_number, check_float_tensor
+from .._utils import check_finite_number, check_float_tensor, check_module_input
 from .self_attention import ConstrainedScalars, MultiHeadSelfAttention
 
 VARIANTS = ("mha", "momen", "nag", "2nd1st", "light2nd1st")
@@ -92,6 +92,7 @@ class OptimizerBlock(nn.Module):
         if x.shape[-1] != self.attn.d_model:
             raise ValueError(f"x must have last dim d_model={self.attn.d_model}, got "
                              f"{tuple(x.shape)}")
+        check_module_input(self, x=x, state=state)
         if self.rho is None:
             x = x + self.step(x, mask, is_causal)
         else:

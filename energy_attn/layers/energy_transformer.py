@@ -22,7 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import masks
-from .._utils import check_finite_number, check_float_tensor, check_num_steps, default, exists
+from .._utils import (
+    check_finite_number,
+    check_float_tensor,
+    check_num_steps,
+    check_step_size,
+    default,
+    exists,
+)
 from ..descent import check_optimizer, descend
 from ..energies.energy_transformer import _grad, energy_transformer_energy
 
@@ -71,7 +78,7 @@ class EnergyTransformerAttention(nn.Module):
         self.scale = check_finite_number("scale", scale, positive=True) if exists(scale) \
             else dim_head**-0.5
         self.num_steps = check_num_steps(num_steps)
-        self.step_size = check_finite_number("step_size", step_size)
+        self.step_size = check_step_size(step_size)
         self.w_q = nn.Parameter(torch.randn(heads, dim_head, dim) * dim**-0.5)
         self.w_k = nn.Parameter(torch.randn(heads, dim_head, dim) * dim**-0.5)
 
@@ -90,7 +97,7 @@ class EnergyTransformerAttention(nn.Module):
                 raise ValueError(f"mask is on {mask.device} but x is on {x.device}")
             pair = masks.from_tokens(mask).allowed  # [B, N, N]: both real tokens
         num_steps = check_num_steps(default(num_steps, self.num_steps))
-        step_size = check_finite_number("step_size", default(step_size, self.step_size))
+        step_size = check_step_size(default(step_size, self.step_size))
 
         def tokens(x):  # what the energy sees: the tokens, or their layer norm
             return F.layer_norm(x, x.shape[-1:]) if self.normalize else x

@@ -29,7 +29,14 @@ from einops import rearrange
 from torch import nn
 
 from .. import masks
-from .._utils import check_finite_number, check_float_tensor, check_num_steps, default, exists
+from .._utils import (
+    check_finite_number,
+    check_float_tensor,
+    check_module_input,
+    check_num_steps,
+    default,
+    exists,
+)
 from ..energies.hopfield import _logits, _readout, hopfield_energy
 from ..fixed_point import check_solver
 from ..ops.hopfield import BACKENDS, hopfield_descent
@@ -415,6 +422,8 @@ class Hopfield(nn.Module):
             raise TypeError("input must be a tensor or a tuple (stored_pattern, state_pattern, "
                             "pattern_projection)")
         names = ("stored_pattern", "state_pattern", "pattern_projection")
+        if isinstance(input, torch.Tensor):
+            check_module_input(self, input=input)
         static = (self.stored_pattern_as_static, self.state_pattern_as_static,
                   self.pattern_projection_as_static)
         sizes = (self.stored_pattern_dim, self.input_size, self.pattern_projection_dim)
@@ -422,6 +431,7 @@ class Hopfield(nn.Module):
         out = []
         for name, t, is_static, size, norm in zip(names, parts, static, sizes, norms):
             check_float_tensor(name, t, ndim=3)
+            check_module_input(self, **{name: t})
             t = t if self.batch_first else t.transpose(0, 1)  # [L, B, F] -> [B, L, F]
             want = [norm.normalized_shape[0]] if exists(norm) else []
             if not is_static:
@@ -877,6 +887,7 @@ class HopfieldPooling(_LearnedPatterns):
 
     def _prepare_input(self, input):
         if isinstance(input, torch.Tensor):
+            check_module_input(self, input=input)
             stored, proj = input, input
         elif isinstance(input, (tuple, list)) and len(input) == 2:
             stored, proj = input
@@ -943,6 +954,7 @@ class HopfieldLayer(_LearnedPatterns):
 
     def _prepare_input(self, input):
         check_float_tensor("input", input, ndim=3)
+        check_module_input(self, input=input)
         batch = self._batch(input)
         stored = self._expand(self.lookup_weights, batch, input.dtype)
         proj = stored if self.target_weights is None else \

@@ -11,7 +11,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .._utils import check_finite_number, check_float_tensor, check_num_steps
+from .._utils import check_finite_number, check_float_tensor, check_module_input, check_num_steps
 from ..ops.linear import FORMS, linear_attention
 
 
@@ -49,6 +49,7 @@ class LinearAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:
         check_float_tensor("x", x, ndim=3)
+        check_module_input(self, x=x)
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dim d_model={self.d_model}, got {tuple(x.shape)}")
         # [B, N, 3·d_model] -> 3 × [B, H, N, d_head]

@@ -36,7 +36,15 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import masks
-from .._utils import check_bool_mask, check_finite_number, check_float_tensor, check_num_steps
+from .._moments import acc_dtype, centred, key_rows, moment_values
+from .._utils import (
+    check_bool_mask,
+    check_finite_number,
+    check_float_tensor,
+    check_module_input,
+    check_num_steps,
+    check_step_size,
+)
 from ..descent import check_optimizer
 from ..ops.hopfield import hopfield_descent
 from ..optim.attention_informed import EnergyRecorder
@@ -45,14 +53,15 @@ SECOND_ORDER = (None, "2nd1st", "light")
 ATTENTIONS = ("softmax", "energy")
 
 
-def _newton_correction(p, v, mu):
-    """``Σ_i r_i = (P ⊙ S) V`` per head, ``r = μ − v`` (the token's own value is the iterate).
+def _newton_correction(p, vc, ms, r):
+    """``(P ⊙ S) V`` about the shift ``c``: returns ``((P ⊙ S) V_c, Σ_j P_ij S_ij)``.
 
-    ``S_ij = (v_j − μ_i)·r_i = r_i·v_j − μ_i·r_i`` and ``P V = μ``, so
-    ``(P ⊙ S) V = (P ⊙ R Vᵀ) V − (μ·r) μ``. Shapes: ``p [.., N, N]``, ``v, mu [.., N, d]``.
+    ``S_ij = (v_j − μ_i)·r_i = (v_cj − m_i)·r_i`` with ``v_c = v − c``, ``m = μ − c``, and
+    ``(P ⊙ S) V = (P ⊙ S) V_c + c Σ_j P_ij S_ij`` (the sum is 0 without dropout). Shapes:
+    ``p [.., N, N]``, ``vc, ms, r [.., N, d]``, all in the accumulation dtype.
     """
-    r = mu - v
-    return (p * (r @ v.transpose(-1, -2))) @ v - (mu * r).sum(-1, keepdim=True) * mu
+    ps = p * (r @ vc.transpose(-1, -2) - (ms * r).sum(-1, keepdim=True))
+    return ps @ vc, ps.sum(-1, keepdim=True)
 
 
 class ConstrainedScalars(nn.Module):
@@ -135,7 +144,7 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         if num_steps < 1:
             raise ValueError("num_steps must be >= 1 (the last step reads out values), got 0")
         self.momentum = check_optimizer(optimizer, momentum)
-        self.step_size = check_finite_number("step_size", step_size)
+        self.step_size = check_step_size(step_size)
         self.optimizer, self.num_steps, self.attention = optimizer, num_steps, attention
         self.d_model, self.n_head, self.d_head = d_model, n_head, d_model // n_head
         self.dropout, self.second_order = dropout, second_order
@@ -149,6 +158,7 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         check_float_tensor("x", x, ndim=3)
         if x.shape[-1] != self.d_model:
             raise ValueError(f"x must have last dim d_model={self.d_model}, got {tuple(x.shape)}")
+        check_module_input(self, x=x)
         if not isinstance(is_causal, bool):
             raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
         B, N, _ = x.shape
@@ -173,22 +183,35 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         if self.second_order == "2nd1st":
             return self._attend_2nd1st(q, k, v, mask, is_causal, p_drop)
         n = q.shape[-2]
-        attn_mask, valid, sdpa_causal = masks.readout_args(masks.from_allowed(mask, is_causal),
-                                                           n, n, q.device)
-        values = v if self.second_order is None else torch.cat([v, v * v], dim=-1)
-        out = masks.sdpa(q, k, values, attn_mask=attn_mask, valid=valid, dropout_p=p_drop,
-                         is_causal=sdpa_causal)
+        m = masks.from_allowed(mask, is_causal)
+        attn_mask, valid, sdpa_causal = masks.readout_args(m, n, n, q.device)
         if self.second_order is None:
-            return out
-        # light: diag-covariance correction from the same probabilities (one SDPA call)
+            return masks.sdpa(q, k, v, attn_mask=attn_mask, valid=valid, dropout_p=p_drop,
+                              is_causal=sdpa_causal)
+        # light: both moments from one float32 SDPA call about c, a mean of values every query
+        # may see (docs/math.md §4, energy_attn/_moments.py: never square raw 16-bit values).
+        # Under dropout the row sums ρ of the kept probabilities are read out too (ones column).
+        allowed = None if mask is None else masks.full_allowed(m, n, n, q.device)
+        vc, c = centred(v, *key_rows(allowed, is_causal, n, q.device))
+        acc = vc.dtype
+        out = masks.sdpa(q.to(acc), k.to(acc), moment_values(vc, p_drop > 0),
+                         attn_mask=attn_mask, valid=valid, dropout_p=p_drop,
+                         is_causal=sdpa_causal)
         d = v.shape[-1]
-        mu, second = out[..., :d], out[..., d:]
-        gamma = self.gamma().to(v.dtype).view(-1, 1, 1)  # [H, 1, 1]
-        return mu + gamma * (second - mu * mu) * (mu - v)
+        mc, m2 = out[..., :d], out[..., d:2 * d]  # Σ_j P_ij (v_j − c), Σ_j P_ij (v_j − c)²
+        rho = out[..., 2 * d:] if p_drop > 0 else (1.0 if valid is None else valid.to(acc))
+        mu = mc + c * rho
+        # P(V⊙V) − μ⊙μ expanded about c (its last term vanishes for rows summing to 1)
+        var = m2 - mc.square() + (1.0 - rho) * (2.0 * c * mc + c.square() * rho)
+        gamma = self.gamma().to(vc.dtype).view(-1, 1, 1)  # [H, 1, 1]
+        return (mu + gamma * var * (mu - v.to(vc.dtype))).to(v.dtype)
 
     def _attend_2nd1st(self, q, k, v, mask, is_causal, p_drop):
-        logits = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, N]
+        acc = acc_dtype(v)
         n = q.shape[-2]
+        # P in float32 (logits of large keys must not round to 16 bits): the one N×N matrix
+        # autograd keeps, as a math-path attention call does.
+        logits = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, N]
         allowed = masks.full_allowed(masks.from_allowed(mask, is_causal), n, n, q.device)
         valid = None
         if allowed is not None:
@@ -196,16 +219,20 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
             valid = allowed.any(dim=-1, keepdim=True)
             logits = logits.masked_fill(~valid, 0.0)  # fully masked rows: finite, zeroed below
         p = F.dropout(logits.softmax(dim=-1), p_drop, training=p_drop > 0)
-        mu = p @ v
-        # S and P ⊙ S are recomputed in backward: autograd keeps one N×N matrix (P), as a
-        # math-path attention call does, instead of three.
-        if torch.is_grad_enabled() and (p.requires_grad or v.requires_grad):
-            corr = checkpoint(_newton_correction, p, v, mu, use_reentrant=False)
+        if valid is not None:
+            p = p * valid
+        # About c, a mean of values every query may see (docs/math.md §4); ρ = the row sums of P.
+        vc, c = centred(v, *key_rows(allowed))
+        rho = p.sum(-1, keepdim=True) if p_drop > 0 else (1.0 if valid is None else valid.to(acc))
+        ms = p @ vc + c * (rho - 1.0)  # μ − c
+        r = ms - (v.to(acc) - c)  # μ − v
+        # S and P ⊙ S are recomputed in backward: autograd keeps P alone.
+        if torch.is_grad_enabled() and (p.requires_grad or vc.requires_grad):
+            corr, ps_sum = checkpoint(_newton_correction, p, vc, ms, r, use_reentrant=False)
         else:
-            corr = _newton_correction(p, v, mu)
-        gamma = self.gamma().to(v.dtype).view(-1, 1, 1)
-        out = mu + gamma * corr
-        return out if valid is None else out * valid
+            corr, ps_sum = _newton_correction(p, vc, ms, r)
+        gamma = self.gamma().to(acc).view(-1, 1, 1)
+        return (ms + c + gamma * (corr + c * ps_sum)).to(v.dtype)
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_head={self.n_head}, second_order={self.second_order}, "

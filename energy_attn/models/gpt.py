@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._utils import check_finite_number, check_num_steps
+from .._utils import check_finite_number, check_module_input, check_num_steps
 from ..layers.blocks import VARIANTS, OptimizerBlock
 
 
@@ -119,6 +119,7 @@ class GPT(nn.Module):
             raise TypeError(f"idx must be a [B, N] torch.long tensor, got "
                             f"{getattr(idx, 'dtype', type(idx).__name__)} "
                             f"{tuple(getattr(idx, 'shape', ()))}")
+        check_module_input(self, idx=idx)
         N = idx.shape[1]
         if not 1 <= N <= self.config.context:
             raise ValueError(f"sequence length must be in [1, context={self.config.context}], "

@@ -21,11 +21,13 @@ from collections import defaultdict
 import torch
 
 from .. import masks
+from .._moments import centred, key_rows, moment_values
 from .._utils import (
     check_finite_number,
     check_float_tensor,
     check_num_steps,
     check_same_device,
+    check_step_size,
     exists,
     expand_heads,
 )
@@ -64,7 +66,7 @@ def _check_inputs(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, 
                 f"key_bias must have shape [B, Hk, M] = {(B, Hk, M)}, got {tuple(key_bias.shape)}"
             )
     num_steps = check_num_steps(num_steps)
-    step_size = check_finite_number("step_size", step_size)
+    step_size = check_step_size(step_size)
     scale = check_finite_number("scale", scale, positive=True) if exists(scale) else D**-0.5
     momentum = check_optimizer(optimizer, momentum)
     if backend not in BACKENDS:
@@ -96,13 +98,21 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
         # Newton-like steps need the covariance; see hopfield_newton_direction (explicit P).
         kind = _NEWTON_KIND[optimizer]
 
+        if kind == "light":
+            # Shifted moments (docs/math.md §4; energy_attn/_moments.py): with c a mean of keys
+            # every query may see, one float32 read-out with values [K − c, (K − c)⊙(K − c)]
+            # gives μ − c and Σ_j p_ij (k_j−c)⊙(k_j−c); masked-out keys are zeroed.
+            kc, c = centred(k, *key_rows(m.allowed))
+            values, k_acc = moment_values(kc), k.to(kc.dtype)
+
         def direction(xi32):
             if kind == "light":
-                # μ and Σ_j p_ij k_j⊙k_j in one read-out with values [K, K⊙K].
-                both = readout(xi32, torch.cat([k, k * k], dim=-1)).to(xi32.dtype)
-                mu, second = both[..., :D], both[..., D:]
-                g = xi32 - mu
-                return (1.0 + scale * (second - mu * mu)) * g
+                both = masks.sdpa(xi32.to(kc.dtype), k_acc, values, attn_mask=attn_mask,
+                                  valid=valid, is_causal=sdpa_causal, scale=scale).to(xi32.dtype)
+                mc = both[..., :D]  # μ − c
+                var = (both[..., D:] - mc.square()).clamp_min(0)  # diag Σ
+                mu = mc + (c if valid is None else c * valid)  # μ = 0 on fully masked rows
+                return (1.0 + scale * var) * (xi32 - mu)
             return hopfield_newton_direction(xi32, k, scale, mask=m, key_bias=bias, kind=kind)
 
     else:
@@ -229,7 +239,7 @@ def hopfield_descent(
         q: queries ``[B, H, N, D]`` (float32/float16/bfloat16/float64).
         k: keys ``[B, Hk, M, D]``, same dtype; ``Hk`` divides ``H`` (grouped-query).
         scale: inverse temperature ``β``; default ``D ** -0.5``.
-        step_size: ``η``.
+        step_size: ``η >= 0`` (a negative step would ascend the energy: ValueError).
         num_steps: ``T >= 0`` (Python int; ``T = 0`` returns ``q``).
         mask: broadcastable to ``[B, H, N, M]``, SDPA's ``attn_mask`` convention: boolean,
             True = may attend; or an additive float mask, a logit bias ``b_ij`` of the energy

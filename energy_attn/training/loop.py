@@ -81,8 +81,8 @@ class TrainConfig:
             descent steps, then the value read-out) and step size ``η``; unused by softmax.
         n_layer, n_head, d_model, context, dropout: GPT size.
         optimizer: ``"adamw"`` or ``"aiadam"``; ``lr``, ``beta1``, ``beta2``,
-            ``weight_decay``, ``gamma`` (aiadam's γ), ``attention_norm`` (aiadam: ``"loss"``
-            or ``"own"``) its settings.
+            ``weight_decay``, ``gamma`` (aiadam's γ), ``attention_norm`` (aiadam: ``"own"``,
+            the default, or ``"loss"``; docs/math.md §6) its settings.
         warmup, min_lr_ratio: schedule (module docstring).
         grad_clip: max global norm of the loss gradient (0: off).
         batch, steps: per-rank batch size and number of steps.
@@ -113,7 +113,7 @@ class TrainConfig:
     beta2: float = 0.95
     weight_decay: float = 0.1
     gamma: float = 1.0
-    attention_norm: str = "loss"
+    attention_norm: str = "own"
     warmup: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
@@ -361,10 +361,31 @@ def train(cfg: TrainConfig, *, corpus=None, resume: bool = False, stop_at: int |
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         own_group = True
     try:
-        return _train(cfg, corpus, resume, stop_at, progress, world, rank, device)
-    finally:
-        if own_group:
+        log = _train(cfg, corpus, resume, stop_at, progress, world, rank, device)
+    except BaseException:
+        if own_group:  # no barrier here: the other ranks may be blocked in a collective
             dist.destroy_process_group()
+        raise
+    if own_group:
+        leave_process_group()
+    return log
+
+
+def leave_process_group() -> None:
+    """Tear the default process group down once every rank is done with it: barrier, destroy.
+
+    Ranks finish at different times (rank 0 still writes the log, its figure and the
+    checkpoint). DDP and FSDP2 keep the gloo group referenced past ``destroy_process_group``:
+    its worker and I/O threads stay alive until the process exits (measured with PyTorch
+    2.13), so a rank that left early would close its connections under a peer's live gloo
+    threads while that peer is still working or shutting down. The barrier makes every rank
+    leave together. Call it on the success path only (a rank that raised may leave peers
+    blocked in a collective, where a barrier would wait for the timeout).
+    """
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):

@@ -23,8 +23,8 @@ HELP = {
     "attention": "attention kind: softmax | energy",
     "optimizer": "adamw | aiadam (AttentionInformedAdam)",
     "gamma": "aiadam's gamma in alpha = sigmoid(gamma * mean energy)",
-    "attention_norm": "aiadam: divide the attention gradient by the loss gradient's RMS (loss, "
-                      "docs/math.md §6.3) or its own (own)",
+    "attention_norm": "aiadam: divide the attention gradient by its own RMS (own) or by the "
+                      "loss gradient's (loss, the seed's literal form; unstable)",
     "batch": "sequences per step per process",
     "steps": "training steps (the schedule's length)",
     "context": "sequence length in bytes",

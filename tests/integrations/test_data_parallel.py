@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from energy_attn.integrations import swap_attention
+from energy_attn.training.loop import leave_process_group
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -78,8 +79,11 @@ def _worker(rank, port, out_path):
         results = {mode: _train_parallel(rank, mode) for mode in MODES}
         if rank == 0:
             torch.save(results, out_path)
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    # Every rank leaves together (barrier, then destroy): see leave_process_group.
+    leave_process_group()
 
 
 def _free_port():
