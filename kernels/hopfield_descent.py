@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 __all__ = ["SHORT_MEMORY_BYTES", "Launch", "hopfield_descent_triton", "plan_backward",
-           "plan_forward", "unsupported_reason"]
+           "plan_forward", "takes_short_path", "unsupported_reason"]
 
 OPTIMIZERS = ("gd", "momentum", "nesterov")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -536,6 +536,14 @@ def _tiles(kernel: str, block_d: int, itemsize: int, heavy: bool) -> tuple[int, 
     return _TILES[kernel, itemsize, heavy][max(block_d, 32)]
 
 
+def takes_short_path(M: int, D: int, dtype: torch.dtype) -> bool:
+    """Whether a call with ``M`` keys of head dim ``D`` in ``dtype`` runs the short-memory path:
+    every key of one (batch, head), padded to powers of two, fits in ``SHORT_MEMORY_BYTES``."""
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m_all = max(16, triton.next_power_of_2(M))
+    return block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES
+
+
 def _config(kernel: str, M: int, D: int, dtype: torch.dtype, heavy: bool,
             interpret: bool) -> dict:
     """Tile sizes of ``kernel`` and, for the query kernels, the short-memory switch."""
@@ -549,7 +557,7 @@ def _config(kernel: str, M: int, D: int, dtype: torch.dtype, heavy: bool,
     cfg = {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": warps,
            "num_stages": stages}
     if kernel != "dk":
-        short = block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES
+        short = takes_short_path(M, D, dtype)
         cfg["SHORT"] = short
         if short:  # one key tile holds every key; fewer query rows keep the logits tile
             cfg["BLOCK_M"] = block_m_all  # (BLOCK_N x BLOCK_M) no larger than streaming's
