@@ -32,6 +32,7 @@ there, through the ``UPCAST`` constexpr).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -187,7 +188,7 @@ def _query_tile(K, N, M, D, H, HK, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
 
 @triton.jit
 def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
-                N, M, D, H, HK, mu_step, lse_step, scale2, inv_scale, eta, rho, nest,
+                N, M, D, H, HK, mu_step, lse_step, scale2, inv_scale, eta, rho, nest, NB, MB,
                 T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
                 SAVE: tl.constexpr, ENERGIES: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
@@ -295,7 +296,7 @@ def _energy_dk(k, xh, lse2, e, bias2, mask_t, scale2, PREC: tl.constexpr):
 
 @triton.jit
 def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA,
-                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest,
+                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
                    T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
                    EGRAD: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
@@ -390,7 +391,7 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
 
 @triton.jit
 def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIAS,
-                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest,
+                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
                    T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
                    EGRAD: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
@@ -486,54 +487,115 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIA
 
 
 class Launch(NamedTuple):
-    """One kernel call: ``kernel[grid](**args, **meta)``."""
+    """One kernel call: ``kernel[grid](**args, **meta)``, or autotuned over ``candidates``.
+
+    ``meta`` holds the constexprs and the default tile configuration (``TILE_KEYS``: the first
+    candidate, the measured winner where one exists); ``grid(meta)`` is the launch grid for a
+    tile configuration. On a GPU with more than one candidate the call goes through the
+    kernel's ``triton.autotune`` wrapper, which picks among ``candidates`` once per key and
+    caches the choice; under the interpreter, for ``compile_check`` and with ``FORCE_TILES`` the
+    default runs as is.
+    """
 
     kernel: Any  # a @triton.jit function
-    grid: tuple[int, int]
+    grid: Callable[[dict], tuple[int, int]]
     args: dict  # run-time arguments by name: tensors, ints, floats
-    meta: dict  # constexprs, num_warps, num_stages
+    meta: dict  # constexprs, BLOCK_N, BLOCK_M, num_warps, num_stages
+    candidates: tuple  # ((BLOCK_N, BLOCK_M, num_warps, num_stages), ...)
 
     def __call__(self) -> None:
-        self.kernel[self.grid](**self.args, **self.meta)
+        tuner = _TUNERS.get(self.kernel)
+        on_gpu = not _interpreting() and any(
+            isinstance(a, torch.Tensor) and a.is_cuda for a in self.args.values())
+        if tuner is None or not on_gpu or len(self.candidates) < 2:
+            self.kernel[self.grid(self.meta)](**self.args, **self.meta)
+            return
+        fixed = {k: v for k, v in self.meta.items() if k not in TILE_KEYS}
+        tuner[self.grid](**self.args, **fixed)
 
 
-#: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` by (kernel, input itemsize, heavy) and padded
-#: head dim. "heavy" = a velocity (momentum, Nesterov) or energies: more live registers. In the
-#: dK kernel BLOCK_M is its own key tile and BLOCK_N the streamed query tile.
-_TILES = {
-    ("fwd", 2, False): {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 32, 8, 3),
-                        256: (32, 32, 8, 2)},
-    ("fwd", 2, True): {32: (128, 64, 8, 3), 64: (64, 64, 8, 3), 128: (32, 32, 8, 3),
-                       256: (32, 32, 8, 2)},
-    ("dq", 2, False): {32: (128, 64, 8, 3), 64: (128, 32, 8, 3), 128: (32, 32, 8, 3),
-                       256: (32, 32, 8, 2)},
-    ("dq", 2, True): {32: (128, 64, 8, 3), 64: (64, 64, 8, 3), 128: (32, 32, 8, 3),
-                      256: (32, 32, 8, 2)},
-    ("dk", 2, False): {32: (64, 64, 8, 3), 64: (64, 64, 8, 3), 128: (64, 32, 8, 3),
-                       256: (32, 32, 8, 2)},
-    ("dk", 2, True): {32: (64, 64, 8, 3), 64: (32, 32, 8, 3), 128: (32, 32, 8, 3),
-                      256: (32, 32, 8, 2)},
-    # float32 (exact "ieee" dots, no tensor cores): one table for both tiers
-    ("fwd", 4, True): {32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (32, 64, 8, 2),
-                       256: (32, 32, 8, 2)},
-    ("dq", 4, True): {32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (16, 32, 4, 2),
-                      256: (16, 32, 4, 2)},
-    ("dk", 4, True): {32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2),
-                      256: (16, 32, 4, 2)},
+TILE_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages")
+
+#: Tests and the ``--tiles`` benchmark set this to ``{kernel: (BLOCK_N, BLOCK_M, num_warps,
+#: num_stages)}`` to run one configuration (no autotuning) for the kernels it names.
+FORCE_TILES: dict | None = None
+
+#: The autotuning space: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` candidates by (kernel,
+#: input itemsize, heavy, padded head dim), **the first one the default** (used without
+#: autotuning: interpreter, ``compile_check``). "heavy" = a velocity (momentum, Nesterov) or
+#: energies. Candidates of 16-bit inputs at D = 64, 128 are the winners and runners-up measured
+#: on an NVIDIA H200 (benchmarks/results/gpu-H200-2026-11-29.md, milliseconds in comments,
+#: D=128, N=M=8192, T=4); rows marked "compile-time" were never timed on a GPU and keep the
+#: tile picked from register counts at commit 7b1daef. In the dK kernel BLOCK_N is the
+#: streamed query tile and BLOCK_M its own key tile, as in the file.
+_SPACE = {
+    # forward, GD: 8.9, 9.1, 9.6, 10.0 ms; D=64: 5.8 ms (winner), 6.6 (shipped 7b1daef)
+    ("fwd", 2, False, 128): ((128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)),
+    ("fwd", 2, False, 64): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
+    # forward, Nesterov: 9.3, 9.6, 11.3 ms; D=64 heavy not measured: the light D=64 space
+    ("fwd", 2, True, 128): ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)),
+    ("fwd", 2, True, 64): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
+    # dq kernel (fwd+bwd ms with the other kernels shipped): 108.0, 110.2, 111.1; D=64 winner
+    ("dq", 2, False, 128): ((64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2)),
+    ("dq", 2, True, 128): ((64, 64, 4, 2), (128, 32, 8, 3)),
+    ("dq", 2, False, 64): ((64, 128, 4, 2), (64, 64, 4, 2)),
+    ("dq", 2, True, 64): ((64, 128, 4, 2), (64, 64, 4, 2)),
+    # dK kernel: 108.3, 113.6 (heavy: the order reversed); D=64 winner
+    ("dk", 2, False, 128): ((64, 128, 8, 2), (32, 128, 8, 3)),
+    ("dk", 2, True, 128): ((32, 128, 8, 3), (64, 128, 8, 2)),
+    ("dk", 2, False, 64): ((32, 128, 4, 2), (64, 128, 8, 2)),
+    ("dk", 2, True, 64): ((32, 128, 4, 2), (64, 128, 8, 2)),
+    # compile-time (never timed): D <= 32 and D = 256 in 16 bits, every float32 class
+    ("fwd", 2, False, 32): ((128, 64, 8, 3),), ("fwd", 2, True, 32): ((128, 64, 8, 3),),
+    ("dq", 2, False, 32): ((128, 64, 8, 3),), ("dq", 2, True, 32): ((128, 64, 8, 3),),
+    ("dk", 2, False, 32): ((64, 64, 8, 3),), ("dk", 2, True, 32): ((64, 64, 8, 3),),
+    ("fwd", 2, False, 256): ((32, 32, 8, 2),), ("fwd", 2, True, 256): ((32, 32, 8, 2),),
+    ("dq", 2, False, 256): ((32, 32, 8, 2),), ("dq", 2, True, 256): ((32, 32, 8, 2),),
+    ("dk", 2, False, 256): ((32, 32, 8, 2),), ("dk", 2, True, 256): ((32, 32, 8, 2),),
+    ("fwd", 4, True, 32): ((64, 32, 8, 2),), ("fwd", 4, True, 64): ((64, 32, 8, 2),),
+    ("fwd", 4, True, 128): ((32, 64, 8, 2),), ("fwd", 4, True, 256): ((32, 32, 8, 2),),
+    ("dq", 4, True, 32): ((32, 64, 8, 2),), ("dq", 4, True, 64): ((32, 64, 8, 2),),
+    ("dq", 4, True, 128): ((16, 32, 4, 2),), ("dq", 4, True, 256): ((16, 32, 4, 2),),
+    ("dk", 4, True, 32): ((32, 32, 8, 2),), ("dk", 4, True, 64): ((32, 32, 8, 2),),
+    ("dk", 4, True, 128): ((32, 32, 8, 2),), ("dk", 4, True, 256): ((16, 32, 4, 2),),
 }
 
+#: Short-memory path: streaming tiles whose short-path form was the one measured (the tiles
+#: shipped at 7b1daef; D=64, N=8192, M=64 and 256, T=8: 17x and 2.4x the reference forward).
+#: They lead that path's candidates, so its default is what was measured.
+_SHORT_MEASURED = {("fwd", 2, False, 64): (128, 64, 8, 3), ("dq", 2, False, 64): (128, 32, 8, 3)}
 
-def _tiles(kernel: str, block_d: int, itemsize: int, heavy: bool) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` of one compiled (GPU) kernel.
 
-    Fixed configurations, no autotuning (no GPU has run these kernels yet). They were chosen
-    by compiling candidates for sm_90 without a GPU (``energy_attn.kernels.compile_check``,
-    numbers in docs/kernels.md): per kernel, head dim, dtype and tier, the largest tiles whose
-    registers do not spill to local memory, else the least spilling. Timing on a GPU may still
-    prefer others.
+def _space_key(kernel: str, itemsize: int, heavy: bool, block_d: int):
+    """The ``_SPACE`` row of a call (float32 has one tier; head dims below 32 share 32's)."""
+    return kernel, itemsize, heavy or itemsize == 4, max(block_d, 32)
+
+
+def candidates(kernel: str, itemsize: int, heavy: bool, block_d: int, short: bool = False,
+               block_m_all: int = 0) -> tuple:
+    """The tile configurations autotuning picks from for one kernel and call class.
+
+    ``kernel``: ``"fwd" | "dq" | "dk"``. On the short-memory path (``short``) ``BLOCK_M`` is
+    ``block_m_all`` (every key, padded) and the query tile shrinks so that the logits tile
+    ``BLOCK_N × BLOCK_M`` is no larger than the streaming candidate's.
     """
-    heavy = heavy or itemsize == 4  # float32 has one table
-    return _TILES[kernel, itemsize, heavy][max(block_d, 32)]
+    if FORCE_TILES is not None and kernel in FORCE_TILES:
+        space = (tuple(FORCE_TILES[kernel]),)
+    else:
+        key = _space_key(kernel, itemsize, heavy, block_d)
+        space = _SPACE[key]
+        if short and key in _SHORT_MEASURED:
+            space = (_SHORT_MEASURED[key], *space)
+    if not short:
+        return space
+    out = []
+    for bn, bm, warps, stages in space:
+        if FORCE_TILES is None or kernel not in FORCE_TILES:
+            bn = max(16, min(bn, bn * bm // block_m_all))
+        cfg = (bn, block_m_all, warps, stages)
+        if cfg not in out:
+            out.append(cfg)
+    return tuple(out)
 
 
 def takes_short_path(M: int, D: int, dtype: torch.dtype) -> bool:
@@ -544,26 +606,86 @@ def takes_short_path(M: int, D: int, dtype: torch.dtype) -> bool:
     return block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES
 
 
-def _config(kernel: str, M: int, D: int, dtype: torch.dtype, heavy: bool,
-            interpret: bool) -> dict:
-    """Tile sizes of ``kernel`` and, for the query kernels, the short-memory switch."""
+def _bucket(n: int) -> int:
+    """Length bucket of the autotuning key: one tuning per 4x range of N (or M)."""
+    b = 256
+    while b < n and b < 65536:
+        b *= 4
+    return b
+
+
+def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype, heavy: bool) -> dict:
+    """Default tiles of ``kernel`` (first candidate), its candidates, and the autotuning key
+    arguments (``SHORT`` for the query kernels; ``NB``/``MB`` length buckets)."""
     block_d = max(16, triton.next_power_of_2(D))
     block_m_all = max(16, triton.next_power_of_2(M))
-    if interpret:
-        # Small tiles so that small test sizes still cross tile boundaries.
-        block_n, block_m, warps, stages = 32, 32, 4, 1
-    else:
-        block_n, block_m, warps, stages = _tiles(kernel, block_d, dtype.itemsize, heavy)
-    cfg = {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": warps,
-           "num_stages": stages}
+    short = kernel != "dk" and takes_short_path(M, D, dtype)
+    space = candidates(kernel, dtype.itemsize, heavy, block_d, short, block_m_all)
+    cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d)
     if kernel != "dk":
-        short = takes_short_path(M, D, dtype)
         cfg["SHORT"] = short
-        if short:  # one key tile holds every key; fewer query rows keep the logits tile
-            cfg["BLOCK_M"] = block_m_all  # (BLOCK_N x BLOCK_M) no larger than streaming's
-            if not interpret:
-                cfg["BLOCK_N"] = max(16, min(block_n, block_n * block_m // block_m_all))
-    return cfg
+    keys = {"NB": _bucket(N), "MB": block_m_all if short else _bucket(M)}
+    return cfg, space, keys
+
+
+def _shared_memory_limit(device) -> int:
+    """Bytes of shared memory one program may use on ``device`` (opt-in maximum)."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    return props["max_shared_mem"]
+
+
+def _prune(kernel: str):
+    """``early_config_prune`` of ``kernel``'s autotuner: this call's candidates (see
+    :func:`candidates`) minus those whose compiled program needs more shared memory than the
+    device has, dropped before anything is benchmarked (compiling is cached, so the benchmark
+    reuses these binaries)."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        heavy = bool(args["VELOCITY"] or args.get("ENERGIES") or args.get("EGRAD"))
+        space = candidates(kernel, q.dtype.itemsize, heavy, args["BLOCK_D"],
+                           args.get("SHORT", False), args["MB"])
+        limit = _shared_memory_limit(q.device)
+        kept = []
+        jit = _KERNELS[kernel]
+        for bn, bm, warps, stages in space:
+            cfg = triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=warps,
+                                num_stages=stages)
+            try:
+                compiled = jit.warmup(grid=(1,), **args, **cfg.all_kwargs())
+            except Exception:  # noqa: BLE001 - a config the compiler rejects is not a candidate
+                continue
+            if compiled.metadata.shared <= limit:
+                kept.append(cfg)
+        return kept or [triton.Config(dict(zip(("BLOCK_N", "BLOCK_M"), space[0][:2])),
+                                      num_warps=space[0][2], num_stages=space[0][3])]
+
+    return prune
+
+
+def _quick_bench(fn, quantiles):
+    """Bounded autotuning cost: a short warm-up and ~25 ms of repetitions per candidate."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _autotuner(kernel: str, reset_to_zero=None):
+    """``triton.autotune`` over ``kernel``'s space, keyed on head dim, dtype (the tensors'
+    dtypes are always part of Triton's key), tier, key path and length buckets."""
+    jit = _KERNELS[kernel]
+    space = sorted({c for k, v in _SPACE.items() if k[0] == kernel for c in v})
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+               for bn, bm, w, s in space]
+    key = [name for name in ("BLOCK_D", "SHORT", "VELOCITY", "NESTEROV", "ENERGIES", "EGRAD",
+                             "CAUSAL", "NB", "MB") if name in jit.arg_names]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={
+        "early_config_prune": _prune(kernel)}, reset_to_zero=reset_to_zero,
+        do_bench=_quick_bench, cache_results=True)(jit)
+
+
+_KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dk": _bwd_dk_kernel}
+_TUNERS = {_fwd_kernel: _autotuner("fwd"), _bwd_dq_kernel: _autotuner("dq"),
+           _bwd_dk_kernel: _autotuner("dk")}
 
 
 def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, optimizer,
@@ -592,9 +714,21 @@ def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, opti
         eta=float(step_size), rho=float(rho), nest=float(nest),
     )
     heavy = optimizer != "gd" or energies
-    configs = {kern: _config(kern, M, D, q.dtype, heavy, interpret)
-               for kern in ("fwd", "dq", "dk")}
+    configs = {kern: _config(kern, N, M, D, q.dtype, heavy) for kern in ("fwd", "dq", "dk")}
     return args, flags, configs
+
+
+def _launch(kernel, rows: int, bh: int, args: dict, flags: dict, config) -> Launch:
+    """A launch over ``(⌈rows / tile⌉, bh)`` programs; the tile is BLOCK_N for the query
+    kernels and BLOCK_M for the key kernel."""
+    cfg, space, keys = config
+    tile = "BLOCK_M" if kernel is _bwd_dk_kernel else "BLOCK_N"
+    args = {name: value for name, value in {**args, **keys}.items() if name in kernel.arg_names}
+
+    def grid(meta):
+        return triton.cdiv(rows, meta[tile]), bh
+
+    return Launch(kernel, grid, args, dict(flags, **cfg), space)
 
 
 def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal,
@@ -610,13 +744,11 @@ def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_
     lse = torch.empty(T if save else 0, B * H, N, **f32)
     energy = torch.empty(B * H if return_energies else 0, N, T + 1, **f32)
     energy_lse = torch.empty(T + 1 if save and return_energies else 0, B * H, N, **f32)
-    cfg = configs["fwd"]
-    launch = Launch(
-        _fwd_kernel, (triton.cdiv(N, cfg["BLOCK_N"]), B * H),
+    launch = _launch(
+        _fwd_kernel, N, B * H,
         dict(args, OUT=out, MU=mu, LSE=lse, ENERGY=energy, ELSE=energy_lse,
              scale2=scale * LOG2E_F, inv_scale=1.0 / scale),
-        dict(flags, SAVE=save, ENERGIES=return_energies, **cfg),
-    )
+        dict(flags, SAVE=save, ENERGIES=return_energies), configs["fwd"])
     return launch, (out, energy.view(-1, H, N, T + 1), mu, lse, energy_lse)
 
 
@@ -641,14 +773,11 @@ def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale
                 DENERGY=denergy.float().contiguous() if egrad else args["Q"],
                 DMU=dmu, DELTA=delta, scale2=scale * LOG2E_F, scale=scale)
     flags["EGRAD"] = egrad
-    dq_args = {name: args[name] for name in _bwd_dq_kernel.arg_names if name in args}
-    dk_args = {name: args[name] for name in _bwd_dk_kernel.arg_names if name in args}
-    cfg_q, cfg_k = configs["dq"], configs["dk"]
     launches = (
-        Launch(_bwd_dq_kernel, (triton.cdiv(N, cfg_q["BLOCK_N"]), B * H),
-               dict(dq_args, DOUT=dout.contiguous(), DQ=dq), dict(flags, **cfg_q)),
-        Launch(_bwd_dk_kernel, (triton.cdiv(M, cfg_k["BLOCK_M"]), B * Hk),
-               dict(dk_args, DK=dk, DBIAS=dbias), dict(flags, **cfg_k)),
+        _launch(_bwd_dq_kernel, N, B * H, dict(args, DOUT=dout.contiguous(), DQ=dq), flags,
+                configs["dq"]),
+        _launch(_bwd_dk_kernel, M, B * Hk, dict(args, DK=dk, DBIAS=dbias), flags,
+                configs["dk"]),
     )
     return launches, (dq, dk, dbias)
 

@@ -17,10 +17,9 @@ pytest.importorskip("energy_attn.kernels.hopfield_descent")
 pytest.importorskip("triton.backends.nvidia.compiler", reason="Triton's CUDA backend")
 
 CASES = {
-    # arch, dtypes, head dims, flags. The common GPU case (16-bit, GD without energies) must
-    # not spill; the heavier tiers and float32 may (their spills are listed in docs/kernels.md)
-    # but must compile and fit in shared memory.
-    "sm90-light-bf16": (["90"], ["bf16"], ["64", "128"], ["--light", "--no-spills"]),
+    # arch, dtypes, head dims, flags. Tiles come from GPU measurements, not register counts, so
+    # spills are reported (docs/kernels.md), not failed on; every kernel must compile and fit.
+    "sm90-light-bf16": (["90"], ["bf16"], ["64", "128"], ["--light"]),
     "sm90-heavy": (["90"], ["bf16", "fp32"], ["64", "128"], []),
     "sm90-edge-dims": (["90"], ["fp16"], ["16", "256"], []),
     "sm80": (["80"], ["bf16"], ["64", "128"], ["--light"]),
@@ -49,8 +48,24 @@ def test_every_kernel_compiles_without_spills_within_shared_memory(tmp_path, cas
     for r in rows:
         assert 0 < r["registers"] <= 255, r
         assert r["shared_bytes"] <= r["shared_limit"], r
-        if "--no-spills" in extra:
-            assert r["spill_bytes"] == 0, r
+
+
+@pytest.mark.slow
+def test_every_candidate_of_the_space_compiles_and_fits_sm90(tmp_path):
+    """Every autotuning candidate of the measured classes (bf16, D = 64, 128, both tiers)."""
+    from energy_attn.kernels import hopfield_descent as kmod
+
+    for extra in (["--light"], []):
+        done, rows = compile_check(tmp_path, ["90"], ["bf16"], ["64", "128"],
+                                   ["--space", *extra])
+        assert done.returncode == 0, done.stdout + done.stderr[-3000:]
+        assert sum(r["default"] for r in rows) == 10
+        assert len(rows) > 10 and all(r["shared_bytes"] <= r["shared_limit"] for r in rows)
+        tiles = {(r["BLOCK_N"], r["BLOCK_M"], r["num_warps"], r["num_stages"]) for r in rows}
+        heavy = not extra
+        for D in (64, 128):  # every streaming candidate of each kernel was compiled
+            for kern in sorted({key[0] for key in kmod._SPACE}):
+                assert set(kmod._SPACE[kern, 2, heavy, D]) <= tiles, (kern, D, heavy)
 
 
 @pytest.mark.slow
@@ -73,4 +88,4 @@ def test_plans_are_what_the_launch_runs():
     assert launch.meta["T"] == 3 and launch.meta["VELOCITY"] and not launch.meta["NESTEROV"]
     assert not launch.meta["UPCAST"]  # meta tensors plan for a GPU, never for the interpreter
     assert set(launch.args) | set(launch.meta) >= set(kmod._fwd_kernel.arg_names)
-    assert launch.grid == (-(-100 // launch.meta["BLOCK_N"]), 8)
+    assert launch.grid(launch.meta) == (-(-100 // launch.meta["BLOCK_N"]), 8)
