@@ -508,7 +508,8 @@ _SPACE = {
     ("bwd", 2, True, 128): ((64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2)),
     ("bwd", 2, False, 64): ((64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2)),
     ("bwd", 2, True, 64): ((64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2)),
-    # compile-time (never timed): D <= 32 and D = 256 in 16 bits, every float32 class
+    # compile-time (never timed): D <= 32 and D = 256 in 16 bits, every float32 class; the
+    # backward keeps the tiles its query kernel had at 7b1daef
     ("fwd", 2, False, 32): ((128, 64, 8, 3),), ("fwd", 2, True, 32): ((128, 64, 8, 3),),
     ("bwd", 2, False, 32): ((128, 64, 8, 3),), ("bwd", 2, True, 32): ((128, 64, 8, 3),),
     ("fwd", 2, False, 256): ((32, 32, 8, 2),), ("fwd", 2, True, 256): ((32, 32, 8, 2),),
@@ -520,8 +521,9 @@ _SPACE = {
 }
 
 #: Short-memory path: streaming tiles whose short-path form was the one measured (the tiles
-#: shipped at 7b1daef; D=64, N=8192, M=64 and 256, T=8: 17x and 2.4x the reference forward).
-#: They lead that path's candidates, so its default is what was measured.
+#: shipped at 7b1daef; D=64, N=8192, M=64 and 256, T=8: 17x and 2.4x the reference forward;
+#: the backward's is its old query kernel's). They lead that path's candidates, so its default
+#: is what was measured.
 _SHORT_MEASURED = {("fwd", 2, False, 64): (128, 64, 8, 3), ("bwd", 2, False, 64): (128, 32, 8, 3)}
 
 
@@ -573,9 +575,11 @@ def _bucket(n: int) -> int:
     return b
 
 
-def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype, heavy: bool) -> dict:
-    """Default tiles of ``kernel`` (first candidate), its candidates, and the autotuning key
-    arguments (``SHORT`` for the query kernels; ``NB``/``MB`` length buckets)."""
+def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype,
+            heavy: bool) -> tuple[dict, tuple, dict]:
+    """``(meta, candidates, key args)``: the default tiles of ``kernel`` (its first candidate)
+    with ``BLOCK_D`` and ``SHORT``, every candidate, and the length buckets ``NB``/``MB`` that
+    key autotuning (on the short path ``MB`` is the padded key count, ``BLOCK_M`` itself)."""
     block_d = max(16, triton.next_power_of_2(D))
     block_m_all = max(16, triton.next_power_of_2(M))
     short = takes_short_path(M, D, dtype)
