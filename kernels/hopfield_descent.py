@@ -337,6 +337,98 @@ def _step_tile(yh, dmu, delta, lse2, k, offs_m, BIAS, b_off, PAD, p_off, DK, DBI
 
 
 @triton.jit
+def _bwd_tile(tile, bh, dk_off, db_off, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DK,
+              DBIAS, N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, T: tl.constexpr, VELOCITY: tl.constexpr,
+              NESTEROV: tl.constexpr, EGRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
+              UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The whole backward of query tile ``tile`` of ``bh``: the reverse chain (adjoints
+    ``a = ∂L/∂ξ_{t+1}``, ``w`` of ``v_{t+1}``) with the keys streamed once per step, ``dq``
+    written, ``dK`` and ``d key_bias`` added at ``dk_off``/``db_off`` with float32 atomics."""
+    DT: tl.constexpr = Q.dtype.element_ty
+    _, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = \
+        _query_tile(tile, bh, K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M,
+                    BLOCK_D)
+    xi0 = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
+    a = tl.load(DOUT + q_off, mask=tile_ok, other=0.0).to(tl.float32)
+    w = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    de_off = (bh * N + offs_n) * (T + 1)
+    if EGRAD:  # energy of ξ_T: ∂E/∂ξ = ξ − μ̃ (the kinetic and the potential term)
+        xi = xi0
+        v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for s in range(T):
+            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest,
+                            VELOCITY, NESTEROV)
+        e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
+        # rows past N: lse = +inf, hence p̃ = 0 (they add nothing to the keys)
+        lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok,
+                        other=float("inf"))
+        mu_e = _energy_point(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off, BIAS,
+                             b_off, PAD, p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d,
+                             M, D, hi, scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
+                             UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
+        a += e[:, None] * (xi - mu_e)
+    for i in range(T):
+        t = T - 1 - i
+        # Replay ξ_t, v_t from q (O(T²) element-wise work, no N×M work).
+        xi = xi0
+        v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for s in range(t):
+            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest,
+                            VELOCITY, NESTEROV)
+        if NESTEROV:
+            y = xi + nest * v
+        else:
+            y = xi
+        yh = _round(y, DT, UPCAST)
+        mu = tl.load(MU + t * mu_step + q_off, mask=tile_ok, other=0.0)
+        lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                       other=float("inf"))
+        dv = w + a  # ∂L/∂v_{t+1}: ξ_{t+1} = ξ_t + v_{t+1}
+        dmu = eta * dv  # v_{t+1} = ρ v_t − η (y_t − μ_t)
+        delta = tl.sum(dmu * mu, 1)
+        if EGRAD:
+            e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
+            if not NESTEROV:  # E(ξ_t) shares the read-out's logits: −lse/β adds e/β to Δ
+                delta += e / scale
+        # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ), P recomputed; the same S and
+        # dP give the key terms. dμ enters the dots in the input dtype.
+        dmu_c = _round(dmu, DT, UPCAST)
+        acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        if SHORT:
+            acc += _step_tile(yh, dmu_c, delta, lse2, k_all, tl.arange(0, BLOCK_M), BIAS,
+                              b_off, PAD, p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d,
+                              M, D, scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+        else:
+            for start_m in range(0, hi, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+                acc += _step_tile(yh, dmu_c, delta, lse2, k, offs_m, BIAS, b_off, PAD,
+                                  p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d, M, D,
+                                  scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+        dy = scale * acc - dmu  # g_t = y_t − μ_t
+        a = a + dy  # y_t = ξ_t + c v_t
+        if EGRAD:
+            if NESTEROV:  # E(ξ_t) at its own point
+                lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                                other=float("inf"))
+                mu_e = _energy_point(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off,
+                                     BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off, db_off,
+                                     offs_n, offs_d, M, D, hi, scale2, scale, HAS_BIAS,
+                                     HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N,
+                                     BLOCK_M, BLOCK_D)
+                a += e[:, None] * (xi - mu_e)
+            else:
+                a += e[:, None] * xi  # the kinetic term (the potential went through Δ)
+        if VELOCITY:
+            w = rho * dv
+            if NESTEROV:
+                w += nest * dy
+    tl.store(DQ + q_off, a, mask=tile_ok)
+
+
+@triton.jit
 def _bwd_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DK, DBIAS,
                 N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
                 T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
@@ -344,102 +436,26 @@ def _bwd_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DK, DBIAS,
                 CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
                 PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The whole backward of query tiles: the reverse chain (adjoints ``a = ∂L/∂ξ_{t+1}``,
-    ``w`` of ``v_{t+1}``) with the keys streamed once per step, ``dq`` written, ``dK`` and
-    ``d key_bias`` added with float32 atomics. Grid ``(programs, B·H)``: program ``s`` takes
-    the query tiles ``s, s + programs, ...`` (one each unless ``DETERMINISTIC``)."""
-    DT: tl.constexpr = Q.dtype.element_ty
+    """The backward (see ``_bwd_tile``). Grid ``(programs, B·H)``: program ``s`` runs query
+    tile ``s``, or, when ``DETERMINISTIC``, the tiles ``s, s + programs, ...`` adding into its
+    own slice of the partial key gradients."""
     split = tl.program_id(0)
     bh = tl.program_id(1)  # b * H + h
     b = bh // H
     hk = (bh % H) // (H // HK)
-    if DETERMINISTIC:  # this program's own slice [split, b·h]; the slices are summed after
+    if DETERMINISTIC:  # this program's own slice [split, b·h], the slices summed afterwards
         own = (split * tl.num_programs(1) + bh).to(tl.int64)
-        dk_off = own * M * D
-        db_off = own * M
+        for tile in range(split, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+            _bwd_tile(tile, bh, own * M * D, own * M, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
+                      DOUT, DQ, DK, DBIAS, N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta,
+                      rho, nest, T, VELOCITY, NESTEROV, EGRAD, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
+                      UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
     else:  # every query tile and grouped head adds into its key head's gradient
-        dk_off = (b * HK + hk).to(tl.int64) * M * D
-        db_off = (b * HK + hk).to(tl.int64) * M
-    for tile in range(split, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-        _, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = \
-            _query_tile(tile, bh, K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M,
-                        BLOCK_D)
-        xi0 = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
-        a = tl.load(DOUT + q_off, mask=tile_ok, other=0.0).to(tl.float32)
-        w = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        de_off = (bh * N + offs_n) * (T + 1)
-        if EGRAD:  # energy of ξ_T: ∂E/∂ξ = ξ − μ̃ (the kinetic and the potential term)
-            xi = xi0
-            v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            for s in range(T):
-                xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest,
-                                VELOCITY, NESTEROV)
-            e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
-            # rows past N: lse = +inf, hence p̃ = 0 (they add nothing to the keys)
-            lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok,
-                            other=float("inf"))
-            mu_e = _energy_point(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off, BIAS,
-                                 b_off, PAD, p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d,
-                                 M, D, hi, scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
-                                 UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
-            a += e[:, None] * (xi - mu_e)
-        for i in range(T):
-            t = T - 1 - i
-            # Replay ξ_t, v_t from q (O(T²) element-wise work, no N×M work).
-            xi = xi0
-            v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            for s in range(t):
-                xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest,
-                                VELOCITY, NESTEROV)
-            if NESTEROV:
-                y = xi + nest * v
-            else:
-                y = xi
-            yh = _round(y, DT, UPCAST)
-            mu = tl.load(MU + t * mu_step + q_off, mask=tile_ok, other=0.0)
-            lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok,
-                           other=float("inf"))
-            dv = w + a  # ∂L/∂v_{t+1}: ξ_{t+1} = ξ_t + v_{t+1}
-            dmu = eta * dv  # v_{t+1} = ρ v_t − η (y_t − μ_t)
-            delta = tl.sum(dmu * mu, 1)
-            if EGRAD:
-                e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
-                if not NESTEROV:  # E(ξ_t) shares the read-out's logits: −lse/β adds e/β to Δ
-                    delta += e / scale
-            # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ), P recomputed; the same S and
-            # dP give the key terms. dμ enters the dots in the input dtype.
-            dmu_c = _round(dmu, DT, UPCAST)
-            acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            if SHORT:
-                acc += _step_tile(yh, dmu_c, delta, lse2, k_all, tl.arange(0, BLOCK_M), BIAS,
-                                  b_off, PAD, p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d,
-                                  M, D, scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-            else:
-                for start_m in range(0, hi, BLOCK_M):
-                    offs_m = start_m + tl.arange(0, BLOCK_M)
-                    k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-                    acc += _step_tile(yh, dmu_c, delta, lse2, k, offs_m, BIAS, b_off, PAD,
-                                      p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d, M, D,
-                                      scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-            dy = scale * acc - dmu  # g_t = y_t − μ_t
-            a = a + dy  # y_t = ξ_t + c v_t
-            if EGRAD:
-                if NESTEROV:  # E(ξ_t) at its own point
-                    lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
-                                    other=float("inf"))
-                    mu_e = _energy_point(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off,
-                                         BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off, db_off,
-                                         offs_n, offs_d, M, D, hi, scale2, scale, HAS_BIAS,
-                                         HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N,
-                                         BLOCK_M, BLOCK_D)
-                    a += e[:, None] * (xi - mu_e)
-                else:
-                    a += e[:, None] * xi  # the kinetic term (the potential went through Δ)
-            if VELOCITY:
-                w = rho * dv
-                if NESTEROV:
-                    w += nest * dy
-        tl.store(DQ + q_off, a, mask=tile_ok)
+        bhk = (b * HK + hk).to(tl.int64)
+        _bwd_tile(split, bh, bhk * M * D, bhk * M, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
+                  DOUT, DQ, DK, DBIAS, N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta,
+                  rho, nest, T, VELOCITY, NESTEROV, EGRAD, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
+                  UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
