@@ -75,3 +75,40 @@ def test_default_launch_is_the_first_candidate(monkeypatch):
     assert launch.candidates[0] == (128, 64, 8, 3)  # measured: 8.9 ms, the winner
     assert tuple(launch.meta[k] for k in kmod.TILE_KEYS) == launch.candidates[0]
     assert launch.args["NB"] == launch.args["MB"] == 16384
+
+
+def test_prune_drops_candidates_over_shared_memory(monkeypatch):
+    """Autotuning's early prune: this call's candidates, minus those whose compiled program
+    needs more shared memory than the device has (no GPU here: compile and device faked)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(kmod, "FORCE_TILES", None)
+    compiled = []
+
+    class FakeJit:
+        @staticmethod
+        def warmup(grid, **kw):
+            compiled.append((kw["BLOCK_N"], kw["BLOCK_M"], kw["num_warps"], kw["num_stages"]))
+            return SimpleNamespace(metadata=SimpleNamespace(shared=kw["BLOCK_M"] * 1024))
+
+    monkeypatch.setitem(kmod._KERNELS, "fwd", FakeJit)
+    monkeypatch.setattr(kmod, "_shared_memory_limit", lambda device: 100 * 1024)
+    q = torch.empty(1, 1, 8192, 128, dtype=torch.bfloat16)
+    kept = kmod._prune("fwd")([], {}, Q=q, VELOCITY=False, ENERGIES=False, BLOCK_D=128,
+                              SHORT=False, MB=16384)
+    space = kmod._SPACE["fwd", 2, False, 128]
+    assert compiled == list(space)  # every candidate compiled once, in order
+    kept = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept]
+    assert kept == [c for c in space if c[1] <= 100]  # the 128-key tile needs 128 KiB: dropped
+    assert (128, 128, 8, 2) in space and (128, 128, 8, 2) not in kept
+
+
+def test_autotuners_key_and_reset():
+    """Keyed on head dim, key path, tier flags and length buckets (dtypes are always in
+    Triton's key); the backward's atomically accumulated outputs are zeroed per timed run."""
+    fwd, bwd = kmod._TUNERS[kmod._fwd_kernel], kmod._TUNERS[kmod._bwd_kernel]
+    for tuner in (fwd, bwd):
+        assert {"BLOCK_D", "SHORT", "VELOCITY", "NESTEROV", "NB", "MB"} <= set(tuner.keys)
+        assert len(tuner.configs) > 1
+    assert "ENERGIES" in fwd.keys and "EGRAD" in bwd.keys
+    assert set(bwd.reset_to_zero) == {"DK", "DBIAS"} and not fwd.reset_to_zero
