@@ -1,9 +1,10 @@
 """Registers, spills and shared memory of the fused kernels, compiled for GPUs without one.
 
-Every kernel (forward, dq, dk; streaming and short-memory key paths) is compiled through
+Every kernel (forward, backward; streaming and short-memory key paths) is compiled through
 Triton's GPU pipeline and ptxas for each architecture, dtype, head dim and flag tier, with the
-tile configuration the dispatcher picks (``energy_attn.kernels.compile_check``). Needs no GPU;
-must run without ``TRITON_INTERPRET``.
+default tiles (the first autotuning candidate: the measured winner where one exists;
+``energy_attn.kernels.compile_check``). These are compile-time facts, not timings: tiles are
+chosen by autotuning on the GPU. Needs no GPU; must run without ``TRITON_INTERPRET``.
 
     python benchmarks/kernel_resources.py            # sm_80 and sm_90; bf16 and fp32; D 64, 128
     python benchmarks/kernel_resources.py --quick    # sm_90, bf16, D = 128

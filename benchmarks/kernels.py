@@ -1,21 +1,27 @@
 """T fused Hopfield descent steps: the Triton kernel vs the reference and the blog's path.
 
-Providers (all through ``hopfield_descent``):
+Providers (the first four through ``hopfield_descent``):
     triton     the fused kernel (``backend="triton"``)
     reference  one ``scaled_dot_product_attention`` per step under autograd
+    auto       ``backend="auto"`` (must never be much slower than the faster of the two)
     autograd   the blog's path, ``torch.autograd.grad(E, ξ, create_graph=True)`` (it stores N×M
                matrices per step; skipped where its estimate does not fit in memory)
+    flash×T    T chained ``F.scaled_dot_product_attention(x, k, k)``: the floor an unfused
+               implementation reaches (``--providers flash``)
 
 Modes: ``fwd`` (no autograd recording) and ``fwd+bwd`` (``out.backward(dout)`` w.r.t. q and k).
-Effective TFLOP/s count ``4·N·M·D·T`` per head forward and 2.5x that backward (causal: half),
-whatever a provider actually computes. Peak memory is ``torch.cuda.max_memory_allocated``
-above the inputs.
+Effective TFLOP/s count ``4·N·M·D·T`` per head forward and 3.5x that forward+backward (the
+FlashAttention convention; causal: half), whatever a provider actually computes. Peak memory
+is ``torch.cuda.max_memory_allocated`` above the inputs.
 
-    python benchmarks/kernels.py                 # the issue's grid, bf16 (needs a CUDA GPU)
+    python benchmarks/kernels.py --target        # the issue's target table (GPU, bf16)
+    python benchmarks/kernels.py                 # the full grid, bf16 (needs a CUDA GPU)
     python benchmarks/kernels.py --quick         # a few sizes on the GPU
+    python benchmarks/kernels.py --tiles         # time every autotuning candidate, print winners
     python benchmarks/kernels.py --smoke         # tiny sizes; runs on CPU via the interpreter
 
-Prints a markdown table and writes ``benchmarks/results/kernels-<tag>.json`` and ``.md``.
+Prints a markdown table and writes ``benchmarks/results/kernels-<tag>.json`` and ``.md``
+(``--tiles``: ``kernel-tiles-<tag>.*``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 if not torch.cuda.is_available():  # the interpreter must be chosen before Triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -39,15 +46,25 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when load
 from _machine import machine_name  # noqa: E402
 
 PROVIDERS = ("triton", "reference", "autograd")
+TARGET_PROVIDERS = ("triton", "reference", "flash", "auto")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+def target_grid():
+    """The issue's targets: bf16, D ∈ {64, 128}, N = M ∈ {2048, 8192}, T = 4 (B·H as measured
+    on the H200: 128 at N = 2048, 32 at N = 8192), and the short-memory path M ≤ 256, T = 8."""
+    cases = [(D, N, N, 4, 128 if N == 2048 else 32, False) for D in (64, 128)
+             for N in (2048, 8192)]
+    cases += [(64, 8192, M, 8, 64, False) for M in (64, 256)]
+    return cases
 
 
 def grid(args):
     """(D, N, M, T, BH, causal) cases."""
     if args.smoke:
         return [(16, 64, 64, 2, 2, False), (16, 64, 64, 2, 2, True), (32, 48, 200, 1, 2, False)]
+    if args.target:
+        return target_grid()
     if args.quick:
         return [(128, 2048, 2048, 4, 64, False), (64, 8192, 256, 8, 32, False)]
     cases = []
@@ -88,7 +105,7 @@ def autograd_fits(D, N, M, T, bh, elem, device) -> bool:
     return need < 0.8 * free
 
 
-def run_case(provider, mode, D, N, M, T, bh, causal, dtype, reps, device):
+def run_case(provider, mode, D, N, M, T, bh, causal, dtype, reps, device, optimizer="gd"):
     torch.manual_seed(0)
     q = torch.randn(1, bh, N, D, device=device, dtype=dtype)
     k = torch.randn(1, bh, M, D, device=device, dtype=dtype)
@@ -96,14 +113,23 @@ def run_case(provider, mode, D, N, M, T, bh, causal, dtype, reps, device):
     q.requires_grad_(train)
     k.requires_grad_(train)
     dout = torch.randn_like(q)
-    kw = dict(num_steps=T, step_size=1.0, is_causal=causal, backend=provider)
+    kw = dict(num_steps=T, step_size=1.0 if optimizer == "gd" else 0.8, is_causal=causal,
+              backend=provider, optimizer=optimizer, momentum=0.0 if optimizer == "gd" else 0.5)
+
+    def op(q, k):
+        if provider == "flash":  # T chained SDPA calls: the unfused floor
+            x = q
+            for _ in range(T):
+                x = F.scaled_dot_product_attention(x, k, k, is_causal=causal)
+            return x
+        return hopfield_descent(q, k, **kw)
 
     def fwd():
         with torch.no_grad():
-            hopfield_descent(q, k, **kw)
+            op(q, k)
 
     def fwd_bwd():
-        out = hopfield_descent(q, k, **kw)
+        out = op(q, k)
         torch.autograd.backward(out, dout)
         q.grad = k.grad = None
 
@@ -125,6 +151,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter is fine)")
     ap.add_argument("--quick", action="store_true", help="a few GPU sizes")
+    ap.add_argument("--target", action="store_true",
+                    help="the issue's target table: triton, reference, flash×T and auto")
+    ap.add_argument("--tiles", action="store_true",
+                    help="time every autotuning candidate of the target classes; print winners")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     ap.add_argument("--reps", type=int, default=None)
@@ -139,6 +169,10 @@ def main(argv=None):
         dtype = torch.float32  # CPU SDPA and the interpreter are slow/odd in bf16; smoke only
     reps = args.reps or (2 if args.smoke else 20)
     providers = args.providers.split(",")
+    if args.target and args.providers == ",".join(PROVIDERS):
+        providers = list(TARGET_PROVIDERS)
+    if args.tiles:
+        return tile_sweep(args, dtype, reps, device)
 
     rows = []
     for D, N, M, T, bh, causal in grid(args):
@@ -166,20 +200,91 @@ def main(argv=None):
         ok = ref is not None and ref.get("ms") and r.get("ms")
         r["speedup_vs_reference"] = ref["ms"] / r["ms"] if ok else None
 
-    tag = "smoke-cpu" if args.smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    tag = _tag(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine_name(), "torch": torch.__version__, "smoke": args.smoke,
             "note": ("Triton interpreter on a shared CPU: proves the script runs; these are "
                      "NOT kernel timings") if args.smoke else "GPU timings (do_bench medians)",
-            "rows": rows}
+            "commit": _commit(), "rows": rows}
     (out / f"kernels-{tag}.json").write_text(json.dumps(meta, indent=2))
-    table = _table(rows)
+    table = _target_table(rows) if args.target else _table(rows)
     (out / f"kernels-{tag}.md").write_text(
         f"# Fused Hopfield descent kernels\n\nMachine: {meta['machine']}. {meta['note']}\n\n"
         + table + "\n")
     print("\n" + table)
     print(f"\nwrote {out / f'kernels-{tag}.json'} and .md ({meta['machine']})")
+
+
+def _tag(args):
+    name = "smoke-cpu" if args.smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    return f"{name}-target" if args.target else name
+
+
+def _commit():
+    """The repository's commit (for the results' provenance), or None outside git."""
+    import subprocess  # noqa: PLC0415
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def tile_sweep(args, dtype, reps, device):
+    """Time each autotuning candidate (forced, no autotuning) of the forward and the backward
+    on the target classes; print the winner per class and write them with every timing."""
+    from energy_attn.kernels import hopfield_descent as kmod  # noqa: PLC0415
+
+    cases = ([(16, 64, 64, 2, 2, False)] if args.smoke else
+             [(D, 8192, 8192, 4, 32, False) for D in (64, 128)] + [(64, 8192, 256, 8, 64, False)])
+    rows, winners = [], []
+    saved, kmod.FORCE_TILES = kmod.FORCE_TILES, None
+    for D, N, M, T, bh, causal in cases:
+        block_d = max(16, 1 << (D - 1).bit_length())
+        block_m_all = max(16, 1 << (M - 1).bit_length())
+        short = kmod.takes_short_path(M, D, dtype)
+        for optimizer in ("gd", "nesterov"):
+            heavy = optimizer != "gd"
+            for kernel, mode in (("fwd", "fwd"), ("bwd", "fwd+bwd")):
+                best = None
+                for cfg in kmod.candidates(kernel, dtype.itemsize, heavy, block_d, short,
+                                           block_m_all):
+                    kmod.FORCE_TILES = {kernel: cfg}
+                    try:
+                        res = run_case("triton", mode, D, N, M, T, bh, causal, dtype, reps,
+                                       device, optimizer=optimizer)
+                    except Exception as e:  # noqa: BLE001 - a config that cannot launch
+                        res = {"ms": None, "note": f"{type(e).__name__}"}
+                    finally:
+                        kmod.FORCE_TILES = None
+
+                    row = {"kernel": kernel, "mode": mode, "D": D, "N": N, "M": M, "T": T,
+                           "BH": bh, "optimizer": optimizer, "tiles": list(cfg), **res}
+                    rows.append(row)
+                    print(f"{kernel:>4} {optimizer:>8} D={D} N={N} M={M} tiles={cfg}: "
+                          f"{_fmt(res.get('ms'), '.3f')} ms", flush=True)
+                    if res.get("ms") and (best is None or res["ms"] < best["ms"]):
+                        best = row
+                if best is not None:
+                    winners.append(best)
+    kmod.FORCE_TILES = saved
+    table = ["| kernel | opt | D | N | M | T | winner (BLOCK_N, BLOCK_M, warps, stages) | ms |",
+             "|---|---|---|---|---|---|---|---|"]
+    table += [f"| {w['kernel']} | {w['optimizer']} | {w['D']} | {w['N']} | {w['M']} | "
+              f"{w['T']} | {tuple(w['tiles'])} | {w['ms']:.3f} |" for w in winners]
+    text = "\n".join(table)
+    print("\n" + text)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = "smoke-cpu" if args.smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    meta = {"machine": machine_name(), "torch": torch.__version__, "commit": _commit(),
+            "rows": rows, "winners": winners}
+    (out / f"kernel-tiles-{tag}.json").write_text(json.dumps(meta, indent=2))
+    (out / f"kernel-tiles-{tag}.md").write_text(
+        f"# Tile sweep\n\nMachine: {meta['machine']}, commit {meta['commit']}.\n\n{text}\n")
+    return winners
 
 
 def _fmt(x, spec):
@@ -191,6 +296,43 @@ def _fmt_row(r):
             f"BH={r['BH']} causal={r['causal']}: {_fmt(r.get('ms'), '.3f')} ms, "
             f"{_fmt(r.get('tflops'), '.3g')} TFLOP/s, peak {_fmt(r.get('peak_gib'), '.2f')} GiB"
             + (f" ({r['note']})" if r.get("note") else ""))
+
+
+def _target_table(rows):
+    """Side by side per shape: ms of every provider, speed-ups, effective TFLOP/s."""
+    def ms(provider, mode, case):
+        r = next((x for x in rows if x["provider"] == provider and x["mode"] == mode
+                  and _case(x) == case), None)
+        return r["ms"] if r else None
+
+    def ratio(a, b):
+        return a / b if a and b else None
+
+    head = ("| D | N | M | T | B·H | mode | triton ms | reference ms | flash×T ms | auto ms | "
+            "triton × ref | auto ÷ best | triton TFLOP/s | triton bwd TFLOP/s |")
+    lines = [head, "|" + "---|" * 14]
+    for case in dict.fromkeys(_case(r) for r in rows):
+        D, N, M, T, bh, causal = case
+        for mode in ("fwd", "fwd+bwd"):
+            tr, ref = ms("triton", mode, case), ms("reference", mode, case)
+            fl, au = ms("flash", mode, case), ms("auto", mode, case)
+            best = min((x for x in (tr, ref) if x), default=None)
+            flops = 4 * N * M * D * T * bh * (0.5 if causal else 1.0)
+            tf = flops * (3.5 if mode == "fwd+bwd" else 1.0) / tr / 1e9 if tr else None
+            bwd = None
+            if mode == "fwd+bwd" and tr and ms("triton", "fwd", case):
+                bwd_ms = tr - ms("triton", "fwd", case)
+                bwd = 2.5 * flops / bwd_ms / 1e9 if bwd_ms > 0 else None
+            lines.append(
+                f"| {D} | {N} | {M} | {T} | {bh} | {mode} | {_fmt(tr, '.3f')} | "
+                f"{_fmt(ref, '.3f')} | {_fmt(fl, '.3f')} | {_fmt(au, '.3f')} | "
+                f"{_fmt(ratio(ref, tr), '.2f')} | {_fmt(ratio(au, best), '.2f')} | "
+                f"{_fmt(tf, '.0f')} | {_fmt(bwd, '.0f')} |")
+    return "\n".join(lines)
+
+
+def _case(r):
+    return r["D"], r["N"], r["M"], r["T"], r["BH"], r["causal"]
 
 
 def _table(rows):

@@ -7,11 +7,13 @@ limit) and reports what decides speed before anything runs: registers per thread
 spilled to local memory, shared memory per program.
 
 The launches compiled are the ones the dispatcher plans for real calls
-(``plan_forward`` / ``plan_backward``, built from meta tensors), so the tile configurations,
-flags and argument types are those a GPU would get::
+(``plan_forward`` / ``plan_backward``, built from meta tensors), so the flags and argument
+types are those a GPU would get; the tiles are each launch's default (the first autotuning
+candidate: the measured winner where one exists), or with ``--space`` every candidate::
 
     python -m energy_attn.kernels.compile_check                   # sm_90, bf16, D = 64, 128
     python -m energy_attn.kernels.compile_check --arch 80 --dtype fp32 --head-dim 256
+    python -m energy_attn.kernels.compile_check --space        # every autotuning candidate
 
 It must run in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiled
 kernels); :func:`main` refuses otherwise. Alignment is assumed as a GPU call would specialize
@@ -35,7 +37,8 @@ from triton.compiler import ASTSource
 
 from . import hopfield_descent as hd
 
-__all__ = ["SHARED_MEMORY_LIMIT", "compile_launch", "markdown_table", "plans", "resource_report"]
+__all__ = ["SHARED_MEMORY_LIMIT", "compile_launch", "markdown_table", "plans", "resource_report",
+           "with_tiles"]
 
 #: Shared memory one thread block may use (bytes, opt-in maximum) by compute capability.
 SHARED_MEMORY_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
@@ -105,8 +108,8 @@ def compile_launch(launch: hd.Launch, arch: int = 90) -> dict[str, Any]:
 
 def plans(*, dtype=torch.bfloat16, head_dim=128, N=4096, M=4096, num_steps=4,
           optimizer="nesterov", key_bias=True, padding=True, is_causal=True, energies=True,
-          short_keys=None):
-    """The three launches (forward, dq, dk) a differentiable call with these options plans.
+          short_keys=None, deterministic=False):
+    """The two launches (forward, backward) a differentiable call with these options plans.
 
     Defaults are the heaviest flag set (most live registers). ``short_keys`` overrides ``M``:
     ``True`` takes the most keys the short-memory path holds (its largest tile), ``False`` a
@@ -128,12 +131,22 @@ def plans(*, dtype=torch.bfloat16, head_dim=128, N=4096, M=4096, num_steps=4,
     fwd, (_, _, mu, lse, energy_lse) = hd.plan_forward(q, k, bias, pad, *hyper, energies, True)
     denergy = torch.empty(B, H, N, num_steps + 1, **meta) if energies else None
     bwd, _ = hd.plan_backward(torch.empty_like(q), denergy, q, k, bias, pad, mu, lse,
-                              energy_lse, *hyper)
-    return [fwd, *bwd]
+                              energy_lse, *hyper, deterministic=deterministic)
+    return [fwd, bwd]
 
 
-def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=False):
-    """Compile every kernel for each (arch, dtype, head dim, key path); one row each."""
+def with_tiles(launch: hd.Launch, tiles) -> hd.Launch:
+    """``launch`` with another ``(BLOCK_N, BLOCK_M, num_warps, num_stages)``."""
+    return launch._replace(meta={**launch.meta, **dict(zip(hd.TILE_KEYS, tiles))})
+
+
+def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=False,
+                    space=False, deterministic=False):
+    """Compile every kernel for each (arch, dtype, head dim, key path); one row each.
+
+    ``space``: compile every autotuning candidate of each launch, not only its default (the
+    first candidate, what runs without autotuning); rows say which is the default.
+    """
     rows = []
     flags = {"optimizer": "gd", "energies": False} if light else {}
     for arch in archs:
@@ -141,12 +154,13 @@ def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=Fa
             for D in head_dims:
                 for short in (False, True):
                     for launch in plans(dtype=_DTYPES[dt], head_dim=D, short_keys=short,
-                                        **flags):
-                        if short and launch.kernel is hd._bwd_dk_kernel:
-                            continue  # no short path: identical to the streaming row
-                        row = compile_launch(launch, arch)
-                        row.update(dtype=dt, flags="light" if light else "heavy")
-                        rows.append(row)
+                                        deterministic=deterministic, **flags):
+                        for i, tiles in enumerate(launch.candidates if space else
+                                                  launch.candidates[:1]):
+                            row = compile_launch(with_tiles(launch, tiles), arch)
+                            row.update(dtype=dt, flags="light" if light else "heavy",
+                                       default=i == 0)
+                            rows.append(row)
     return rows
 
 
@@ -174,13 +188,18 @@ def main(argv=None) -> int:
     p.add_argument("--light", action="store_true",
                    help="GD without energies (masks and bias kept); the default compiles the "
                    "heaviest flag set (Nesterov, energies)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="the backward's deterministic variant (torch deterministic mode)")
+    p.add_argument("--space", action="store_true",
+                   help="compile every autotuning candidate, not only the default tiles")
     p.add_argument("--no-spills", action="store_true",
                    help="fail on register spills too (always fails on shared memory overruns)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if hd._interpreting():
         p.error("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels")
-    rows = resource_report(args.arch, args.dtype, args.head_dim, args.light)
+    rows = resource_report(args.arch, args.dtype, args.head_dim, args.light, args.space,
+                           args.deterministic)
     print(markdown_table(rows))
     if args.json:
         with open(args.json, "w") as fh:

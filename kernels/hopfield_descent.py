@@ -1,4 +1,4 @@
-"""Fused Triton kernels for T steps of Hopfield / elastic energy descent (docs/math.md §1, §4, §7).
+"""Fused Triton kernels: T steps of Hopfield / elastic energy descent (docs/math.md §1, §4, §7).
 
 One step, for a query row ``ξ`` against fixed keys ``K`` (values = keys), with ``c = ρ`` for
 Nesterov and ``c = 0`` otherwise (GD is the ``ρ = 0`` case of momentum):
@@ -17,29 +17,36 @@ Kernels (see ``docs/kernels.md`` for the design):
   step only the read-out ``μ_t`` (float32) and the row log-sum-exp: O(T·N·(D+1)). Energies
   ``½‖ξ_t‖² − lse_t/β`` come from the same log-sum-exp (one lse-only pass for ``ξ_T``, and for
   every ``ξ_t`` under Nesterov, whose read-out point is ``y_t ≠ ξ_t``).
-* ``_bwd_dq_kernel``: the reverse chain through the optimizer, one program per query tile;
-  the iterates are replayed from ``q`` and the saved read-outs (O(T²) element-wise work, no
-  N×M work), attention is recomputed from the saved log-sum-exp. Writes ``dμ_t`` and
-  ``Δ_t = rowsum(dμ_t ⊙ μ_t)`` per step for
-* ``_bwd_dk_kernel``: one program per (key tile, batch·key head), looping over the query heads
-  of its group, the query tiles and the steps: ``dK`` (score and value paths) and ``d key_bias``
-  accumulate in float32 registers, no atomics.
+* ``_bwd_kernel``: the whole backward in one pass per step (docs/math.md §7): one program per
+  query tile walks the steps in reverse (the iterates replayed from ``q`` and the saved
+  read-outs: O(T²) element-wise work, no N×M work) and streams the keys once per step,
+  computing ``S``, ``dP``, ``dS`` and from them the query adjoint (``dS·K``) and both key
+  terms (``β dSᵀŷ`` and ``Pᵀdμ``): 10·N·M·D FLOPs per step, a FlashAttention backward's.
+  ``dK`` and ``d key_bias`` add up across query tiles and grouped heads with float32 atomics;
+  with ``torch.use_deterministic_algorithms(True)`` each program adds into its own slice
+  instead and the slices are summed afterwards in a fixed order (bitwise repeatable).
 
-Both run on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 dot operands upcast to float32
+Tiles come from ``triton.autotune`` over a small space per kernel holding the tiles measured
+fastest on an NVIDIA H200 (``_SPACE``); without autotuning (interpreter, ``compile_check``)
+the first candidate, the measured winner, runs.
+
+Both kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 dot operands upcast to float32
 there, through the ``UPCAST`` constexpr).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SHORT_MEMORY_BYTES", "Launch", "hopfield_descent_triton", "plan_backward",
-           "plan_forward", "unsupported_reason"]
+__all__ = ["FORCE_TILES", "SHORT_MEMORY_BYTES", "TILE_KEYS", "Launch", "candidates",
+           "hopfield_descent_triton", "plan_backward", "plan_forward", "reduce_keys",
+           "takes_short_path", "unsupported_reason"]
 
 OPTIMIZERS = ("gd", "momentum", "nesterov")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -148,19 +155,17 @@ def _round(y, DT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(K, N, M, D, H, HK, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
+def _query_tile(pid_n, bh, K, N, M, D, H, HK, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
                 UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr):
-    """The query tile of this program (grid ``(⌈N / BLOCK_N⌉, B·H)``) and its key head.
+    """Query tile ``pid_n`` of the flat batch·head ``bh`` and its key head.
 
     Returns ``(bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all)``:
     the flat batch·head, row and column offsets with their masks, the offsets of the tile in
     ``[B·H, N, D]`` and of its keys, key bias and padding row, the key bound (causal: up to
     the tile's diagonal) and, on the short-memory path, every key of the head (loaded once).
     """
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)  # b * H + h
-    b = bh // H
+    b = bh // H  # bh = b * H + h
     hk = (bh % H) // (H // HK)  # grouped heads: query head h reads key head h // G
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -187,7 +192,7 @@ def _query_tile(K, N, M, D, H, HK, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
 
 @triton.jit
 def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
-                N, M, D, H, HK, mu_step, lse_step, scale2, inv_scale, eta, rho, nest,
+                N, M, D, H, HK, mu_step, lse_step, scale2, inv_scale, eta, rho, nest, NB, MB,
                 T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
                 SAVE: tl.constexpr, ENERGIES: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
@@ -195,7 +200,8 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     DT: tl.constexpr = Q.dtype.element_ty
     bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = _query_tile(
-        K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
+        tl.program_id(0), tl.program_id(1), K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N,
+        BLOCK_M, BLOCK_D)
     xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)  # float32 master copy
     v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for t in range(T):
@@ -260,51 +266,90 @@ def _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
 
 
 @triton.jit
-def _energy_readout(xh, lse2, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D,
-                    hi, scale2, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-                    CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
-                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """``μ̃ = Σ_j p̃_ij k_j`` at an energy point, ``p̃`` recomputed from its saved lse."""
+def _add_key_grads(DK, DBIAS, dk_off, db_off, offs_m, offs_d, M, D, dk, db,
+                   HAS_BIAS: tl.constexpr):
+    """Add one key tile's gradient terms with float32 atomics (query tiles and grouped heads
+    add into the same keys; in deterministic mode each program owns its slice)."""
+    key_ok = offs_m < M
+    tl.atomic_add(DK + dk_off + offs_m[:, None] * D + offs_d[None, :], dk,
+                  mask=key_ok[:, None] & (offs_d[None, :] < D))
+    if HAS_BIAS:
+        tl.atomic_add(DBIAS + db_off + offs_m, db, mask=key_ok)
+
+
+@triton.jit
+def _energy_tile(xh, k, offs_m, lse2, e, BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off, db_off,
+                 offs_n, offs_d, M, D, scale2, scale, HAS_BIAS: tl.constexpr,
+                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """One key tile at an energy point ``x̂`` (upstream ``e = ∂L/∂E``): returns its part of
+    ``μ̃ = Σ_j p̃_ij k_j`` and adds the key terms ``−Σ_i e_i p̃_ij x̂_i`` (dK) and
+    ``−Σ_i e_i p̃_ij / β`` (d key_bias); ``p̃`` is recomputed from the saved lse."""
+    s2 = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                 HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+    p = tl.exp2(s2 - lse2[:, None])
+    w = -p * e[:, None]
+    dk = tl.dot(tl.trans(w.to(k.dtype)), xh, input_precision=PREC)
+    _add_key_grads(DK, DBIAS, dk_off, db_off, offs_m, offs_d, M, D, dk, tl.sum(w, 0) / scale,
+                   HAS_BIAS)
+    return tl.dot(p.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def _energy_point(xh, lse2, e, k_all, K, k_off, BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off,
+                  db_off, offs_n, offs_d, M, D, hi, scale2, scale, HAS_BIAS: tl.constexpr,
+                  HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
+                  UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``μ̃`` of an energy point over every key (see ``_energy_tile``), key terms added."""
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if SHORT:
-        offs_m = tl.arange(0, BLOCK_M)
-        s2 = _logits(xh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                     HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-        p = tl.exp2(s2 - lse2[:, None])
-        acc += tl.dot(p.to(k_all.dtype), k_all, input_precision=PREC)
+        acc += _energy_tile(xh, k_all, tl.arange(0, BLOCK_M), lse2, e, BIAS, b_off, PAD, p_off,
+                            DK, DBIAS, dk_off, db_off, offs_n, offs_d, M, D, scale2, scale,
+                            HAS_BIAS, HAS_PAD, CAUSAL, PREC)
     else:
         for start_m in range(0, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-            s2 = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                         HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-            p = tl.exp2(s2 - lse2[:, None])
-            acc += tl.dot(p.to(k.dtype), k, input_precision=PREC)
+            acc += _energy_tile(xh, k, offs_m, lse2, e, BIAS, b_off, PAD, p_off, DK, DBIAS,
+                                dk_off, db_off, offs_n, offs_d, M, D, scale2, scale,
+                                HAS_BIAS, HAS_PAD, CAUSAL, PREC)
     return acc
 
 
 @triton.jit
-def _energy_dk(k, xh, lse2, e, bias2, mask_t, scale2, PREC: tl.constexpr):
-    """Energy-point terms of one key tile: ``(−Σ_i e_i p̃_ij x̂_i, −Σ_i e_i p̃_ij)``."""
-    s2 = tl.dot(k, tl.trans(xh), input_precision=PREC) * scale2 + bias2[:, None]
-    s2 = tl.where(mask_t, s2, float("-inf"))
-    w = -tl.exp2(s2 - lse2[None, :]) * e[None, :]
-    return tl.dot(w.to(k.dtype), xh, input_precision=PREC), tl.sum(w, 1)
+def _step_tile(yh, dmu, delta, lse2, k, offs_m, BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off,
+               db_off, offs_n, offs_d, M, D, scale2, scale, HAS_BIAS: tl.constexpr,
+               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
+    """One key tile of a reverse step, everything from one ``S`` and one ``dP`` (10·n·m·d
+    FLOPs for an n×m tile: S, dP, dS·K, dSᵀ·ŷ, Pᵀ·dμ). Returns its part of ``Σ_j dS_ij k_j``
+    and adds the key terms ``β dSᵀŷ + Pᵀdμ`` (dK) and ``Σ_i dS_ij`` (d key_bias)."""
+    s2 = _logits(yh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                 HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+    p = tl.exp2(s2 - lse2[:, None])
+    dp = tl.dot(dmu, tl.trans(k), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    ds_c = ds.to(k.dtype)
+    dk = scale * tl.dot(tl.trans(ds_c), yh, input_precision=PREC)
+    dk += tl.dot(tl.trans(p.to(k.dtype)), dmu, input_precision=PREC)
+    _add_key_grads(DK, DBIAS, dk_off, db_off, offs_m, offs_d, M, D, dk, tl.sum(ds, 0),
+                   HAS_BIAS)
+    return tl.dot(ds_c, k, input_precision=PREC)
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA,
-                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest,
-                   T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
-                   EGRAD: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                   SHORT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Reverse chain of one query tile: adjoints ``a = ∂L/∂ξ_{t+1}``, ``w`` (of ``v_{t+1}``)."""
+def _bwd_tile(tile, bh, dk_off, db_off, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DK,
+              DBIAS, N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, T: tl.constexpr, VELOCITY: tl.constexpr,
+              NESTEROV: tl.constexpr, EGRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
+              HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
+              UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The whole backward of query tile ``tile`` of ``bh``: the reverse chain (adjoints
+    ``a = ∂L/∂ξ_{t+1}``, ``w`` of ``v_{t+1}``) with the keys streamed once per step, ``dq``
+    written, ``dK`` and ``d key_bias`` added at ``dk_off``/``db_off`` with float32 atomics."""
     DT: tl.constexpr = Q.dtype.element_ty
-    bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = _query_tile(
-        K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
+    _, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = \
+        _query_tile(tile, bh, K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M,
+                    BLOCK_D)
     xi0 = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     a = tl.load(DOUT + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     w = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -313,14 +358,16 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
         xi = xi0
         v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for s in range(T):
-            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest, VELOCITY,
-                            NESTEROV)
+            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest,
+                            VELOCITY, NESTEROV)
         e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
-        lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
-        mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, k_all, K, k_off, BIAS, b_off,
-                               PAD, p_off, offs_n, offs_d, M, D, hi, scale2, HAS_BIAS,
-                               HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M,
-                               BLOCK_D)
+        # rows past N: lse = +inf, hence p̃ = 0 (they add nothing to the keys)
+        lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok,
+                        other=float("inf"))
+        mu_e = _energy_point(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off, BIAS,
+                             b_off, PAD, p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d,
+                             M, D, hi, scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
+                             UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         a += e[:, None] * (xi - mu_e)
     for i in range(T):
         t = T - 1 - i
@@ -328,15 +375,16 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
         xi = xi0
         v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for s in range(t):
-            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest, VELOCITY,
-                            NESTEROV)
+            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest,
+                            VELOCITY, NESTEROV)
         if NESTEROV:
             y = xi + nest * v
         else:
             y = xi
         yh = _round(y, DT, UPCAST)
         mu = tl.load(MU + t * mu_step + q_off, mask=tile_ok, other=0.0)
-        lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+        lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                       other=float("inf"))
         dv = w + a  # ∂L/∂v_{t+1}: ξ_{t+1} = ξ_t + v_{t+1}
         dmu = eta * dv  # v_{t+1} = ρ v_t − η (y_t − μ_t)
         delta = tl.sum(dmu * mu, 1)
@@ -344,40 +392,32 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
             e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
             if not NESTEROV:  # E(ξ_t) shares the read-out's logits: −lse/β adds e/β to Δ
                 delta += e / scale
-        tl.store(DMU + t * mu_step + q_off, dmu, mask=tile_ok)
-        tl.store(DELTA + t * lse_step + bh * N + offs_n, delta, mask=row_ok)
-        # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ): flash-style, recomputing P.
-        dmu_c = dmu.to(DT)
-        if UPCAST:
-            dmu_c = dmu_c.to(tl.float32)
+        # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ), P recomputed; the same S and
+        # dP give the key terms. dμ enters the dots in the input dtype.
+        dmu_c = _round(dmu, DT, UPCAST)
         acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if SHORT:
-            offs_m = tl.arange(0, BLOCK_M)
-            s2 = _logits(yh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                         HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-            p = tl.exp2(s2 - lse2[:, None])
-            dp = tl.dot(dmu_c, tl.trans(k_all), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            acc += tl.dot(ds.to(k_all.dtype), k_all, input_precision=PREC)
+            acc += _step_tile(yh, dmu_c, delta, lse2, k_all, tl.arange(0, BLOCK_M), BIAS,
+                              b_off, PAD, p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d,
+                              M, D, scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
         else:
             for start_m in range(0, hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-                s2 = _logits(yh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                             HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-                p = tl.exp2(s2 - lse2[:, None])
-                dp = tl.dot(dmu_c, tl.trans(k), input_precision=PREC)
-                ds = p * (dp - delta[:, None])
-                acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+                acc += _step_tile(yh, dmu_c, delta, lse2, k, offs_m, BIAS, b_off, PAD,
+                                  p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d, M, D,
+                                  scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
         dy = scale * acc - dmu  # g_t = y_t − μ_t
         a = a + dy  # y_t = ξ_t + c v_t
         if EGRAD:
             if NESTEROV:  # E(ξ_t) at its own point
-                lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
-                mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, k_all, K, k_off, BIAS,
-                                       b_off, PAD, p_off, offs_n, offs_d, M, D, hi, scale2,
-                                       HAS_BIAS, HAS_PAD, CAUSAL, SHORT, UPCAST, PREC,
-                                       BLOCK_N, BLOCK_M, BLOCK_D)
+                lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                                other=float("inf"))
+                mu_e = _energy_point(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off,
+                                     BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off, db_off,
+                                     offs_n, offs_d, M, D, hi, scale2, scale, HAS_BIAS,
+                                     HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N,
+                                     BLOCK_M, BLOCK_D)
                 a += e[:, None] * (xi - mu_e)
             else:
                 a += e[:, None] * xi  # the kinetic term (the potential went through Δ)
@@ -389,93 +429,33 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
 
 
 @triton.jit
-def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIAS,
-                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest,
-                   T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
-                   EGRAD: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``dK`` (score path β dSᵀŷ + value path Pᵀdμ) and ``d key_bias`` (Σ_i dS) of one key tile,
-    summed over the query heads of its group, every query tile and every step."""
-    pid_m = tl.program_id(0)
-    bhk = tl.program_id(1)  # b * HK + hk
-    b = bhk // HK
-    hk = bhk % HK
-    G = H // HK
-    DT: tl.constexpr = Q.dtype.element_ty
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    key_ok = offs_m < M
-    k = _load_keys(K, bhk * M * D, offs_m, offs_d, M, D, UPCAST)
-    keep = key_ok
-    if HAS_PAD:
-        keep = keep & (tl.load(PAD + b * M + offs_m, mask=key_ok, other=0) != 0)
-    bias2 = tl.zeros([BLOCK_M], tl.float32)
-    if HAS_BIAS:
-        bias2 = tl.load(BIAS + bhk * M + offs_m, mask=key_ok, other=0.0) * LOG2E
-    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    db = tl.zeros([BLOCK_M], tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N  # earlier queries cannot see these keys
-    for g in range(G):
-        bh = b * H + hk * G + g
-        for start_n in range(lo, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            row_ok = offs_n < N
-            tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
-            q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
-            mask_t = keep[:, None]
-            if CAUSAL:
-                mask_t = mask_t & (offs_m[:, None] <= offs_n[None, :])
-            xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
-            v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            de_off = (bh * N + offs_n) * (T + 1)
-            for t in range(T):
-                if NESTEROV:
-                    y = xi + nest * v
-                    if EGRAD:  # E(ξ_t) at its own point (else it is folded into Δ)
-                        e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
-                        lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
-                                        other=float("inf"))
-                        dk_e, db_e = _energy_dk(k, _round(xi, DT, UPCAST), lse_e, e, bias2,
-                                                mask_t, scale2, PREC)
-                        dk += dk_e
-                        db += db_e / scale
-                else:
-                    y = xi
-                yh = _round(y, DT, UPCAST)
-                # Rows past N get lse = +inf, hence p = 0.
-                lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok,
-                               other=float("inf"))
-                delta = tl.load(DELTA + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
-                dmu = tl.load(DMU + t * mu_step + q_off, mask=tile_ok, other=0.0)
-                if UPCAST:
-                    dmu = dmu.to(tl.float32)
-                # Transposed tiles [BLOCK_M, BLOCK_N]: keys are rows here.
-                s2 = tl.dot(k, tl.trans(yh), input_precision=PREC) * scale2 + bias2[:, None]
-                s2 = tl.where(mask_t, s2, float("-inf"))
-                p = tl.exp2(s2 - lse2[None, :])
-                dp = tl.dot(k, tl.trans(dmu), input_precision=PREC)
-                ds = p * (dp - delta[None, :])
-                dk += scale * tl.dot(ds.to(k.dtype), yh, input_precision=PREC)
-                dk += tl.dot(p.to(k.dtype), dmu, input_precision=PREC)
-                db += tl.sum(ds, 1)
-                xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
-                                VELOCITY, NESTEROV)
-            if EGRAD:  # E(ξ_T)
-                e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
-                lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok,
-                                other=float("inf"))
-                dk_e, db_e = _energy_dk(k, _round(xi, DT, UPCAST), lse_e, e, bias2, mask_t,
-                                        scale2, PREC)
-                dk += dk_e
-                db += db_e / scale
-    tl.store(DK + bhk * M * D + offs_m[:, None] * D + offs_d[None, :], dk,
-             mask=key_ok[:, None] & (offs_d[None, :] < D))
-    if HAS_BIAS:
-        tl.store(DBIAS + bhk * M + offs_m, db, mask=key_ok)
+def _bwd_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DK, DBIAS,
+                N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
+                T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
+                EGRAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+                CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
+                PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The backward (see ``_bwd_tile``). Grid ``(programs, B·H)``: program ``s`` runs query
+    tile ``s``, or, when ``DETERMINISTIC``, the tiles ``s, s + programs, ...`` adding into its
+    own slice of the partial key gradients."""
+    split = tl.program_id(0)
+    bh = tl.program_id(1)  # b * H + h
+    b = bh // H
+    hk = (bh % H) // (H // HK)
+    if DETERMINISTIC:  # this program's own slice [split, b·h], the slices summed afterwards
+        own = (split * tl.num_programs(1) + bh).to(tl.int64)
+        for tile in range(split, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
+            _bwd_tile(tile, bh, own * M * D, own * M, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
+                      DOUT, DQ, DK, DBIAS, N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta,
+                      rho, nest, T, VELOCITY, NESTEROV, EGRAD, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
+                      UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
+    else:  # every query tile and grouped head adds into its key head's gradient
+        bhk = (b * HK + hk).to(tl.int64)
+        _bwd_tile(split, bh, bhk * M * D, bhk * M, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
+                  DOUT, DQ, DK, DBIAS, N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta,
+                  rho, nest, T, VELOCITY, NESTEROV, EGRAD, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
+                  UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
 
 
 # --------------------------------------------------------------------------------------------
@@ -486,76 +466,204 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIA
 
 
 class Launch(NamedTuple):
-    """One kernel call: ``kernel[grid](**args, **meta)``."""
+    """One kernel call: ``kernel[grid](**args, **meta)``, or autotuned over ``candidates``.
+
+    ``meta`` holds the constexprs and the default tile configuration (``TILE_KEYS``: the first
+    candidate, the measured winner where one exists); ``grid(meta)`` is the launch grid for a
+    tile configuration. On a GPU with more than one candidate the call goes through the
+    kernel's ``triton.autotune`` wrapper, which picks among ``candidates`` once per key and
+    caches the choice; under the interpreter, for ``compile_check`` and with ``FORCE_TILES`` the
+    default runs as is.
+    """
 
     kernel: Any  # a @triton.jit function
-    grid: tuple[int, int]
+    grid: Callable[[dict], tuple[int, int]]
     args: dict  # run-time arguments by name: tensors, ints, floats
-    meta: dict  # constexprs, num_warps, num_stages
+    meta: dict  # constexprs, BLOCK_N, BLOCK_M, num_warps, num_stages
+    candidates: tuple  # ((BLOCK_N, BLOCK_M, num_warps, num_stages), ...)
 
     def __call__(self) -> None:
-        self.kernel[self.grid](**self.args, **self.meta)
+        tuner = _TUNERS.get(self.kernel)
+        on_gpu = not _interpreting() and any(
+            isinstance(a, torch.Tensor) and a.is_cuda for a in self.args.values())
+        if tuner is None or not on_gpu or len(self.candidates) < 2:
+            self.kernel[self.grid(self.meta)](**self.args, **self.meta)
+            return
+        fixed = {k: v for k, v in self.meta.items() if k not in TILE_KEYS}
+        tuner[self.grid](**self.args, **fixed)
 
 
-#: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` by (kernel, input itemsize, heavy) and padded
-#: head dim. "heavy" = a velocity (momentum, Nesterov) or energies: more live registers. In the
-#: dK kernel BLOCK_M is its own key tile and BLOCK_N the streamed query tile.
-_TILES = {
-    ("fwd", 2, False): {32: (128, 64, 8, 3), 64: (128, 64, 8, 3), 128: (64, 32, 8, 3),
-                        256: (32, 32, 8, 2)},
-    ("fwd", 2, True): {32: (128, 64, 8, 3), 64: (64, 64, 8, 3), 128: (32, 32, 8, 3),
-                       256: (32, 32, 8, 2)},
-    ("dq", 2, False): {32: (128, 64, 8, 3), 64: (128, 32, 8, 3), 128: (32, 32, 8, 3),
-                       256: (32, 32, 8, 2)},
-    ("dq", 2, True): {32: (128, 64, 8, 3), 64: (64, 64, 8, 3), 128: (32, 32, 8, 3),
-                      256: (32, 32, 8, 2)},
-    ("dk", 2, False): {32: (64, 64, 8, 3), 64: (64, 64, 8, 3), 128: (64, 32, 8, 3),
-                       256: (32, 32, 8, 2)},
-    ("dk", 2, True): {32: (64, 64, 8, 3), 64: (32, 32, 8, 3), 128: (32, 32, 8, 3),
-                      256: (32, 32, 8, 2)},
-    # float32 (exact "ieee" dots, no tensor cores): one table for both tiers
-    ("fwd", 4, True): {32: (64, 32, 8, 2), 64: (64, 32, 8, 2), 128: (32, 64, 8, 2),
-                       256: (32, 32, 8, 2)},
-    ("dq", 4, True): {32: (32, 64, 8, 2), 64: (32, 64, 8, 2), 128: (16, 32, 4, 2),
-                      256: (16, 32, 4, 2)},
-    ("dk", 4, True): {32: (32, 32, 8, 2), 64: (32, 32, 8, 2), 128: (32, 32, 8, 2),
-                      256: (16, 32, 4, 2)},
+TILE_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages")
+
+#: Tests and the ``--tiles`` benchmark set this to ``{kernel: (BLOCK_N, BLOCK_M, num_warps,
+#: num_stages)}`` to run one configuration (no autotuning) for the kernels it names.
+FORCE_TILES: dict | None = None
+
+#: The autotuning space: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` candidates by (kernel,
+#: input itemsize, heavy, padded head dim), **the first one the default** (used without
+#: autotuning: interpreter, ``compile_check``). "heavy" = a velocity (momentum, Nesterov) or
+#: energies. Candidates of 16-bit inputs at D = 64, 128 are the winners and runners-up measured
+#: on an NVIDIA H200 (benchmarks/results/gpu-H200-2026-11-29.md, milliseconds in comments,
+#: D=128, N=M=8192, T=4); rows marked "compile-time" were never timed on a GPU and keep the
+#: tile picked from register counts at commit 7b1daef. In the dK kernel BLOCK_N is the
+#: streamed query tile and BLOCK_M its own key tile, as in the file.
+_SPACE = {
+    # forward, GD: 8.9, 9.1, 9.6, 10.0 ms; D=64: 5.8 ms (winner), 6.6 (shipped 7b1daef)
+    ("fwd", 2, False, 128): ((128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 2)),
+    ("fwd", 2, False, 64): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
+    # forward, Nesterov: 9.3, 9.6, 11.3 ms; D=64 heavy not measured: the light D=64 space
+    ("fwd", 2, True, 128): ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)),
+    ("fwd", 2, True, 64): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
+    # backward (one kernel, query tiles, keys streamed; never timed on a GPU): the winners and
+    # runners-up of the two kernels it replaces, measured in forward+backward ms with the
+    # other kernels shipped. Their dq kernel had the same query × key tiles, first (the
+    # default): 108.0, 110.2; their dK kernel streamed query tiles BLOCK_N against its key
+    # tile BLOCK_M, the same roles as here: 108.3, 113.6. Nesterov: dq (64,64,4,2) and dK
+    # (32,128,8,3) won. D=64: dq (64,128,4,2) and dK (32,128,4,2) won.
+    ("bwd", 2, False, 128): ((64, 64, 4, 2), (128, 32, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3)),
+    ("bwd", 2, True, 128): ((64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2)),
+    ("bwd", 2, False, 64): ((64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2)),
+    ("bwd", 2, True, 64): ((64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2)),
+    # compile-time (never timed): D <= 32 and D = 256 in 16 bits, every float32 class; the
+    # backward keeps the tiles its query kernel had at 7b1daef
+    ("fwd", 2, False, 32): ((128, 64, 8, 3),), ("fwd", 2, True, 32): ((128, 64, 8, 3),),
+    ("bwd", 2, False, 32): ((128, 64, 8, 3),), ("bwd", 2, True, 32): ((128, 64, 8, 3),),
+    ("fwd", 2, False, 256): ((32, 32, 8, 2),), ("fwd", 2, True, 256): ((32, 32, 8, 2),),
+    ("bwd", 2, False, 256): ((32, 32, 8, 2),), ("bwd", 2, True, 256): ((32, 32, 8, 2),),
+    ("fwd", 4, True, 32): ((64, 32, 8, 2),), ("fwd", 4, True, 64): ((64, 32, 8, 2),),
+    ("fwd", 4, True, 128): ((32, 64, 8, 2),), ("fwd", 4, True, 256): ((32, 32, 8, 2),),
+    ("bwd", 4, True, 32): ((32, 64, 8, 2),), ("bwd", 4, True, 64): ((32, 64, 8, 2),),
+    ("bwd", 4, True, 128): ((16, 32, 4, 2),), ("bwd", 4, True, 256): ((16, 32, 4, 2),),
 }
 
+#: Short-memory path: streaming tiles whose short-path form was the one measured (the tiles
+#: shipped at 7b1daef; D=64, N=8192, M=64 and 256, T=8: 17x and 2.4x the reference forward;
+#: the backward's is its old query kernel's). They lead that path's candidates, so its default
+#: is what was measured.
+_SHORT_MEASURED = {("fwd", 2, False, 64): (128, 64, 8, 3), ("bwd", 2, False, 64): (128, 32, 8, 3)}
 
-def _tiles(kernel: str, block_d: int, itemsize: int, heavy: bool) -> tuple[int, int, int, int]:
-    """``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` of one compiled (GPU) kernel.
 
-    Fixed configurations, no autotuning (no GPU has run these kernels yet). They were chosen
-    by compiling candidates for sm_90 without a GPU (``energy_attn.kernels.compile_check``,
-    numbers in docs/kernels.md): per kernel, head dim, dtype and tier, the largest tiles whose
-    registers do not spill to local memory, else the least spilling. Timing on a GPU may still
-    prefer others.
+def _space_key(kernel: str, itemsize: int, heavy: bool, block_d: int):
+    """The ``_SPACE`` row of a call (float32 has one tier; head dims below 32 share 32's)."""
+    return kernel, itemsize, heavy or itemsize == 4, max(block_d, 32)
+
+
+def candidates(kernel: str, itemsize: int, heavy: bool, block_d: int, short: bool = False,
+               block_m_all: int = 0) -> tuple:
+    """The tile configurations autotuning picks from for one kernel and call class.
+
+    ``kernel``: ``"fwd" | "bwd"``. On the short-memory path (``short``) ``BLOCK_M`` is
+    ``block_m_all`` (every key, padded) and the query tile shrinks so that the logits tile
+    ``BLOCK_N × BLOCK_M`` is no larger than the streaming candidate's.
     """
-    heavy = heavy or itemsize == 4  # float32 has one table
-    return _TILES[kernel, itemsize, heavy][max(block_d, 32)]
+    if FORCE_TILES is not None and kernel in FORCE_TILES:
+        space = (tuple(FORCE_TILES[kernel]),)
+    else:
+        key = _space_key(kernel, itemsize, heavy, block_d)
+        space = _SPACE[key]
+        if short and key in _SHORT_MEASURED:
+            space = (_SHORT_MEASURED[key], *space)
+    if not short:
+        return space
+    out = []
+    for bn, bm, warps, stages in space:
+        if FORCE_TILES is None or kernel not in FORCE_TILES:
+            bn = max(16, min(bn, bn * bm // block_m_all))
+        cfg = (bn, block_m_all, warps, stages)
+        if cfg not in out:
+            out.append(cfg)
+    return tuple(out)
 
 
-def _config(kernel: str, M: int, D: int, dtype: torch.dtype, heavy: bool,
-            interpret: bool) -> dict:
-    """Tile sizes of ``kernel`` and, for the query kernels, the short-memory switch."""
+def takes_short_path(M: int, D: int, dtype: torch.dtype) -> bool:
+    """Whether a call with ``M`` keys of head dim ``D`` in ``dtype`` runs the short-memory path:
+    every key of one (batch, head), padded to powers of two, fits in ``SHORT_MEMORY_BYTES``."""
     block_d = max(16, triton.next_power_of_2(D))
     block_m_all = max(16, triton.next_power_of_2(M))
-    if interpret:
-        # Small tiles so that small test sizes still cross tile boundaries.
-        block_n, block_m, warps, stages = 32, 32, 4, 1
-    else:
-        block_n, block_m, warps, stages = _tiles(kernel, block_d, dtype.itemsize, heavy)
-    cfg = {"BLOCK_N": block_n, "BLOCK_M": block_m, "BLOCK_D": block_d, "num_warps": warps,
-           "num_stages": stages}
-    if kernel != "dk":
-        short = block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES
-        cfg["SHORT"] = short
-        if short:  # one key tile holds every key; fewer query rows keep the logits tile
-            cfg["BLOCK_M"] = block_m_all  # (BLOCK_N x BLOCK_M) no larger than streaming's
-            if not interpret:
-                cfg["BLOCK_N"] = max(16, min(block_n, block_n * block_m // block_m_all))
-    return cfg
+    return block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES
+
+
+def _bucket(n: int) -> int:
+    """Length bucket of the autotuning key: one tuning per 4x range of N (or M)."""
+    b = 256
+    while b < n and b < 65536:
+        b *= 4
+    return b
+
+
+def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype,
+            heavy: bool) -> tuple[dict, tuple, dict]:
+    """``(meta, candidates, key args)``: the default tiles of ``kernel`` (its first candidate)
+    with ``BLOCK_D`` and ``SHORT``, every candidate, and the length buckets ``NB``/``MB`` that
+    key autotuning (on the short path ``MB`` is the padded key count, ``BLOCK_M`` itself)."""
+    block_d = max(16, triton.next_power_of_2(D))
+    block_m_all = max(16, triton.next_power_of_2(M))
+    short = takes_short_path(M, D, dtype)
+    space = candidates(kernel, dtype.itemsize, heavy, block_d, short, block_m_all)
+    cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d, SHORT=short)
+    keys = {"NB": _bucket(N), "MB": block_m_all if short else _bucket(M)}
+    return cfg, space, keys
+
+
+def _shared_memory_limit(device) -> int:
+    """Bytes of shared memory one program may use on ``device`` (opt-in maximum)."""
+    props = triton.runtime.driver.active.utils.get_device_properties(device.index or 0)
+    return props["max_shared_mem"]
+
+
+def _prune(kernel: str):
+    """``early_config_prune`` of ``kernel``'s autotuner: this call's candidates (see
+    :func:`candidates`) minus those whose compiled program needs more shared memory than the
+    device has, dropped before anything is benchmarked (compiling is cached, so the benchmark
+    reuses these binaries)."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        q = args["Q"]
+        heavy = bool(args["VELOCITY"] or args.get("ENERGIES") or args.get("EGRAD"))
+        space = candidates(kernel, q.dtype.itemsize, heavy, args["BLOCK_D"],
+                           args.get("SHORT", False), args["MB"])
+        limit = _shared_memory_limit(q.device)
+        kept = []
+        jit = _KERNELS[kernel]
+        for bn, bm, warps, stages in space:
+            cfg = triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=warps,
+                                num_stages=stages)
+            try:
+                compiled = jit.warmup(grid=(1,), **args, **cfg.all_kwargs())
+            except Exception:  # noqa: BLE001 - a config the compiler rejects is not a candidate
+                continue
+            if compiled.metadata.shared <= limit:
+                kept.append(cfg)
+        return kept or [triton.Config(dict(zip(("BLOCK_N", "BLOCK_M"), space[0][:2])),
+                                      num_warps=space[0][2], num_stages=space[0][3])]
+
+    return prune
+
+
+def _quick_bench(fn, quantiles):
+    """Bounded autotuning cost: a short warm-up and ~25 ms of repetitions per candidate."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
+
+
+def _autotuner(kernel: str, reset_to_zero=None):
+    """``triton.autotune`` over ``kernel``'s space, keyed on head dim, dtype (the tensors'
+    dtypes are always part of Triton's key), tier, key path and length buckets."""
+    jit = _KERNELS[kernel]
+    space = sorted({c for k, v in _SPACE.items() if k[0] == kernel for c in v})
+    configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
+               for bn, bm, w, s in space]
+    key = [name for name in ("BLOCK_D", "SHORT", "VELOCITY", "NESTEROV", "ENERGIES", "EGRAD",
+                             "CAUSAL", "NB", "MB") if name in jit.arg_names]
+    return triton.autotune(configs=configs, key=key, prune_configs_by={
+        "early_config_prune": _prune(kernel)}, reset_to_zero=reset_to_zero,
+        do_bench=_quick_bench, cache_results=True)(jit)
+
+
+_KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
+# The backward adds into DK and DBIAS: each benchmarked run starts from zeros.
+_TUNERS = {_fwd_kernel: _autotuner("fwd"),
+           _bwd_kernel: _autotuner("bwd", reset_to_zero=["DK", "DBIAS"])}
 
 
 def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, optimizer,
@@ -584,9 +692,22 @@ def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, opti
         eta=float(step_size), rho=float(rho), nest=float(nest),
     )
     heavy = optimizer != "gd" or energies
-    configs = {kern: _config(kern, M, D, q.dtype, heavy, interpret)
-               for kern in ("fwd", "dq", "dk")}
+    configs = {kern: _config(kern, N, M, D, q.dtype, heavy) for kern in ("fwd", "bwd")}
     return args, flags, configs
+
+
+def _launch(kernel, N: int, bh: int, args: dict, flags: dict, config,
+            max_programs: int | None = None) -> Launch:
+    """A launch over ``(⌈N / BLOCK_N⌉, bh)`` query-tile programs (at most ``max_programs``
+    along the queries: each then takes several tiles)."""
+    cfg, space, keys = config
+    args = {name: value for name, value in {**args, **keys}.items() if name in kernel.arg_names}
+
+    def grid(meta):
+        tiles = triton.cdiv(N, meta["BLOCK_N"])
+        return (tiles if max_programs is None else min(tiles, max_programs)), bh
+
+    return Launch(kernel, grid, args, dict(flags, **cfg), space)
 
 
 def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal,
@@ -602,47 +723,55 @@ def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_
     lse = torch.empty(T if save else 0, B * H, N, **f32)
     energy = torch.empty(B * H if return_energies else 0, N, T + 1, **f32)
     energy_lse = torch.empty(T + 1 if save and return_energies else 0, B * H, N, **f32)
-    cfg = configs["fwd"]
-    launch = Launch(
-        _fwd_kernel, (triton.cdiv(N, cfg["BLOCK_N"]), B * H),
+    launch = _launch(
+        _fwd_kernel, N, B * H,
         dict(args, OUT=out, MU=mu, LSE=lse, ENERGY=energy, ELSE=energy_lse,
              scale2=scale * LOG2E_F, inv_scale=1.0 / scale),
-        dict(flags, SAVE=save, ENERGIES=return_energies, **cfg),
-    )
+        dict(flags, SAVE=save, ENERGIES=return_energies), configs["fwd"])
     return launch, (out, energy.view(-1, H, N, T + 1), mu, lse, energy_lse)
 
 
+def _deterministic_programs(N: int, BH: int, device) -> int:
+    """Query-tile programs per (batch, head) in deterministic mode: each owns a float32 slice
+    ``[M, D]`` of partial key gradients (memory ``programs·B·H·M·D·4`` bytes), so few, but
+    enough that all of them fill the GPU (twice its multiprocessors)."""
+    if device.type != "cuda":
+        return 2  # the interpreter: several programs, so the split-and-reduce is exercised
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(N, 16), triton.cdiv(2 * sms, BH)))
+
+
 def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
-                  momentum, num_steps, is_causal, optimizer):
-    """The two backward launches (query kernel, then key kernel) and ``(dq, dk, d key_bias)``
-    in float32 (``d key_bias`` empty without a bias)."""
+                  momentum, num_steps, is_causal, optimizer, deterministic=False):
+    """The backward launch (one kernel) and ``(dq, dk, d key_bias)`` in float32 (``d
+    key_bias`` empty without a bias). ``deterministic``: ``dk`` and ``d key_bias`` are per-
+    program partial sums ``[programs, B·H, M, (D)]``, to be reduced by :func:`reduce_keys`."""
     B, H, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
-    T = num_steps
     egrad = denergy is not None
     args, flags, configs = _common(q, k, key_bias, pad, step_size, momentum, num_steps,
                                    is_causal, optimizer, egrad)
     f32 = {"device": q.device, "dtype": torch.float32}
     dq = torch.empty(B, H, N, D, **f32)
-    # dμ_t only feeds the key kernel's dots, which take it in the input dtype: store it so.
-    dmu = torch.empty(T, B * H, N, D, device=q.device, dtype=q.dtype)
-    delta = torch.empty(T, B * H, N, **f32)
-    dk = torch.empty(B, Hk, M, D, **f32)
-    dbias = torch.empty(B, Hk, M, **f32) if key_bias is not None else torch.empty(0, **f32)
-    args.update(MU=mu, LSE=lse, ELSE=energy_lse,
-                DENERGY=denergy.float().contiguous() if egrad else args["Q"],
-                DMU=dmu, DELTA=delta, scale2=scale * LOG2E_F, scale=scale)
-    flags["EGRAD"] = egrad
-    dq_args = {name: args[name] for name in _bwd_dq_kernel.arg_names if name in args}
-    dk_args = {name: args[name] for name in _bwd_dk_kernel.arg_names if name in args}
-    cfg_q, cfg_k = configs["dq"], configs["dk"]
-    launches = (
-        Launch(_bwd_dq_kernel, (triton.cdiv(N, cfg_q["BLOCK_N"]), B * H),
-               dict(dq_args, DOUT=dout.contiguous(), DQ=dq), dict(flags, **cfg_q)),
-        Launch(_bwd_dk_kernel, (triton.cdiv(M, cfg_k["BLOCK_M"]), B * Hk),
-               dict(dk_args, DK=dk, DBIAS=dbias), dict(flags, **cfg_k)),
-    )
-    return launches, (dq, dk, dbias)
+    lead = (_deterministic_programs(N, B * H, q.device), B * H) if deterministic else (B, Hk)
+    dk = torch.zeros(*lead, M, D, **f32)  # atomics add into these
+    dbias = torch.zeros(*lead, M, **f32) if key_bias is not None else torch.empty(0, **f32)
+    args.update(MU=mu, LSE=lse, ELSE=energy_lse, DOUT=dout.contiguous(), DQ=dq, DK=dk,
+                DBIAS=dbias, DENERGY=denergy.float().contiguous() if egrad else args["Q"],
+                scale2=scale * LOG2E_F, scale=scale)
+    flags.update(EGRAD=egrad, DETERMINISTIC=deterministic)
+    launch = _launch(_bwd_kernel, N, B * H, args, flags, configs["bwd"],
+                     max_programs=lead[0] if deterministic else None)
+    return launch, (dq, dk, dbias)
+
+
+def reduce_keys(partial: torch.Tensor, B: int, Hk: int) -> torch.Tensor:
+    """Deterministic mode: partial key gradients ``[programs, B·H, M, ...]`` -> ``[B, Hk, M,
+    ...]``, summed over the programs and the query heads that share a key head (head ``h``
+    reads key head ``h // G``), in a fixed order."""
+    S, BH = partial.shape[:2]
+    G = BH // (B * Hk)
+    return partial.view(S, B, Hk, G, *partial.shape[2:]).sum(dim=(0, 3))
 
 
 def _forward(*inputs):
@@ -651,10 +780,14 @@ def _forward(*inputs):
     return outputs
 
 
-def _backward(dout, denergy, q, k, key_bias, *rest):
-    launches, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest)
-    for launch in launches:
-        launch()
+def _backward(dout, denergy, q, k, key_bias, *rest, deterministic=False):
+    launch, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest,
+                                            deterministic=deterministic)
+    launch()
+    if deterministic:
+        B, Hk = k.shape[:2]
+        dk = reduce_keys(dk, B, Hk)
+        dbias = reduce_keys(dbias, B, Hk) if key_bias is not None else dbias
     dbias = dbias.to(key_bias.dtype) if key_bias is not None else dbias
     return dq.to(q.dtype), dk.to(k.dtype), dbias
 
@@ -694,15 +827,17 @@ def _bwd_op(dout: torch.Tensor, denergy: torch.Tensor | None, q: torch.Tensor,
             k: torch.Tensor, key_bias: torch.Tensor | None, pad: torch.Tensor | None,
             mu: torch.Tensor, lse: torch.Tensor, energy_lse: torch.Tensor, scale: float,
             step_size: float, momentum: float, num_steps: int, is_causal: bool,
-            optimizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, d key_bias)``; ``d key_bias`` is empty when there is no bias."""
+            optimizer: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor,
+                                                          torch.Tensor]:
+    """``(dq, dk, d key_bias)``; ``d key_bias`` is empty when there is no bias.
+    ``deterministic``: bitwise repeatable key gradients (split-and-reduce, no shared atomics)."""
     return _backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
-                     momentum, num_steps, is_causal, optimizer)
+                     momentum, num_steps, is_causal, optimizer, deterministic=deterministic)
 
 
 @_bwd_op.register_fake
 def _(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size, momentum,
-      num_steps, is_causal, optimizer):
+      num_steps, is_causal, optimizer, deterministic):
     dbias = (torch.empty_like(key_bias, memory_format=torch.contiguous_format)
              if key_bias is not None else q.new_empty(0, dtype=torch.float32))
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -727,8 +862,10 @@ def _backward_rule(ctx, dout, denergy, *_):
         dout = torch.zeros_like(q)
     if not ctx.with_energies:
         denergy = None
+    # torch.use_deterministic_algorithms(True) asks for bitwise repeatable gradients: the key
+    # gradient then sums per-program partials in a fixed order instead of atomics.
     dq, dk, dbias = _bwd_op(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse,
-                            *ctx.hyper)
+                            *ctx.hyper, torch.are_deterministic_algorithms_enabled())
     return dq, dk, (dbias if key_bias is not None else None), None, *([None] * 8)
 
 

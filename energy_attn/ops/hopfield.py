@@ -10,13 +10,15 @@ One public function, three backends (docs/math.md §7 for their memory and cost)
 * ``autograd``: the blog's semantics, ``torch.autograd.grad(E, ξ, create_graph=True)``.
 * ``triton``: the fused kernel from ``energy_attn.kernels`` (CUDA tensors).
 
-``auto`` picks triton for supported CUDA inputs, else reference.
+``auto`` picks triton only where it was measured faster than the reference (see
+:data:`AUTO_TRITON_WINS` and :func:`auto_picks_triton`), else reference.
 """
 
 from __future__ import annotations
 
 import functools
 from collections import defaultdict
+from typing import NamedTuple
 
 import torch
 
@@ -212,6 +214,58 @@ def _kernel_masks(m, key_bias, k_shape):
     return m.allowed, bias, None
 
 
+class TritonWin(NamedTuple):
+    """A region of calls where the fused kernel was measured faster than the reference."""
+
+    short_path: bool  # the kernel's short-memory path (every key of a head loaded once)
+    max_keys: int  # largest key count M measured there
+    note: str  # the measurement: device, commit, speed-ups over the reference
+
+
+#: Where ``backend="auto"`` runs the fused Triton kernel instead of the reference backend: the
+#: regions where it was *measured* faster, and nothing else. Measurement:
+#: benchmarks/results/gpu-H200-2026-11-29.md (NVIDIA H200, bf16, the kernels of commit
+#: 7b1daef). On the streaming path (keys that do not fit on chip) the kernel ran at 0.15–0.84x
+#: the reference forward and 0.15–0.41x forward+backward, so it has no row. To widen the rule
+#: once new figures exist, add a row naming its measurement.
+AUTO_TRITON_WINS = (
+    TritonWin(short_path=True, max_keys=256,
+              note="H200, 7b1daef, D=64, N=8192, T=8: M=64 17x forward, 2.3x forward+backward; "
+                   "M=256 2.4x forward, 1.17x forward+backward"),
+)
+
+
+def _auto_backend(q, k, m, key_bias, is_causal, optimizer, num_steps, device_type) -> str:
+    """``"triton"`` where the kernel supports the (validated) call and :func:`auto_picks_triton`
+    says it was measured faster on ``device_type``, else ``"reference"``."""
+    if device_type != "cuda":
+        return "reference"
+    k_mask, k_bias, why = _kernel_masks(m, key_bias, k.shape)
+    if why is not None or _triton_unsupported(q, k, k_mask, is_causal, k_bias, optimizer,
+                                              num_steps) is not None:
+        return "reference"
+    kmod, _ = _triton_module()
+    M, D = k.shape[2], k.shape[3]
+    return "triton" if auto_picks_triton(device_type, M, kmod.takes_short_path(M, D, q.dtype)) \
+        else "reference"
+
+
+def auto_picks_triton(device_type: str, M: int, short_path: bool) -> bool:
+    """The ``backend="auto"`` rule: True when a call the kernel supports should run it.
+
+    Args:
+        device_type: the tensors' device type (``"cuda"``, ``"cpu"``, ...); only CUDA runs it.
+        M: the number of keys.
+        short_path: whether the kernel would take its short-memory path for this call
+            (``energy_attn.kernels.hopfield_descent.takes_short_path``).
+
+    Returns True inside a region of :data:`AUTO_TRITON_WINS`, else False (reference).
+    """
+    if device_type != "cuda":
+        return False
+    return any(short_path == w.short_path and M <= w.max_keys for w in AUTO_TRITON_WINS)
+
+
 def hopfield_descent(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -257,7 +311,10 @@ def hopfield_descent(
         return_energies: also return the energy of every iterate, ``[B, H, N, T+1]`` float32.
         optimizer: ``"gd" | "momentum" | "nesterov" | "newton_2nd1st" | "newton_light"``.
         momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).
-        backend: ``"auto" | "reference" | "autograd" | "triton"``.
+        backend: ``"auto" | "reference" | "autograd" | "triton"``. ``auto`` runs the fused
+            kernel only where it was measured faster than the reference (today: CUDA tensors
+            on the kernel's short-memory path, M <= 256; see :func:`auto_picks_triton`), else
+            the reference; ``triton`` forces the kernel.
         tol: masked tolerance stop (``0`` = off): a query whose next step would move it less
             than ``tol`` (Euclidean norm) stops there for the remaining steps. The step count
             stays fixed (no host sync). ``gd``/Newton optimizers, reference backend.
@@ -303,12 +360,8 @@ def hopfield_descent(
                           return_energies, tol)
     args = (q, k, scale, step_size, num_steps, m, key_bias, optimizer, momentum, return_energies)
     if backend == "auto":
-        backend = "reference"
-        if q.is_cuda:
-            k_mask, k_bias, why = _kernel_masks(m, key_bias, k.shape)
-            if why is None and _triton_unsupported(q, k, k_mask, is_causal, k_bias, optimizer,
-                                                   num_steps) is None:
-                backend = "triton"
+        backend = _auto_backend(q, k, m, key_bias, is_causal, optimizer, num_steps,
+                                q.device.type)
     if backend == "reference":
         return _reference(*args)
     if backend == "autograd":

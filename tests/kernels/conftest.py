@@ -19,3 +19,15 @@ def key_path(request, monkeypatch):
     """Run the test on the short-memory path (keys loaded once) and on the streaming path."""
     monkeypatch.setattr(kernels, "SHORT_MEMORY_BYTES", 1 << 30 if request.param == "short" else 0)
     return request.param
+
+
+#: Under the interpreter, small tiles so that small test sizes cross tile boundaries (the
+#: configuration space itself is exercised in test_tile_space.py). On a GPU the kernels run
+#: as users get them: autotuned over the space.
+SMALL_TILES = {name: (32, 32, 4, 1) for name in ("fwd", "bwd")}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles_on_the_interpreter(monkeypatch):
+    if DEVICE == "cpu":
+        monkeypatch.setattr(kernels, "FORCE_TILES", SMALL_TILES)

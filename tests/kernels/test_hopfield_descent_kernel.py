@@ -135,6 +135,47 @@ def test_expanding_regime_median_error(dtype):
             f"{name}: median error {err_k:.3g} vs reference {err_r:.3g}")
 
 
+@pytest.fixture
+def deterministic():
+    """``torch.use_deterministic_algorithms(True)``: the backward's split-and-reduce mode."""
+    before = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+@pytest.mark.parametrize("optimizer", ["gd", "nesterov"])
+def test_deterministic_backward_matches_and_repeats_bitwise(optimizer, key_path, deterministic):
+    """Grouped heads (G = 2) and several query tiles per program: the per-program partial key
+    gradients, summed afterwards, match the reference and repeat bit for bit."""
+    compare(torch.float32, H=4, Hk=2, mask_kind="causal+padding", optimizer=optimizer)
+    (q, k, b, dout), _ = make_inputs(2, 4, 2, 63, 111, 32, torch.bfloat16)
+    kw = dict(num_steps=2, step_size=0.8, optimizer=optimizer, momentum=OPTS[optimizer])
+    first = run("triton", q, k, b, dout, **kw)
+    again = run("triton", q, k, b, dout, **kw)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+
+
+def test_deterministic_energy_gradients(deterministic):
+    mask, _ = make_mask("padding", 2, 47)
+    (q, k, b, _), (q64, k64, b64, _) = make_inputs(2, 4, 2, 47, 47, 16, torch.float32)
+    de = torch.randn(2, 4, 47, 3, dtype=f64, device=DEVICE)
+    kw = dict(num_steps=2, step_size=0.7, optimizer="nesterov", momentum=0.6, mask=mask,
+              return_energies=True)
+
+    def run_e(backend, q, k, b):
+        leaves = [t.detach().requires_grad_(True) for t in (q, k, b)]
+        _, e = hopfield_descent(*leaves[:2], key_bias=leaves[2], backend=backend, **kw)
+        return [e, *torch.autograd.grad(e, leaves, de.to(e.dtype))]
+
+    got, ref, truth = run_e("triton", q, k, b), run_e("reference", q, k, b), run_e(
+        "reference", q64, k64, b64)
+    for name, g, r, t in zip(["energies", "dq", "dk", "dkey_bias"], got, ref, truth):
+        assert_close_to_truth(name, g, r, t, torch.float32)
+
+
 def test_odd_head_dim_and_no_bias():
     compare(torch.float32, D=24, bias=False, optimizer="momentum", scale=0.3, step_size=1.3)
 
@@ -235,8 +276,13 @@ def test_torch_compile_traces_through_the_op():
                                 momentum=0.5, backend="triton").square().sum()
 
     compiled = torch.compile(f, backend="inductor", fullgraph=True)  # no graph break at the op
-    loss_c = compiled(q, k)
-    gq_c, gk_c = torch.autograd.grad(loss_c, (q, k))
+    # Compile afresh: the on-disk graph caches key on the traced forward graph, not on the
+    # library op's backward rule, so a cache written by another version of this package
+    # would replay that version's backward call.
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False):
+        loss_c = compiled(q, k)
+        gq_c, gk_c = torch.autograd.grad(loss_c, (q, k))
     loss = f(q, k)
     gq, gk = torch.autograd.grad(loss, (q, k))
     torch.testing.assert_close(loss_c, loss)
@@ -318,6 +364,21 @@ def test_benchmark_script_smoke_run(tmp_path):
     rows = json.loads(js.read_text())["rows"]
     assert {r["provider"] for r in rows} == {"triton", "reference", "autograd"}
     assert all(r["ms"] > 0 for r in rows if r["provider"] == "triton")
+    # the target table's providers (flash×T: T chained SDPA calls; auto) and its table
+    bench.main(["--smoke", "--target", "--reps", "1", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "kernels-smoke-cpu-target.json").read_text())
+    assert {r["provider"] for r in data["rows"]} == {"triton", "reference", "flash", "auto"}
+    assert all(r["ms"] > 0 for r in data["rows"])
+    md = (tmp_path / "kernels-smoke-cpu-target.md").read_text()
+    assert "flash×T ms" in md and "auto ÷ best" in md
+    # the tile sweep times every candidate and names a winner per class
+    winners = bench.main(["--smoke", "--tiles", "--reps", "1", "--out", str(tmp_path)])
+    assert {w["kernel"] for w in winners} == set(bench_kernels(kmod))
+    assert (tmp_path / "kernel-tiles-smoke-cpu.json").exists()
+
+
+def bench_kernels(kmod):
+    return {key[0] for key in kmod._SPACE}
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -1,0 +1,114 @@
+"""The autotuning space: every tile configuration in it computes the right thing.
+
+Tile-size bugs must not wait for a GPU: each distinct ``(BLOCK_N, BLOCK_M)`` of the space (and
+the asymmetric 16×64 / 64×16) runs forward and backward under the interpreter, forced on
+every kernel, at sizes that cross its tiles, with causal + padding masks, a key bias and
+grouped heads, against the reference. ``num_warps``/``num_stages`` do not change what a
+program computes (the interpreter ignores them); that every full configuration compiles for
+sm_90 and fits its shared memory is checked by test_compile_check.py.
+"""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from energy_attn.kernels import hopfield_descent as kmod
+from test_hopfield_descent_kernel import compare
+
+ROOT = Path(__file__).resolve().parents[2]
+KERNELS = sorted({key[0] for key in kmod._SPACE})
+PAIRS = sorted({c[:2] for space in kmod._SPACE.values() for c in space} | {(16, 64), (64, 16)})
+
+
+def _force(monkeypatch, bn, bm):
+    monkeypatch.setattr(kmod, "FORCE_TILES", {k: (bn, bm, 4, 1) for k in KERNELS})
+
+
+@pytest.mark.parametrize("bn,bm", PAIRS, ids=[f"{n}x{m}" for n, m in PAIRS])
+def test_every_tile_of_the_space_streaming(bn, bm, monkeypatch):
+    _force(monkeypatch, bn, bm)
+    monkeypatch.setattr(kmod, "SHORT_MEMORY_BYTES", 0)
+    # N = M = 2·max tile + 3: every kernel sees full, partial and (causal) skipped tiles.
+    n = 2 * max(bn, bm) + 3
+    compare(torch.float32, B=2, H=2, Hk=1, N=n, M=n, D=16, mask_kind="causal+padding",
+            optimizer="nesterov", num_steps=2)
+
+
+@pytest.mark.parametrize("bn", sorted({n for n, _ in PAIRS}))
+def test_every_query_tile_on_the_short_path(bn, monkeypatch):
+    _force(monkeypatch, bn, 32)
+    monkeypatch.setattr(kmod, "SHORT_MEMORY_BYTES", 1 << 30)
+    compare(torch.float32, B=2, H=4, Hk=2, N=2 * bn + 3, M=45, D=16, mask_kind="padding",
+            optimizer="momentum", num_steps=2)
+
+
+def test_space_contains_every_measured_winner_first():
+    """The bold (winning) tiles of the H200 measurement are in the space, and lead it."""
+    text = (ROOT / "benchmarks" / "results" / "gpu-H200-2026-11-29.md").read_text()
+    bold = {tuple(int(x) for x in m.split(","))
+            for m in re.findall(r"\*\*\((\d+,\d+,\d+,\d+)\)", text)}
+    bold |= {tuple(int(x) for x in m.split(","))
+             for m in re.findall(r"\*\*\((\d+,\d+,\d+,\d+)\)\*\*", text)}
+    in_space = {c for space in kmod._SPACE.values() for c in space}
+    assert bold and bold <= in_space, bold - in_space
+    defaults = {space[0] for key, space in kmod._SPACE.items() if key[1] == 2
+                and key[3] in (64, 128)}
+    assert defaults <= bold
+
+
+def test_candidates_are_few_and_short_path_holds_every_key(monkeypatch):
+    monkeypatch.setattr(kmod, "FORCE_TILES", None)
+    for key, space in kmod._SPACE.items():
+        assert 1 <= len(space) <= 4, key  # bounded first-call autotuning cost
+        assert len(set(space)) == len(space), key
+    fwd = kmod.candidates("fwd", 2, False, 64, short=True, block_m_all=256)
+    assert fwd[0] == (32, 256, 8, 3)  # the measured short-path tile (128x64 logits budget)
+    assert all(bm == 256 and bn * bm <= 128 * 128 for bn, bm, _, _ in fwd)
+
+
+def test_default_launch_is_the_first_candidate(monkeypatch):
+    monkeypatch.setattr(kmod, "FORCE_TILES", None)
+    q = torch.empty(1, 4, 8192, 128, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(1, 4, 8192, 128, device="meta", dtype=torch.bfloat16)
+    launch, _ = kmod.plan_forward(q, k, None, None, 0.1, 0.8, 0.0, 4, False, "gd", False, True)
+    assert launch.candidates[0] == (128, 64, 8, 3)  # measured: 8.9 ms, the winner
+    assert tuple(launch.meta[k] for k in kmod.TILE_KEYS) == launch.candidates[0]
+    assert launch.args["NB"] == launch.args["MB"] == 16384
+
+
+def test_prune_drops_candidates_over_shared_memory(monkeypatch):
+    """Autotuning's early prune: this call's candidates, minus those whose compiled program
+    needs more shared memory than the device has (no GPU here: compile and device faked)."""
+    from types import SimpleNamespace
+
+    monkeypatch.setattr(kmod, "FORCE_TILES", None)
+    compiled = []
+
+    class FakeJit:
+        @staticmethod
+        def warmup(grid, **kw):
+            compiled.append((kw["BLOCK_N"], kw["BLOCK_M"], kw["num_warps"], kw["num_stages"]))
+            return SimpleNamespace(metadata=SimpleNamespace(shared=kw["BLOCK_M"] * 1024))
+
+    monkeypatch.setitem(kmod._KERNELS, "fwd", FakeJit)
+    monkeypatch.setattr(kmod, "_shared_memory_limit", lambda device: 100 * 1024)
+    q = torch.empty(1, 1, 8192, 128, dtype=torch.bfloat16)
+    kept = kmod._prune("fwd")([], {}, Q=q, VELOCITY=False, ENERGIES=False, BLOCK_D=128,
+                              SHORT=False, MB=16384)
+    space = kmod._SPACE["fwd", 2, False, 128]
+    assert compiled == list(space)  # every candidate compiled once, in order
+    kept = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept]
+    assert kept == [c for c in space if c[1] <= 100]  # the 128-key tile needs 128 KiB: dropped
+    assert (128, 128, 8, 2) in space and (128, 128, 8, 2) not in kept
+
+
+def test_autotuners_key_and_reset():
+    """Keyed on head dim, key path, tier flags and length buckets (dtypes are always in
+    Triton's key); the backward's atomically accumulated outputs are zeroed per timed run."""
+    fwd, bwd = kmod._TUNERS[kmod._fwd_kernel], kmod._TUNERS[kmod._bwd_kernel]
+    for tuner in (fwd, bwd):
+        assert {"BLOCK_D", "SHORT", "VELOCITY", "NESTEROV", "NB", "MB"} <= set(tuner.keys)
+        assert len(tuner.configs) > 1
+    assert "ENERGIES" in fwd.keys and "EGRAD" in bwd.keys
+    assert set(bwd.reset_to_zero) == {"DK", "DBIAS"} and not fwd.reset_to_zero
