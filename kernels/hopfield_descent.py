@@ -801,17 +801,19 @@ def _backward(dout, denergy, q, k, key_bias, *rest, deterministic=False):
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None,
             pad: torch.Tensor | None, scale: float, step_size: float, momentum: float,
             num_steps: int, is_causal: bool, optimizer: str, return_energies: bool,
-            save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                 torch.Tensor]:
+            save: bool, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor,
+                                                              torch.Tensor, torch.Tensor,
+                                                              torch.Tensor]:
     """``(ξ_T, energies, μ_t, lse_t, energy lse_t)``; empty tensors for what is not needed
-    (``save=False``: nothing for backward; the energy lse only with ``return_energies``)."""
+    (``save=False``: nothing for backward; the energy lse only with ``return_energies``).
+    ``deterministic`` only selects the backward's mode (see :func:`_backward_rule`)."""
     return _forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal,
                     optimizer, return_energies, save)
 
 
 @_fwd_op.register_fake
 def _(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer,
-      return_energies, save):
+      return_energies, save, deterministic=False):
     B, H, N, D = q.shape
     T = num_steps
     f32 = {"dtype": torch.float32}
@@ -849,6 +851,7 @@ def _setup_context(ctx, inputs, output):
     _, energy, mu, lse, energy_lse = output
     ctx.save_for_backward(q, k, key_bias, pad, mu, lse, energy_lse)
     ctx.hyper = (scale, step_size, momentum, num_steps, is_causal, optimizer)
+    ctx.deterministic = bool(inputs[12]) if len(inputs) > 12 else False
     ctx.with_energies = energy.numel() > 0
     ctx.mark_non_differentiable(mu, lse, energy_lse)
     ctx.set_materialize_grads(False)
@@ -862,11 +865,13 @@ def _backward_rule(ctx, dout, denergy, *_):
         dout = torch.zeros_like(q)
     if not ctx.with_energies:
         denergy = None
-    # torch.use_deterministic_algorithms(True) asks for bitwise repeatable gradients: the key
-    # gradient then sums per-program partials in a fixed order instead of atomics.
+    # deterministic=True on the call, or torch.use_deterministic_algorithms(True), asks for
+    # bitwise repeatable gradients: the key gradient then sums per-program partials in a fixed
+    # order instead of float32 atomics.
+    deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
     dq, dk, dbias = _bwd_op(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse,
-                            *ctx.hyper, torch.are_deterministic_algorithms_enabled())
-    return dq, dk, (dbias if key_bias is not None else None), None, *([None] * 8)
+                            *ctx.hyper, deterministic)
+    return dq, dk, (dbias if key_bias is not None else None), None, *([None] * 9)
 
 
 _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -911,13 +916,14 @@ def unsupported_reason(q, k, *, mask=None, is_causal=False, key_bias=None, optim
 
 
 def hopfield_descent_triton(q, k, scale, step_size, num_steps, mask, is_causal, key_bias,
-                            optimizer, momentum, return_energies):
+                            optimizer, momentum, return_energies, deterministic=False):
     """The fused kernel behind ``hopfield_descent(..., backend="triton")``.
 
     Same semantics as the reference backend (inputs already validated, ``scale`` resolved):
     returns ``ξ_T`` ``[B, H, N, D]`` in ``q.dtype``, or ``(ξ_T, energies [B, H, N, T+1]
     float32)``. Differentiable w.r.t. ``q``, ``k`` and ``key_bias`` (float32 inside the kernel,
     its gradient in its own dtype), through ``ξ_T`` and through the energies.
+    ``deterministic``: bitwise repeatable key gradients (split-and-reduce instead of atomics).
     """
     B, _, _, _ = q.shape
     M = k.shape[2]
@@ -926,5 +932,5 @@ def hopfield_descent_triton(q, k, scale, step_size, num_steps, mask, is_causal, 
         t is not None and t.requires_grad for t in (q, k, key_bias))
     out, energy, *_ = _fwd_op(q, k, key_bias, pad, float(scale), float(step_size),
                               float(momentum), int(num_steps), bool(is_causal), optimizer,
-                              bool(return_energies), save)
+                              bool(return_energies), save, bool(deterministic))
     return (out, energy) if return_energies else out

@@ -283,6 +283,7 @@ def hopfield_descent(
     tol: float = 0.0,
     solver: str = "unrolled",
     anderson: int = 0,
+    deterministic: bool = False,
 ):
     """Descend the Hopfield energy of queries ``q`` against fixed keys ``k`` for T steps.
 
@@ -323,10 +324,16 @@ def hopfield_descent(
             backward with T adjoint iterations, memory independent of T; ``gd`` only, and
             ``q`` gets no gradient since the fixed point does not depend on it).
         anderson: Anderson history size for ``solver="fixed_point"`` (0 = plain iteration).
+        deterministic: the triton backend's backward adds the key gradients of its query
+            tiles with float32 atomics (fast, not bitwise repeatable); ``True`` sums per-tile
+            partials in a fixed order instead (bitwise repeatable, more memory), as does
+            ``torch.use_deterministic_algorithms(True)``. The reference backend is unaffected.
 
     Returns:
         ``ξ_T`` ``[B, H, N, D]`` in ``q``'s dtype, or ``(ξ_T, energies)``.
     """
+    if not isinstance(deterministic, bool):
+        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     scale, step_size, num_steps, momentum = _check_inputs(
         q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum, backend
     )
@@ -373,7 +380,8 @@ def hopfield_descent(
         raise ValueError(f"backend='triton' cannot run this call: {why}")
     kmod, _ = _triton_module()
     return kmod.hopfield_descent_triton(q, k, scale, step_size, num_steps, k_mask, is_causal,
-                                        k_bias, optimizer, momentum, return_energies)
+                                        k_bias, optimizer, momentum, return_energies,
+                                        deterministic)
 
 
 def hopfield_fixed_point(

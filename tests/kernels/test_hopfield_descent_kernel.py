@@ -402,3 +402,34 @@ def test_fuzz_kernel_matches_reference(B, Hk, G, N, M, D, T, mask_kind, optimize
                 optimizer=optimizer, num_steps=T, bias=bias)
     finally:
         kmod.SHORT_MEMORY_BYTES = kmod_bytes
+
+
+@pytest.mark.parametrize("flag", [False, True])
+def test_deterministic_argument_selects_the_split_and_reduce_backward(flag, monkeypatch):
+    """``hopfield_descent(..., deterministic=True)`` (FlashAttention's per-call switch) reaches
+    the backward without the global ``torch.use_deterministic_algorithms``; the gradients
+    match the reference either way."""
+    assert not torch.are_deterministic_algorithms_enabled()
+    seen = []
+    backward = kmod._backward
+
+    def spy(*args, deterministic=False):
+        seen.append(deterministic)
+        return backward(*args, deterministic=deterministic)
+
+    monkeypatch.setattr(kmod, "_backward", spy)
+    (q, k, b, dout), (q64, k64, b64, dout64) = make_inputs(1, 4, 2, 40, 57, 16, torch.float32)
+    kw = dict(num_steps=2, step_size=0.8, optimizer="nesterov", momentum=0.5)
+    got = run("triton", q, k, b, dout, deterministic=flag, **kw)
+    assert seen == [flag]
+    ref, truth = run("reference", q, k, b, dout, **kw), run("reference", q64, k64, b64, dout64,
+                                                            **kw)
+    for name, g, r, t in zip(["out", "dq", "dk", "dkey_bias"], got, ref, truth):
+        assert_close_to_truth(name, g, r, t, torch.float32, scale=dout.abs().max().item()
+                              * k.abs().max().item())
+
+
+def test_deterministic_must_be_a_bool():
+    q = torch.randn(1, 1, 4, 16, device=DEVICE)
+    with pytest.raises(TypeError, match="deterministic"):
+        hopfield_descent(q, q, deterministic=1)
