@@ -380,10 +380,10 @@ def join_process_group(backend: str, **kwargs) -> None:
     of ten functions when it is first imported, and DistributedDataParallel's constructor
     imports it (through ``torch._dynamo``). Imported after the group exists, it keeps the
     default ProcessGroup referenced past ``destroy_process_group`` (PyTorch 2.13): the gloo
-    backend frees its worker and I/O threads only in its destructor, which then runs during
-    interpreter teardown, where a still-joinable thread aborts the process (``terminate
-    called without an active exception``). Imported here first, those defaults are ``None``
-    (the default group at call time). ``backend`` and ``kwargs`` go to
+    backend stops its worker and I/O threads only in its destructor (``shutdown`` and
+    ``abort`` leave them running), so they run on into interpreter teardown, which they can
+    abort (``terminate called without an active exception``). Imported here first, those
+    defaults are ``None`` (the default group at call time). ``backend`` and ``kwargs`` go to
     ``torch.distributed.init_process_group`` (env:// rendezvous unless ``init_method`` is
     given).
     """

@@ -86,11 +86,12 @@ def _worker(rank, port, out_path):
     # Every rank leaves together (barrier, then destroy): see leave_process_group.
     leave_process_group()
     # DDP alone leaves no gloo thread behind (tests/training/test_teardown.py). FSDP2 does:
-    # DTensor's module-level caches (sharding propagation, redistribute plans, mesh topology)
-    # keep the DeviceMesh, hence the ProcessGroup and its gloo threads, alive until interpreter
-    # teardown, where a still-joinable thread aborts the process, and PyTorch has no public
-    # call to empty them. The group is destroyed and the results are on disk, so end here,
-    # without interpreter teardown.
+    # DTensor's module-level caches (sharding propagation in Python and C++, tensor metadata,
+    # redistribute transforms and planners, MeshTopoInfo.build_from_mesh) keep the DeviceMesh,
+    # hence the ProcessGroup and its gloo threads, alive until interpreter teardown, where a
+    # thread still running can abort the process; PyTorch 2.13 has no public call that empties
+    # them (measured: only clearing all six private caches frees the group). The group is
+    # destroyed and the results are on disk, so end here, without interpreter teardown.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
