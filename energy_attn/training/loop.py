@@ -35,6 +35,8 @@ gradient only.
 from __future__ import annotations
 
 import csv
+import gc
+import importlib
 import json
 import math
 import os
@@ -358,7 +360,7 @@ def train(cfg: TrainConfig, *, corpus=None, resume: bool = False, stop_at: int |
             torch.cuda.set_device(device)
     own_group = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        join_process_group("nccl" if device.type == "cuda" else "gloo")
         own_group = True
     try:
         log = _train(cfg, corpus, resume, stop_at, progress, world, rank, device)
@@ -371,21 +373,40 @@ def train(cfg: TrainConfig, *, corpus=None, resume: bool = False, stop_at: int |
     return log
 
 
+def join_process_group(backend: str, **kwargs) -> None:
+    """Create the default process group so that :func:`leave_process_group` can free it.
+
+    ``torch.distributed.nn.functional`` binds ``group.WORLD`` as the default ``group`` argument
+    of ten functions when it is first imported, and DistributedDataParallel's constructor
+    imports it (through ``torch._dynamo``). Imported after the group exists, it keeps the
+    default ProcessGroup referenced past ``destroy_process_group`` (PyTorch 2.13): the gloo
+    backend stops its worker and I/O threads only in its destructor (``shutdown`` and
+    ``abort`` leave them running), so they run on into interpreter teardown, which they can
+    abort (``terminate called without an active exception``). Imported here first, those
+    defaults are ``None`` (the default group at call time). ``backend`` and ``kwargs`` go to
+    ``torch.distributed.init_process_group`` (env:// rendezvous unless ``init_method`` is
+    given).
+    """
+    importlib.import_module("torch.distributed.nn.functional")
+    dist.init_process_group(backend, **kwargs)
+
+
 def leave_process_group() -> None:
     """Tear the default process group down once every rank is done with it: barrier, destroy.
 
     Ranks finish at different times (rank 0 still writes the log, its figure and the
-    checkpoint). DDP and FSDP2 keep the gloo group referenced past ``destroy_process_group``:
-    its worker and I/O threads stay alive until the process exits (measured with PyTorch
-    2.13), so a rank that left early would close its connections under a peer's live gloo
-    threads while that peer is still working or shutting down. The barrier makes every rank
-    leave together. Call it on the success path only (a rank that raised may leave peers
-    blocked in a collective, where a barrier would wait for the timeout).
+    checkpoint); the barrier makes every rank leave together. Created by
+    :func:`join_process_group` and used through DistributedDataParallel, nothing holds the
+    group after ``destroy_process_group``, so its gloo threads are joined here, not at
+    interpreter exit, once the DDP module that used it is gone (a cycle collection frees
+    one held only by reference cycles). Call it on the success path only (a rank that raised
+    may leave peers blocked in a collective, where a barrier would wait for the timeout).
     """
     try:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+        gc.collect()
 
 
 def _train(cfg, corpus, resume, stop_at, progress, world, rank, device):

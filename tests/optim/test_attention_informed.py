@@ -244,12 +244,9 @@ def test_no_recorders_is_adamw_and_bad_arguments():
 
 
 # ---------------------------------------------------------------- DDP (2 processes, gloo)
-def _ddp_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
+def _ddp_train(rank, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
     torch.manual_seed(0)
     model = TinyModel().double()  # float64: Adam's m/√v amplifies rounding of tiny gradients
     ddp = DDP(model)
@@ -262,7 +259,14 @@ def _ddp_worker(rank, world, init_file, out_dir):
         opt.backward(loss)
         opt.step()
     torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"{rank}.pt"))
-    dist.destroy_process_group()
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    from energy_attn.training.loop import join_process_group, leave_process_group
+
+    join_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    _ddp_train(rank, out_dir)  # DDP is gone when the group is left: no gloo thread outlives it
+    leave_process_group()
 
 
 @pytest.mark.slow
