@@ -23,9 +23,9 @@ from __future__ import annotations
 import torch
 
 
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """float64 stays float64; everything else accumulates in float32."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype: float64 if any input is float64, else float32."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def key_rows(allowed: torch.Tensor | None, is_causal: bool = False, m: int = 0, device=None):

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .._utils import check_bool_mask, check_finite_number, check_float_tensor, exists
-from .hopfield import _acc_dtype
+from .._moments import acc_dtype
 
 
 def _check(tokens, w_q, w_k, scale, mask):
@@ -53,7 +53,7 @@ def _check(tokens, w_q, w_k, scale, mask):
 
 def _attention(tokens, w_q, w_k, scale, mask):
     """Queries, keys ``[..., H, N, Y]``, attention ``P [..., H, N, N]``, row validity, logits."""
-    dt = _acc_dtype(tokens, w_q, w_k)
+    dt = acc_dtype(tokens, w_q, w_k)
     g = tokens.to(dt)
     q = torch.einsum("...nd,hyd->...hny", g, w_q.to(dt))
     k = torch.einsum("...nd,hyd->...hny", g, w_k.to(dt))

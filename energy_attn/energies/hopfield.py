@@ -21,12 +21,8 @@ from __future__ import annotations
 import torch
 
 from .. import masks
-from .._moments import centred, key_rows
+from .._moments import acc_dtype, centred, key_rows
 from .._utils import exists
-
-
-def _acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def _resolve_scale(state, stored, scale):
@@ -49,7 +45,7 @@ def _logits(state, stored, scale, mask=None, key_bias=None):
     Fully masked rows get all-zero logits (so softmax/lse stay finite) and ``valid = False``;
     callers zero their read-out and potential.
     """
-    dt = _acc_dtype(state, stored)
+    dt = acc_dtype(state, stored)
     logits = torch.einsum("...id,...jd->...ij", state.to(dt), stored.to(dt)) * scale
     if exists(key_bias):
         logits = logits + key_bias.to(dt).unsqueeze(-2)
@@ -185,7 +181,7 @@ def hopfield_newton_direction(
 def elastic_key_bias(stored_patterns, scale=None):
     """Per-key logit bias ``−½ β ‖k_j‖²`` that turns the Hopfield energy into ``F*``."""
     scale = _resolve_scale(stored_patterns, stored_patterns, scale)
-    dt = _acc_dtype(stored_patterns)
+    dt = acc_dtype(stored_patterns)
     return -0.5 * scale * stored_patterns.to(dt).pow(2).sum(dim=-1)
 
 

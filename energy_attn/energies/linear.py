@@ -24,7 +24,7 @@ import torch
 
 from .. import masks
 from .._utils import check_float_tensor, exists
-from .hopfield import _acc_dtype
+from .._moments import acc_dtype
 
 
 def gate_weights(gates: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -71,7 +71,7 @@ def _check(state, stored, gates, causal):
 def _scores(state, stored, scale, mask, causal, gates):
     """``(w ⊙ ξKᵀ)`` in the accumulation dtype, plus the keys in that dtype."""
     _check(state, stored, gates, causal)
-    dt = _acc_dtype(state, stored)
+    dt = acc_dtype(state, stored)
     keys = stored.to(dt)
     s = state.to(dt) @ keys.transpose(-1, -2)  # [..., n, m]
     w = linear_weights(s.shape[-2], s.shape[-1], mask, causal, gates, dt, s.device)

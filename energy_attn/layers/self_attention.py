@@ -213,11 +213,8 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         # autograd keeps, as a math-path attention call does.
         logits = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * q.shape[-1] ** -0.5  # [B, H, N, N]
         allowed = masks.full_allowed(masks.from_allowed(mask, is_causal), n, n, q.device)
-        valid = None
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))
-            valid = allowed.any(dim=-1, keepdim=True)
-            logits = logits.masked_fill(~valid, 0.0)  # fully masked rows: finite, zeroed below
+        # blocked: −inf; fully masked rows: finite logits, valid False (zeroed below)
+        logits, valid = masks.logits_mask(logits, masks.Masks(allowed))
         p = F.dropout(logits.softmax(dim=-1), p_drop, training=p_drop > 0)
         if valid is not None:
             p = p * valid
