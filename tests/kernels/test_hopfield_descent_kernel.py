@@ -65,6 +65,14 @@ def run(backend, q, k, b, dout, **kw):
     return [out, *grads]
 
 
+def run_energies(backend, q, k, b, de, **kw):
+    """The energies (``return_energies=True``) and the gradients w.r.t. (q, k, key_bias) of
+    ``<energies, de>``."""
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, b)]
+    _, e = hopfield_descent(*leaves[:2], key_bias=leaves[2], backend=backend, **kw)
+    return [e, *torch.autograd.grad(e, leaves, de.to(e.dtype))]
+
+
 def assert_close_to_truth(name, kernel, ref, truth, dtype, scale=0.0):
     """``scale``: the magnitude of the terms a result is computed from, when larger than the
     result. ``d key_bias = Σ_i P ⊙ (dμ·k − Δ)`` cancels exactly where a row sees one key, and
@@ -165,13 +173,8 @@ def test_deterministic_energy_gradients(deterministic):
     kw = dict(num_steps=2, step_size=0.7, optimizer="nesterov", momentum=0.6, mask=mask,
               return_energies=True)
 
-    def run_e(backend, q, k, b):
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, b)]
-        _, e = hopfield_descent(*leaves[:2], key_bias=leaves[2], backend=backend, **kw)
-        return [e, *torch.autograd.grad(e, leaves, de.to(e.dtype))]
-
-    got, ref, truth = run_e("triton", q, k, b), run_e("reference", q, k, b), run_e(
-        "reference", q64, k64, b64)
+    got, ref, truth = (run_energies(backend, *t, de, **kw) for backend, t in (
+        ("triton", (q, k, b)), ("reference", (q, k, b)), ("reference", (q64, k64, b64))))
     for name, g, r, t in zip(["energies", "dq", "dk", "dkey_bias"], got, ref, truth):
         assert_close_to_truth(name, g, r, t, torch.float32)
 
@@ -215,13 +218,8 @@ def test_energy_gradients_half_precision(optimizer):
     kw = dict(num_steps=2, step_size=0.8, optimizer=optimizer, momentum=OPTS[optimizer],
               return_energies=True)
 
-    def run_e(backend, q, k, b):
-        leaves = [t.detach().requires_grad_(True) for t in (q, k, b)]
-        _, e = hopfield_descent(*leaves[:2], key_bias=leaves[2], backend=backend, **kw)
-        return [e, *torch.autograd.grad(e, leaves, de.to(e.dtype))]
-
-    got, ref, truth = run_e("triton", q, k, b), run_e("reference", q, k, b), run_e(
-        "reference", q64, k64, b64)
+    got, ref, truth = (run_energies(backend, *t, de, **kw) for backend, t in (
+        ("triton", (q, k, b)), ("reference", (q, k, b)), ("reference", (q64, k64, b64))))
     for name, g, r, t in zip(["energies", "dq", "dk", "dkey_bias"], got, ref, truth):
         assert_close_to_truth(name, g, r, t, torch.float16)
 
