@@ -904,11 +904,11 @@ def unsupported_reason(q, k, *, mask=None, is_causal=False, key_bias=None, optim
         return f"head dim D={D} (the kernel takes {MIN_HEAD_DIM} <= D <= {MAX_HEAD_DIM})"
     if q.shape[2] == 0 or k.shape[2] == 0 or q.shape[0] == 0:
         return "empty inputs"
-    if mask is not None:
-        shape = (1,) * (4 - mask.dim()) + tuple(mask.shape)
-        if shape[1] != 1 or shape[2] != 1:
-            return (f"a mask of shape {tuple(mask.shape)} (the kernel takes key-padding masks "
-                    "broadcastable as [B, 1, 1, M]; combine with is_causal for causal)")
+    from energy_attn.masks import is_key_padding  # noqa: PLC0415  (the one owner of masks)
+
+    if not is_key_padding(mask):
+        return (f"a mask of shape {tuple(mask.shape)} (the kernel takes key-padding masks "
+                "broadcastable as [B, 1, 1, M]; combine with is_causal for causal)")
     if not q.is_cuda and not _interpreting():
         return (f"tensors on {q.device} (the kernel needs CUDA tensors, or TRITON_INTERPRET=1 "
                 "for the interpreter)")
