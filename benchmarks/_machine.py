@@ -1,11 +1,15 @@
-"""Describe the machine a benchmark ran on: one helper for every script in this folder.
+"""Describe the machine and the code a benchmark ran on: helpers for every script here.
 
 Scripts run as ``python benchmarks/<name>.py``, so this folder is on ``sys.path`` and they
-``from _machine import machine, machine_name``.
+``from _machine import machine, machine_name, commit, triton_version, median_ms``.
 """
 
 import os
 import platform
+import statistics
+import subprocess
+import time
+from pathlib import Path
 
 import torch
 
@@ -39,3 +43,40 @@ def machine() -> dict:
         "torch": torch.__version__,
         "note": "shared machine: other jobs were running, timings are noisy",
     }
+
+
+def commit() -> str | None:
+    """The repository's commit (the results' provenance): ``$BENCH_COMMIT`` when set (a copy
+    of the tree without ``.git``, as on a lent GPU machine), else ``git rev-parse``, else None."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def triton_version() -> str | None:
+    """Triton's version, or None where it is not installed."""
+    try:
+        import triton  # noqa: PLC0415
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def median_ms(fn, reps: int, device: str) -> float:
+    """Median milliseconds of ``fn()``: ``triton.testing.do_bench`` (CUDA events, ``reps`` x
+    10 ms of repetitions) on a GPU, else ``reps`` host-timed calls after one warm-up."""
+    if device == "cuda":
+        import triton.testing  # noqa: PLC0415
+
+        return triton.testing.do_bench(fn, warmup=10, rep=reps * 10, return_mode="median")
+    fn()  # warm-up (compiles/specialises)
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(1e3 * (time.perf_counter() - t0))
+    return statistics.median(times)

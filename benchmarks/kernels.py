@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
 from energy_attn import hopfield_descent
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path
-from _machine import machine_name  # noqa: E402
+from _machine import commit, machine_name, median_ms, triton_version  # noqa: E402
 
 PROVIDERS = ("triton", "reference", "autograd")
 TARGET_PROVIDERS = ("triton", "reference", "flash", "auto")
@@ -79,21 +78,6 @@ def grid(args):
         cases.append((64, 8192, M, 8, 64, False))
     cases.append((128, 32768, 32768, 8, 16, False))  # the memory target
     return cases
-
-
-def bench(fn, reps: int, device: str) -> float:
-    """Median milliseconds of ``fn()``."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=reps * 10, return_mode="median")
-    fn()  # warm-up (compiles/specialises)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
 
 
 def autograd_fits(D, N, M, T, bh, elem, device) -> bool:
@@ -139,12 +123,15 @@ def run_case(provider, mode, D, N, M, T, bh, causal, dtype, reps, device, optimi
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        fn()
+    t0 = time.perf_counter()
+    fn()  # the first call: compiling and (triton) autotuning a new shape class happen here
+    if device == "cuda":
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**30
-    ms = bench(fn, reps, device)
+    first_s = time.perf_counter() - t0
+    ms = median_ms(fn, reps, device)
     flops = 4 * N * M * D * T * bh * (0.5 if causal else 1.0) * (3.5 if train else 1.0)
-    return {"ms": ms, "tflops": flops / ms / 1e9, "peak_gib": peak}
+    return {"ms": ms, "tflops": flops / ms / 1e9, "peak_gib": peak, "first_call_s": first_s}
 
 
 def main(argv=None):
@@ -175,6 +162,14 @@ def main(argv=None):
         return tile_sweep(args, dtype, reps, device)
 
     rows = []
+    try:
+        _run_grid(args, providers, dtype, reps, device, rows)
+    except KeyboardInterrupt:  # Ctrl-C or ``timeout`` (SIGTERM): keep what was measured
+        print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
+    _write(args, rows, dtype)
+
+
+def _run_grid(args, providers, dtype, reps, device, rows):
     for D, N, M, T, bh, causal in grid(args):
         for mode in ("fwd", "fwd+bwd"):
             for provider in providers:
@@ -193,6 +188,8 @@ def main(argv=None):
                 rows.append(row)
                 print(_fmt_row(row), flush=True)
 
+
+def _write(args, rows, dtype):
     for r in rows:  # speed-up over the unrolled SDPA reference
         ref = next((x for x in rows if x["provider"] == "reference" and x["mode"] == r["mode"]
                     and (x["D"], x["N"], x["M"], x["T"], x["BH"], x["causal"])
@@ -203,10 +200,11 @@ def main(argv=None):
     tag = _tag(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine_name(), "torch": torch.__version__, "smoke": args.smoke,
+    meta = {"machine": machine_name(), "torch": torch.__version__,
+            "triton": triton_version(), "smoke": args.smoke,
             "note": ("Triton interpreter on a shared CPU: proves the script runs; these are "
                      "NOT kernel timings") if args.smoke else "GPU timings (do_bench medians)",
-            "commit": _commit(), "rows": rows}
+            "commit": commit(), "rows": rows}
     (out / f"kernels-{tag}.json").write_text(json.dumps(meta, indent=2))
     table = _target_table(rows) if args.target else _table(rows)
     (out / f"kernels-{tag}.md").write_text(
@@ -221,70 +219,92 @@ def _tag(args):
     return f"{name}-target" if args.target else name
 
 
-def _commit():
-    """The repository's commit (for the results' provenance), or None outside git."""
-    import subprocess  # noqa: PLC0415
-
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
+#: Tiles the sweep times besides the autotuning candidates, (kernel, padded D) -> configs: the
+#: one-kernel backward had never run on a GPU when its space was written, so the sweep also
+#: looks around it. A winner from here belongs in ``_SPACE`` (kernels/hopfield_descent.py).
+EXPLORE = {
+    ("bwd", 128): ((128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2),
+                   (32, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2)),
+    ("bwd", 64): ((128, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)),
+}
 
 
 def tile_sweep(args, dtype, reps, device):
-    """Time each autotuning candidate (forced, no autotuning) of the forward and the backward
-    on the target classes; print the winner per class and write them with every timing."""
+    """Time each autotuning candidate (forced, no autotuning) of the forward and the backward,
+    and the ``EXPLORE`` tiles, on the target classes; print the winner per class. The JSON and
+    table are rewritten after every class, so an interrupted sweep keeps what it measured."""
     from energy_attn.kernels import hopfield_descent as kmod  # noqa: PLC0415
 
     cases = ([(16, 64, 64, 2, 2, False)] if args.smoke else
-             [(D, 8192, 8192, 4, 32, False) for D in (64, 128)] + [(64, 8192, 256, 8, 64, False)])
+             [(128, 8192, 8192, 4, 32, False), (64, 8192, 8192, 4, 32, False),
+              (64, 8192, 256, 8, 64, False)])
     rows, winners = [], []
     saved, kmod.FORCE_TILES = kmod.FORCE_TILES, None
-    for D, N, M, T, bh, causal in cases:
-        block_d = max(16, 1 << (D - 1).bit_length())
-        block_m_all = max(16, 1 << (M - 1).bit_length())
-        short = kmod.takes_short_path(M, D, dtype)
-        for optimizer in ("gd", "nesterov"):
-            heavy = optimizer != "gd"
-            for kernel, mode in (("fwd", "fwd"), ("bwd", "fwd+bwd")):
-                best = None
-                for cfg in kmod.candidates(kernel, dtype.itemsize, heavy, block_d, short,
-                                           block_m_all):
-                    kmod.FORCE_TILES = {kernel: cfg}
-                    try:
-                        res = run_case("triton", mode, D, N, M, T, bh, causal, dtype, reps,
-                                       device, optimizer=optimizer)
-                    except Exception as e:  # noqa: BLE001 - a config that cannot launch
-                        res = {"ms": None, "note": f"{type(e).__name__}"}
-                    finally:
-                        kmod.FORCE_TILES = None
+    try:
+        for D, N, M, T, bh, causal in cases:
+            block_d = max(16, 1 << (D - 1).bit_length())
+            block_m_all = max(16, 1 << (M - 1).bit_length())
+            short = kmod.takes_short_path(M, D, dtype)
+            for optimizer in ("gd", "nesterov"):
+                heavy = optimizer != "gd"
+                for kernel, mode in (("fwd", "fwd"), ("bwd", "fwd+bwd")):
+                    space = kmod.candidates(kernel, dtype.itemsize, heavy, block_d, short,
+                                            block_m_all)
+                    if not short and not args.smoke:
+                        space += tuple(c for c in EXPLORE.get((kernel, block_d), ())
+                                       if c not in space)
+                    best = None
+                    for cfg in space:
+                        row = _time_tiles(kmod, kernel, mode, cfg, optimizer, D, N, M, T, bh,
+                                          causal, dtype, reps, device)
+                        rows.append(row)
+                        if row.get("ms") and (best is None or row["ms"] < best["ms"]):
+                            best = row
+                    if best is not None:
+                        winners.append(best)
+                    _write_tiles(args, rows, winners)
+    except KeyboardInterrupt:
+        print("interrupted: the classes swept so far are written", flush=True)
+    finally:
+        kmod.FORCE_TILES = saved
+    print("\n" + _tiles_table(winners))
+    return winners
 
-                    row = {"kernel": kernel, "mode": mode, "D": D, "N": N, "M": M, "T": T,
-                           "BH": bh, "optimizer": optimizer, "tiles": list(cfg), **res}
-                    rows.append(row)
-                    print(f"{kernel:>4} {optimizer:>8} D={D} N={N} M={M} tiles={cfg}: "
-                          f"{_fmt(res.get('ms'), '.3f')} ms", flush=True)
-                    if res.get("ms") and (best is None or res["ms"] < best["ms"]):
-                        best = row
-                if best is not None:
-                    winners.append(best)
-    kmod.FORCE_TILES = saved
+
+def _time_tiles(kmod, kernel, mode, cfg, optimizer, D, N, M, T, bh, causal, dtype, reps,
+                device):
+    kmod.FORCE_TILES = {kernel: cfg}
+    try:
+        res = run_case("triton", mode, D, N, M, T, bh, causal, dtype, reps, device,
+                       optimizer=optimizer)
+    except Exception as e:  # noqa: BLE001 - a config that cannot launch (e.g. out of resources)
+        res = {"ms": None, "note": f"{type(e).__name__}"}
+    finally:
+        kmod.FORCE_TILES = None
+    print(f"{kernel:>4} {optimizer:>8} D={D} N={N} M={M} tiles={cfg}: "
+          f"{_fmt(res.get('ms'), '.3f')} ms", flush=True)
+    return {"kernel": kernel, "mode": mode, "D": D, "N": N, "M": M, "T": T, "BH": bh,
+            "optimizer": optimizer, "tiles": list(cfg), **res}
+
+
+def _tiles_table(winners):
     table = ["| kernel | opt | D | N | M | T | winner (BLOCK_N, BLOCK_M, warps, stages) | ms |",
              "|---|---|---|---|---|---|---|---|"]
     table += [f"| {w['kernel']} | {w['optimizer']} | {w['D']} | {w['N']} | {w['M']} | "
               f"{w['T']} | {tuple(w['tiles'])} | {w['ms']:.3f} |" for w in winners]
-    text = "\n".join(table)
-    print("\n" + text)
+    return "\n".join(table)
+
+
+def _write_tiles(args, rows, winners):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = "smoke-cpu" if args.smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()
-    meta = {"machine": machine_name(), "torch": torch.__version__, "commit": _commit(),
-            "rows": rows, "winners": winners}
+    meta = {"machine": machine_name(), "torch": torch.__version__, "triton": triton_version(),
+            "commit": commit(), "rows": rows, "winners": winners}
     (out / f"kernel-tiles-{tag}.json").write_text(json.dumps(meta, indent=2))
     (out / f"kernel-tiles-{tag}.md").write_text(
-        f"# Tile sweep\n\nMachine: {meta['machine']}, commit {meta['commit']}.\n\n{text}\n")
-    return winners
+        f"# Tile sweep\n\nMachine: {meta['machine']}, commit {meta['commit']}.\n\n"
+        f"{_tiles_table(winners)}\n")
 
 
 def _fmt(x, spec):
@@ -300,17 +320,18 @@ def _fmt_row(r):
 
 def _target_table(rows):
     """Side by side per shape: ms of every provider, speed-ups, effective TFLOP/s."""
-    def ms(provider, mode, case):
+    def ms(provider, mode, case, field="ms"):
         r = next((x for x in rows if x["provider"] == provider and x["mode"] == mode
                   and _case(x) == case), None)
-        return r["ms"] if r else None
+        return r.get(field) if r else None
 
     def ratio(a, b):
         return a / b if a and b else None
 
     head = ("| D | N | M | T | B·H | mode | triton ms | reference ms | flash×T ms | auto ms | "
-            "triton × ref | auto ÷ best | triton TFLOP/s | triton bwd TFLOP/s |")
-    lines = [head, "|" + "---|" * 14]
+            "triton × ref | auto ÷ best | triton TFLOP/s | triton bwd TFLOP/s | "
+            "triton first call s |")
+    lines = [head, "|" + "---|" * 15]
     for case in dict.fromkeys(_case(r) for r in rows):
         D, N, M, T, bh, causal = case
         for mode in ("fwd", "fwd+bwd"):
@@ -327,7 +348,8 @@ def _target_table(rows):
                 f"| {D} | {N} | {M} | {T} | {bh} | {mode} | {_fmt(tr, '.3f')} | "
                 f"{_fmt(ref, '.3f')} | {_fmt(fl, '.3f')} | {_fmt(au, '.3f')} | "
                 f"{_fmt(ratio(ref, tr), '.2f')} | {_fmt(ratio(au, best), '.2f')} | "
-                f"{_fmt(tf, '.0f')} | {_fmt(bwd, '.0f')} |")
+                f"{_fmt(tf, '.0f')} | {_fmt(bwd, '.0f')} | "
+                f"{_fmt(ms('triton', mode, case, 'first_call_s'), '.1f')} |")
     return "\n".join(lines)
 
 
@@ -348,5 +370,12 @@ def _table(rows):
     return "\n".join(lines)
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)  # ``timeout`` ends a GPU session's run cleanly
     main()

@@ -375,6 +375,22 @@ def test_benchmark_script_smoke_run(tmp_path):
     assert (tmp_path / "kernel-tiles-smoke-cpu.json").exists()
 
 
+@pytest.mark.slow
+def test_accuracy_script_smoke_run(tmp_path):
+    """``benchmarks/kernel_accuracy.py --smoke`` compares both backends with float64 and finds
+    the deterministic backward bitwise repeatable."""
+    path = Path(__file__).parents[2] / "benchmarks" / "kernel_accuracy.py"
+    spec = importlib.util.spec_from_file_location("bench_accuracy", path)
+    acc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(acc)
+    meta = acc.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "kernel-accuracy-smoke-cpu.json").exists()
+    assert {r["tensor"] for r in meta["accuracy"]} == {"out", "dq", "dk", "dkey_bias"}
+    assert all(r["finite"] and r["triton"] < 1e-5 for r in meta["accuracy"])  # float32
+    deterministic = next(d for d in meta["determinism"] if d["deterministic"])
+    assert deterministic["bitwise_repeatable"] and deterministic["max_run_spread"] == 0
+
+
 def bench_kernels(kmod):
     return {key[0] for key in kmod._SPACE}
 

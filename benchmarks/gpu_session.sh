@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One prepared GPU session (a CUDA machine, repository root): the kernel tests on CUDA, the
+# kernels' accuracy and determinism at realistic sizes, the issue's target table and the tile
+# sweep, each under its own time limit, in order of importance. Results go to $OUT
+# (default benchmarks/results); every stage's output also goes to $OUT/session.log.
+#
+#   OUT=/tmp/gpu BENCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
+set -u
+OUT=${OUT:-benchmarks/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+LOG="$OUT/session.log"
+stage() {  # stage <seconds> <name> <command...>
+    local limit=$1 name=$2; shift 2
+    echo "=== $name (limit ${limit}s) $(date -u +%T)" | tee -a "$LOG"
+    local t0=$SECONDS
+    timeout -k 10 "$limit" "$@" 2>&1 | tee -a "$LOG" | tail -n 60
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - t0))s" | tee -a "$LOG"
+}
+{
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,utilization.gpu --format=csv
+    python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+    echo "commit ${BENCH_COMMIT:-unknown}"
+} 2>&1 | tee -a "$LOG"
+if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
+    echo "pip install failed: importing from the tree" | tee -a "$LOG"
+    ln -sfn ../kernels energy_attn/kernels  # pyproject maps kernels/ to energy_attn.kernels
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+python3 -c "import energy_attn.kernels.hopfield_descent as k; print('kernels from', k.__file__)" 2>&1 | tee -a "$LOG"
+stage 240 target python3 benchmarks/kernels.py --target --out "$OUT"
+stage 60 accuracy python3 benchmarks/kernel_accuracy.py --out "$OUT"
+stage 150 tests python3 -m pytest tests/kernels -q -rfE -n 8 -p no:cacheprovider
+stage 100 tiles python3 benchmarks/kernels.py --tiles --reps 10 --out "$OUT"
