@@ -5,10 +5,8 @@ compared with the reference backend in float64 on the same device (the ground tr
 relative error ``‖x − truth‖ / ‖truth‖``. The kernel should be at or below the reference's own
 error in the same dtype (the kernel tests assert that at small sizes).
 
-Determinism: the backward adds key gradients of its query tiles with float32 atomics by
-default; ``deterministic=True`` sums per-tile partials in a fixed order. Three runs of each on
-the same inputs: the largest difference between runs' key gradients (must be exactly 0 when
-deterministic), and the forward+backward time of both.
+Determinism: the backward sums every key gradient inside one program per key tile (no
+atomics), so three runs on the same inputs must agree bit for bit; also the time of one run.
 
     python benchmarks/kernel_accuracy.py            # GPU sizes (needs a CUDA GPU)
     python benchmarks/kernel_accuracy.py --smoke    # tiny sizes; CPU through the interpreter
@@ -104,29 +102,29 @@ def accuracy(smoke, device):
 
 
 def determinism(smoke, device, reps):
+    """Three forward+backward runs on the same inputs (grouped heads: several query heads add
+    into each key head's gradient): the largest difference between runs' gradients, and the
+    time of one run."""
     B, H, Hk, N, D, T = (1, 4, 2, 40, 16, 2) if smoke else (1, 8, 2, 4096, 128, 4)
     dtype = torch.float32 if smoke else torch.bfloat16
     g = torch.Generator().manual_seed(1)
     q = torch.randn(B, H, N, D, generator=g).to(device, dtype).requires_grad_(True)
     k = torch.randn(B, Hk, N, D, generator=g).to(device, dtype).requires_grad_(True)
     dout = torch.randn(B, H, N, D, generator=g).to(device, dtype)
-    out = []
-    for det in (False, True):
-        def step():
-            o = hopfield_descent(q, k, num_steps=T, backend="triton", deterministic=det)
-            return torch.autograd.grad(o, (q, k), dout)
 
-        grads = [step() for _ in range(3)]
-        spread = max(max((a - b).abs().max().item() for a, b in zip(gr, grads[0]))
-                     for gr in grads[1:])
-        bitwise = all(torch.equal(a, b) for gr in grads[1:] for a, b in zip(gr, grads[0]))
-        ms = median_ms(step, reps, device)
-        out.append({"deterministic": det, "B": B, "H": H, "Hk": Hk, "N": N, "M": N, "D": D,
-                    "T": T, "dtype": str(dtype).removeprefix("torch."), "max_run_spread": spread,
-                    "bitwise_repeatable": bitwise, "fwd_bwd_ms": ms})
-        print(f"deterministic={det}: spread {spread:.3g}, bitwise {bitwise}, {ms:.3f} ms",
-              flush=True)
-    return out
+    def step():
+        o = hopfield_descent(q, k, num_steps=T, backend="triton")
+        return torch.autograd.grad(o, (q, k), dout)
+
+    grads = [step() for _ in range(3)]
+    spread = max(max((a - b).abs().max().item() for a, b in zip(gr, grads[0]))
+                 for gr in grads[1:])
+    bitwise = all(torch.equal(a, b) for gr in grads[1:] for a, b in zip(gr, grads[0]))
+    ms = median_ms(step, reps, device)
+    print(f"three runs: spread {spread:.3g}, bitwise {bitwise}, {ms:.3f} ms", flush=True)
+    return {"B": B, "H": H, "Hk": Hk, "N": N, "M": N, "D": D, "T": T,
+            "dtype": str(dtype).removeprefix("torch."), "max_run_spread": spread,
+            "bitwise_repeatable": bitwise, "fwd_bwd_ms": ms}
 
 
 def main(argv=None):
@@ -144,10 +142,9 @@ def main(argv=None):
     head = "| case | dtype | tensor | triton rel. error | reference rel. error |\n|---|---|---|---|---|"
     table = [head] + [f"| {r['case']} | {r['dtype']} | {r['tensor']} | {r['triton']:.3g} | "
                       f"{r['reference']:.3g} |" for r in acc]
-    table += ["", "| deterministic | max spread between runs | bitwise repeatable | f+b ms |",
-              "|---|---|---|---|"]
-    table += [f"| {d['deterministic']} | {d['max_run_spread']:.3g} | {d['bitwise_repeatable']} "
-              f"| {d['fwd_bwd_ms']:.3f} |" for d in det]
+    table += ["", "| max spread between runs | bitwise repeatable | f+b ms |", "|---|---|---|",
+              f"| {det['max_run_spread']:.3g} | {det['bitwise_repeatable']} | "
+              f"{det['fwd_bwd_ms']:.3f} |"]
     text = "\n".join(table)
     print("\n" + text)
     tag = "smoke-cpu" if args.smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()

@@ -51,10 +51,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def target_grid():
     """The issue's targets: bf16, D ∈ {64, 128}, N = M ∈ {2048, 8192}, T = 4 (B·H as measured
-    on the H200: 128 at N = 2048, 32 at N = 8192), and the short-memory path M ≤ 256, T = 8."""
+    on the H200: 128 at N = 2048, 32 at N = 8192), the short-memory path M ≤ 256, T = 8, and
+    one causal case."""
     cases = [(D, N, N, 4, 128 if N == 2048 else 32, False) for D in (64, 128)
              for N in (2048, 8192)]
     cases += [(64, 8192, M, 8, 64, False) for M in (64, 256)]
+    cases.append((128, 2048, 2048, 4, 128, True))  # causal: does the forward's lead hold?
     return cases
 
 
@@ -219,19 +221,20 @@ def _tag(args):
     return f"{name}-target" if args.target else name
 
 
-#: Tiles the sweep times besides the autotuning candidates, (kernel, padded D) -> configs: the
-#: one-kernel backward had never run on a GPU when its space was written, so the sweep also
-#: looks around it. A winner from here belongs in ``_SPACE`` (kernels/hopfield_descent.py).
+#: Tiles the sweep times besides the autotuning candidates, (kernel, padded D) -> configs:
+#: neighbours of the measured winners. A winner from here belongs in ``_SPACE``
+#: (kernels/hopfield_descent.py).
 EXPLORE = {
-    ("bwd", 128): ((128, 64, 8, 2), (64, 64, 8, 2), (64, 32, 4, 2), (128, 32, 4, 2),
-                   (32, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2)),
-    ("bwd", 64): ((128, 64, 4, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)),
+    ("dq", 128): ((128, 64, 8, 2), (128, 32, 4, 2)),
+    ("dk", 128): ((64, 64, 4, 2), (64, 128, 4, 2)),
+    ("dq", 64): ((128, 64, 4, 2), (64, 64, 4, 3)),
+    ("dk", 64): ((64, 64, 4, 2), (64, 128, 4, 2)),
 }
 
 
 def tile_sweep(args, dtype, reps, device):
-    """Time each autotuning candidate (forced, no autotuning) of the forward and the backward,
-    and the ``EXPLORE`` tiles, on the target classes; print the winner per class. The JSON and
+    """Time each autotuning candidate of each kernel (forced; the other kernels autotuned), and
+    the ``EXPLORE`` tiles, on the target classes; print the winner per class. The JSON and
     table are rewritten after every class, so an interrupted sweep keeps what it measured."""
     from energy_attn.kernels import hopfield_descent as kmod  # noqa: PLC0415
 
@@ -247,10 +250,11 @@ def tile_sweep(args, dtype, reps, device):
             short = kmod.takes_short_path(M, D, dtype)
             for optimizer in ("gd", "nesterov"):
                 heavy = optimizer != "gd"
-                for kernel, mode in (("fwd", "fwd"), ("bwd", "fwd+bwd")):
-                    space = kmod.candidates(kernel, dtype.itemsize, heavy, block_d, short,
+                for kernel, mode in (("fwd", "fwd"), ("dq", "fwd+bwd"), ("dk", "fwd+bwd")):
+                    on_short = short and kernel != "dk"  # the dK kernel always streams
+                    space = kmod.candidates(kernel, dtype.itemsize, heavy, block_d, on_short,
                                             block_m_all)
-                    if not short and not args.smoke:
+                    if not on_short and not args.smoke:
                         space += tuple(c for c in EXPLORE.get((kernel, block_d), ())
                                        if c not in space)
                     best = None

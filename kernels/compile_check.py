@@ -108,8 +108,8 @@ def compile_launch(launch: hd.Launch, arch: int = 90) -> dict[str, Any]:
 
 def plans(*, dtype=torch.bfloat16, head_dim=128, N=4096, M=4096, num_steps=4,
           optimizer="nesterov", key_bias=True, padding=True, is_causal=True, energies=True,
-          short_keys=None, deterministic=False):
-    """The two launches (forward, backward) a differentiable call with these options plans.
+          short_keys=None):
+    """The three launches (forward, dq, dk) a differentiable call with these options plans.
 
     Defaults are the heaviest flag set (most live registers). ``short_keys`` overrides ``M``:
     ``True`` takes the most keys the short-memory path holds (its largest tile), ``False`` a
@@ -131,8 +131,8 @@ def plans(*, dtype=torch.bfloat16, head_dim=128, N=4096, M=4096, num_steps=4,
     fwd, (_, _, mu, lse, energy_lse) = hd.plan_forward(q, k, bias, pad, *hyper, energies, True)
     denergy = torch.empty(B, H, N, num_steps + 1, **meta) if energies else None
     bwd, _ = hd.plan_backward(torch.empty_like(q), denergy, q, k, bias, pad, mu, lse,
-                              energy_lse, *hyper, deterministic=deterministic)
-    return [fwd, bwd]
+                              energy_lse, *hyper)
+    return [fwd, *bwd]
 
 
 def with_tiles(launch: hd.Launch, tiles) -> hd.Launch:
@@ -141,7 +141,7 @@ def with_tiles(launch: hd.Launch, tiles) -> hd.Launch:
 
 
 def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=False,
-                    space=False, deterministic=False):
+                    space=False):
     """Compile every kernel for each (arch, dtype, head dim, key path); one row each.
 
     ``space``: compile every autotuning candidate of each launch, not only its default (the
@@ -154,7 +154,9 @@ def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=Fa
             for D in head_dims:
                 for short in (False, True):
                     for launch in plans(dtype=_DTYPES[dt], head_dim=D, short_keys=short,
-                                        deterministic=deterministic, **flags):
+                                        **flags):
+                        if short and launch.kernel is hd._bwd_dk_kernel:
+                            continue  # no short path: identical to the streaming row
                         for i, tiles in enumerate(launch.candidates if space else
                                                   launch.candidates[:1]):
                             row = compile_launch(with_tiles(launch, tiles), arch)
@@ -188,8 +190,6 @@ def main(argv=None) -> int:
     p.add_argument("--light", action="store_true",
                    help="GD without energies (masks and bias kept); the default compiles the "
                    "heaviest flag set (Nesterov, energies)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="the backward's deterministic variant (torch deterministic mode)")
     p.add_argument("--space", action="store_true",
                    help="compile every autotuning candidate, not only the default tiles")
     p.add_argument("--no-spills", action="store_true",
@@ -198,8 +198,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if hd._interpreting():
         p.error("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels")
-    rows = resource_report(args.arch, args.dtype, args.head_dim, args.light, args.space,
-                           args.deterministic)
+    rows = resource_report(args.arch, args.dtype, args.head_dim, args.light, args.space)
     print(markdown_table(rows))
     if args.json:
         with open(args.json, "w") as fh:

@@ -1,4 +1,4 @@
-"""Fused Triton kernels: T steps of Hopfield / elastic energy descent (docs/math.md §1, §4, §7).
+"""Fused Triton kernels for T steps of Hopfield / elastic energy descent (MATH.md §1, §4, §7).
 
 One step, for a query row ``ξ`` against fixed keys ``K`` (values = keys), with ``c = ρ`` for
 Nesterov and ``c = 0`` otherwise (GD is the ``ρ = 0`` case of momentum):
@@ -17,20 +17,15 @@ Kernels (see ``docs/kernels.md`` for the design):
   step only the read-out ``μ_t`` (float32) and the row log-sum-exp: O(T·N·(D+1)). Energies
   ``½‖ξ_t‖² − lse_t/β`` come from the same log-sum-exp (one lse-only pass for ``ξ_T``, and for
   every ``ξ_t`` under Nesterov, whose read-out point is ``y_t ≠ ξ_t``).
-* ``_bwd_kernel``: the whole backward in one pass per step (docs/math.md §7): one program per
-  query tile walks the steps in reverse (the iterates replayed from ``q`` and the saved
-  read-outs: O(T²) element-wise work, no N×M work) and streams the keys once per step,
-  computing ``S``, ``dP``, ``dS`` and from them the query adjoint (``dS·K``) and both key
-  terms (``β dSᵀŷ`` and ``Pᵀdμ``): 10·N·M·D FLOPs per step, a FlashAttention backward's.
-  ``dK`` and ``d key_bias`` add up across query tiles and grouped heads with float32 atomics;
-  with ``torch.use_deterministic_algorithms(True)`` each program adds into its own slice
-  instead and the slices are summed afterwards in a fixed order (bitwise repeatable).
+* ``_bwd_dq_kernel``: the reverse chain through the optimizer, one program per query tile;
+  the iterates are replayed from ``q`` and the saved read-outs (O(T²) element-wise work, no
+  N×M work), attention is recomputed from the saved log-sum-exp. Writes ``dμ_t`` and
+  ``Δ_t = rowsum(dμ_t ⊙ μ_t)`` per step for
+* ``_bwd_dk_kernel``: one program per (key tile, batch·key head), looping over the query heads
+  of its group, the query tiles and the steps: ``dK`` (score and value paths) and ``d key_bias``
+  accumulate in float32 registers, no atomics.
 
-Tiles come from ``triton.autotune`` over a small space per kernel holding the tiles measured
-fastest on an NVIDIA H200 (``_SPACE``); without autotuning (interpreter, ``compile_check``)
-the first candidate, the measured winner, runs.
-
-Both kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 dot operands upcast to float32
+Both run on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 dot operands upcast to float32
 there, through the ``UPCAST`` constexpr).
 """
 
@@ -44,9 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["FORCE_TILES", "SHORT_MEMORY_BYTES", "TILE_KEYS", "Launch", "candidates",
-           "hopfield_descent_triton", "plan_backward", "plan_forward", "reduce_keys",
-           "takes_short_path", "unsupported_reason"]
+__all__ = ["SHORT_MEMORY_BYTES", "Launch", "hopfield_descent_triton", "plan_backward",
+           "plan_forward", "takes_short_path", "unsupported_reason"]
 
 OPTIMIZERS = ("gd", "momentum", "nesterov")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -155,17 +149,19 @@ def _round(y, DT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(pid_n, bh, K, N, M, D, H, HK, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
+def _query_tile(K, N, M, D, H, HK, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
                 UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr):
-    """Query tile ``pid_n`` of the flat batch·head ``bh`` and its key head.
+    """The query tile of this program (grid ``(⌈N / BLOCK_N⌉, B·H)``) and its key head.
 
     Returns ``(bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all)``:
     the flat batch·head, row and column offsets with their masks, the offsets of the tile in
     ``[B·H, N, D]`` and of its keys, key bias and padding row, the key bound (causal: up to
     the tile's diagonal) and, on the short-memory path, every key of the head (loaded once).
     """
-    b = bh // H  # bh = b * H + h
+    pid_n = tl.program_id(0)
+    bh = tl.program_id(1)  # b * H + h
+    b = bh // H
     hk = (bh % H) // (H // HK)  # grouped heads: query head h reads key head h // G
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -200,8 +196,7 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     DT: tl.constexpr = Q.dtype.element_ty
     bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = _query_tile(
-        tl.program_id(0), tl.program_id(1), K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N,
-        BLOCK_M, BLOCK_D)
+        K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
     xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)  # float32 master copy
     v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for t in range(T):
@@ -266,90 +261,51 @@ def _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
 
 
 @triton.jit
-def _add_key_grads(DK, DBIAS, dk_off, db_off, offs_m, offs_d, M, D, dk, db,
-                   HAS_BIAS: tl.constexpr):
-    """Add one key tile's gradient terms with float32 atomics (query tiles and grouped heads
-    add into the same keys; in deterministic mode each program owns its slice)."""
-    key_ok = offs_m < M
-    tl.atomic_add(DK + dk_off + offs_m[:, None] * D + offs_d[None, :], dk,
-                  mask=key_ok[:, None] & (offs_d[None, :] < D))
-    if HAS_BIAS:
-        tl.atomic_add(DBIAS + db_off + offs_m, db, mask=key_ok)
-
-
-@triton.jit
-def _energy_tile(xh, k, offs_m, lse2, e, BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off, db_off,
-                 offs_n, offs_d, M, D, scale2, scale, HAS_BIAS: tl.constexpr,
-                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """One key tile at an energy point ``x̂`` (upstream ``e = ∂L/∂E``): returns its part of
-    ``μ̃ = Σ_j p̃_ij k_j`` and adds the key terms ``−Σ_i e_i p̃_ij x̂_i`` (dK) and
-    ``−Σ_i e_i p̃_ij / β`` (d key_bias); ``p̃`` is recomputed from the saved lse."""
-    s2 = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                 HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-    p = tl.exp2(s2 - lse2[:, None])
-    w = -p * e[:, None]
-    dk = tl.dot(tl.trans(w.to(k.dtype)), xh, input_precision=PREC)
-    _add_key_grads(DK, DBIAS, dk_off, db_off, offs_m, offs_d, M, D, dk, tl.sum(w, 0) / scale,
-                   HAS_BIAS)
-    return tl.dot(p.to(k.dtype), k, input_precision=PREC)
-
-
-@triton.jit
-def _energy_point(xh, lse2, e, k_all, K, k_off, BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off,
-                  db_off, offs_n, offs_d, M, D, hi, scale2, scale, HAS_BIAS: tl.constexpr,
-                  HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
-                  UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """``μ̃`` of an energy point over every key (see ``_energy_tile``), key terms added."""
+def _energy_readout(xh, lse2, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D,
+                    hi, scale2, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+                    CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
+                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """``μ̃ = Σ_j p̃_ij k_j`` at an energy point, ``p̃`` recomputed from its saved lse."""
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if SHORT:
-        acc += _energy_tile(xh, k_all, tl.arange(0, BLOCK_M), lse2, e, BIAS, b_off, PAD, p_off,
-                            DK, DBIAS, dk_off, db_off, offs_n, offs_d, M, D, scale2, scale,
-                            HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+        offs_m = tl.arange(0, BLOCK_M)
+        s2 = _logits(xh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                     HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+        p = tl.exp2(s2 - lse2[:, None])
+        acc += tl.dot(p.to(k_all.dtype), k_all, input_precision=PREC)
     else:
         for start_m in range(0, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-            acc += _energy_tile(xh, k, offs_m, lse2, e, BIAS, b_off, PAD, p_off, DK, DBIAS,
-                                dk_off, db_off, offs_n, offs_d, M, D, scale2, scale,
-                                HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            s2 = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                         HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            p = tl.exp2(s2 - lse2[:, None])
+            acc += tl.dot(p.to(k.dtype), k, input_precision=PREC)
     return acc
 
 
 @triton.jit
-def _step_tile(yh, dmu, delta, lse2, k, offs_m, BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off,
-               db_off, offs_n, offs_d, M, D, scale2, scale, HAS_BIAS: tl.constexpr,
-               HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, PREC: tl.constexpr):
-    """One key tile of a reverse step, everything from one ``S`` and one ``dP`` (10·n·m·d
-    FLOPs for an n×m tile: S, dP, dS·K, dSᵀ·ŷ, Pᵀ·dμ). Returns its part of ``Σ_j dS_ij k_j``
-    and adds the key terms ``β dSᵀŷ + Pᵀdμ`` (dK) and ``Σ_i dS_ij`` (d key_bias)."""
-    s2 = _logits(yh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                 HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-    p = tl.exp2(s2 - lse2[:, None])
-    dp = tl.dot(dmu, tl.trans(k), input_precision=PREC)
-    ds = p * (dp - delta[:, None])
-    ds_c = ds.to(k.dtype)
-    dk = scale * tl.dot(tl.trans(ds_c), yh, input_precision=PREC)
-    dk += tl.dot(tl.trans(p.to(k.dtype)), dmu, input_precision=PREC)
-    _add_key_grads(DK, DBIAS, dk_off, db_off, offs_m, offs_d, M, D, dk, tl.sum(ds, 0),
-                   HAS_BIAS)
-    return tl.dot(ds_c, k, input_precision=PREC)
+def _energy_dk(k, xh, lse2, e, bias2, mask_t, scale2, PREC: tl.constexpr):
+    """Energy-point terms of one key tile: ``(−Σ_i e_i p̃_ij x̂_i, −Σ_i e_i p̃_ij)``."""
+    s2 = tl.dot(k, tl.trans(xh), input_precision=PREC) * scale2 + bias2[:, None]
+    s2 = tl.where(mask_t, s2, float("-inf"))
+    w = -tl.exp2(s2 - lse2[None, :]) * e[None, :]
+    return tl.dot(w.to(k.dtype), xh, input_precision=PREC), tl.sum(w, 1)
 
 
 @triton.jit
-def _bwd_tile(tile, bh, dk_off, db_off, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DK,
-              DBIAS, N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, T: tl.constexpr, VELOCITY: tl.constexpr,
-              NESTEROV: tl.constexpr, EGRAD: tl.constexpr, HAS_BIAS: tl.constexpr,
-              HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
-              UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The whole backward of query tile ``tile`` of ``bh``: the reverse chain (adjoints
-    ``a = ∂L/∂ξ_{t+1}``, ``w`` of ``v_{t+1}``) with the keys streamed once per step, ``dq``
-    written, ``dK`` and ``d key_bias`` added at ``dk_off``/``db_off`` with float32 atomics."""
+def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA,
+                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
+                   T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
+                   EGRAD: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                   SHORT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Reverse chain of one query tile: adjoints ``a = ∂L/∂ξ_{t+1}``, ``w`` (of ``v_{t+1}``)."""
     DT: tl.constexpr = Q.dtype.element_ty
-    _, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = \
-        _query_tile(tile, bh, K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M,
-                    BLOCK_D)
+    bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = _query_tile(
+        K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
     xi0 = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     a = tl.load(DOUT + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     w = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -358,16 +314,14 @@ def _bwd_tile(tile, bh, dk_off, db_off, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
         xi = xi0
         v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for s in range(T):
-            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest,
-                            VELOCITY, NESTEROV)
+            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest, VELOCITY,
+                            NESTEROV)
         e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
-        # rows past N: lse = +inf, hence p̃ = 0 (they add nothing to the keys)
-        lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok,
-                        other=float("inf"))
-        mu_e = _energy_point(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off, BIAS,
-                             b_off, PAD, p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d,
-                             M, D, hi, scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
-                             UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
+        lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+        mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, k_all, K, k_off, BIAS, b_off,
+                               PAD, p_off, offs_n, offs_d, M, D, hi, scale2, HAS_BIAS,
+                               HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M,
+                               BLOCK_D)
         a += e[:, None] * (xi - mu_e)
     for i in range(T):
         t = T - 1 - i
@@ -375,16 +329,15 @@ def _bwd_tile(tile, bh, dk_off, db_off, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
         xi = xi0
         v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for s in range(t):
-            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest,
-                            VELOCITY, NESTEROV)
+            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest, VELOCITY,
+                            NESTEROV)
         if NESTEROV:
             y = xi + nest * v
         else:
             y = xi
         yh = _round(y, DT, UPCAST)
         mu = tl.load(MU + t * mu_step + q_off, mask=tile_ok, other=0.0)
-        lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok,
-                       other=float("inf"))
+        lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
         dv = w + a  # ∂L/∂v_{t+1}: ξ_{t+1} = ξ_t + v_{t+1}
         dmu = eta * dv  # v_{t+1} = ρ v_t − η (y_t − μ_t)
         delta = tl.sum(dmu * mu, 1)
@@ -392,32 +345,40 @@ def _bwd_tile(tile, bh, dk_off, db_off, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
             e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
             if not NESTEROV:  # E(ξ_t) shares the read-out's logits: −lse/β adds e/β to Δ
                 delta += e / scale
-        # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ), P recomputed; the same S and
-        # dP give the key terms. dμ enters the dots in the input dtype.
-        dmu_c = _round(dmu, DT, UPCAST)
+        tl.store(DMU + t * mu_step + q_off, dmu, mask=tile_ok)
+        tl.store(DELTA + t * lse_step + bh * N + offs_n, delta, mask=row_ok)
+        # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ): flash-style, recomputing P.
+        dmu_c = dmu.to(DT)
+        if UPCAST:
+            dmu_c = dmu_c.to(tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if SHORT:
-            acc += _step_tile(yh, dmu_c, delta, lse2, k_all, tl.arange(0, BLOCK_M), BIAS,
-                              b_off, PAD, p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d,
-                              M, D, scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            offs_m = tl.arange(0, BLOCK_M)
+            s2 = _logits(yh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                         HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            p = tl.exp2(s2 - lse2[:, None])
+            dp = tl.dot(dmu_c, tl.trans(k_all), input_precision=PREC)
+            ds = p * (dp - delta[:, None])
+            acc += tl.dot(ds.to(k_all.dtype), k_all, input_precision=PREC)
         else:
             for start_m in range(0, hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-                acc += _step_tile(yh, dmu_c, delta, lse2, k, offs_m, BIAS, b_off, PAD,
-                                  p_off, DK, DBIAS, dk_off, db_off, offs_n, offs_d, M, D,
-                                  scale2, scale, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+                s2 = _logits(yh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                             HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+                p = tl.exp2(s2 - lse2[:, None])
+                dp = tl.dot(dmu_c, tl.trans(k), input_precision=PREC)
+                ds = p * (dp - delta[:, None])
+                acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
         dy = scale * acc - dmu  # g_t = y_t − μ_t
         a = a + dy  # y_t = ξ_t + c v_t
         if EGRAD:
             if NESTEROV:  # E(ξ_t) at its own point
-                lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
-                                other=float("inf"))
-                mu_e = _energy_point(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off,
-                                     BIAS, b_off, PAD, p_off, DK, DBIAS, dk_off, db_off,
-                                     offs_n, offs_d, M, D, hi, scale2, scale, HAS_BIAS,
-                                     HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N,
-                                     BLOCK_M, BLOCK_D)
+                lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+                mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, k_all, K, k_off, BIAS,
+                                       b_off, PAD, p_off, offs_n, offs_d, M, D, hi, scale2,
+                                       HAS_BIAS, HAS_PAD, CAUSAL, SHORT, UPCAST, PREC,
+                                       BLOCK_N, BLOCK_M, BLOCK_D)
                 a += e[:, None] * (xi - mu_e)
             else:
                 a += e[:, None] * xi  # the kinetic term (the potential went through Δ)
@@ -429,33 +390,93 @@ def _bwd_tile(tile, bh, dk_off, db_off, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DK, DBIAS,
-                N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
-                T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
-                EGRAD: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-                CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
-                PREC: tl.constexpr, DETERMINISTIC: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """The backward (see ``_bwd_tile``). Grid ``(programs, B·H)``: program ``s`` runs query
-    tile ``s``, or, when ``DETERMINISTIC``, the tiles ``s, s + programs, ...`` adding into its
-    own slice of the partial key gradients."""
-    split = tl.program_id(0)
-    bh = tl.program_id(1)  # b * H + h
-    b = bh // H
-    hk = (bh % H) // (H // HK)
-    if DETERMINISTIC:  # this program's own slice [split, b·h], the slices summed afterwards
-        own = (split * tl.num_programs(1) + bh).to(tl.int64)
-        for tile in range(split, tl.cdiv(N, BLOCK_N), tl.num_programs(0)):
-            _bwd_tile(tile, bh, own * M * D, own * M, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
-                      DOUT, DQ, DK, DBIAS, N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta,
-                      rho, nest, T, VELOCITY, NESTEROV, EGRAD, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
-                      UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
-    else:  # every query tile and grouped head adds into its key head's gradient
-        bhk = (b * HK + hk).to(tl.int64)
-        _bwd_tile(split, bh, bhk * M * D, bhk * M, Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY,
-                  DOUT, DQ, DK, DBIAS, N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta,
-                  rho, nest, T, VELOCITY, NESTEROV, EGRAD, HAS_BIAS, HAS_PAD, CAUSAL, SHORT,
-                  UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
+def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIAS,
+                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
+                   T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
+                   EGRAD: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``dK`` (score path β dSᵀŷ + value path Pᵀdμ) and ``d key_bias`` (Σ_i dS) of one key tile,
+    summed over the query heads of its group, every query tile and every step."""
+    pid_m = tl.program_id(0)
+    bhk = tl.program_id(1)  # b * HK + hk
+    b = bhk // HK
+    hk = bhk % HK
+    G = H // HK
+    DT: tl.constexpr = Q.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    key_ok = offs_m < M
+    k = _load_keys(K, bhk * M * D, offs_m, offs_d, M, D, UPCAST)
+    keep = key_ok
+    if HAS_PAD:
+        keep = keep & (tl.load(PAD + b * M + offs_m, mask=key_ok, other=0) != 0)
+    bias2 = tl.zeros([BLOCK_M], tl.float32)
+    if HAS_BIAS:
+        bias2 = tl.load(BIAS + bhk * M + offs_m, mask=key_ok, other=0.0) * LOG2E
+    dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    db = tl.zeros([BLOCK_M], tl.float32)
+    lo = 0
+    if CAUSAL:
+        lo = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N  # earlier queries cannot see these keys
+    for g in range(G):
+        bh = b * H + hk * G + g
+        for start_n in range(lo, N, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            row_ok = offs_n < N
+            tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
+            q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+            mask_t = keep[:, None]
+            if CAUSAL:
+                mask_t = mask_t & (offs_m[:, None] <= offs_n[None, :])
+            xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
+            v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+            de_off = (bh * N + offs_n) * (T + 1)
+            for t in range(T):
+                if NESTEROV:
+                    y = xi + nest * v
+                    if EGRAD:  # E(ξ_t) at its own point (else it is folded into Δ)
+                        e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
+                        lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                                        other=float("inf"))
+                        dk_e, db_e = _energy_dk(k, _round(xi, DT, UPCAST), lse_e, e, bias2,
+                                                mask_t, scale2, PREC)
+                        dk += dk_e
+                        db += db_e / scale
+                else:
+                    y = xi
+                yh = _round(y, DT, UPCAST)
+                # Rows past N get lse = +inf, hence p = 0.
+                lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                               other=float("inf"))
+                delta = tl.load(DELTA + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+                dmu = tl.load(DMU + t * mu_step + q_off, mask=tile_ok, other=0.0)
+                if UPCAST:
+                    dmu = dmu.to(tl.float32)
+                # Transposed tiles [BLOCK_M, BLOCK_N]: keys are rows here.
+                s2 = tl.dot(k, tl.trans(yh), input_precision=PREC) * scale2 + bias2[:, None]
+                s2 = tl.where(mask_t, s2, float("-inf"))
+                p = tl.exp2(s2 - lse2[None, :])
+                dp = tl.dot(k, tl.trans(dmu), input_precision=PREC)
+                ds = p * (dp - delta[None, :])
+                dk += scale * tl.dot(ds.to(k.dtype), yh, input_precision=PREC)
+                dk += tl.dot(p.to(k.dtype), dmu, input_precision=PREC)
+                db += tl.sum(ds, 1)
+                xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
+                                VELOCITY, NESTEROV)
+            if EGRAD:  # E(ξ_T)
+                e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
+                lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok,
+                                other=float("inf"))
+                dk_e, db_e = _energy_dk(k, _round(xi, DT, UPCAST), lse_e, e, bias2, mask_t,
+                                        scale2, PREC)
+                dk += dk_e
+                db += db_e / scale
+    tl.store(DK + bhk * M * D + offs_m[:, None] * D + offs_d[None, :], dk,
+             mask=key_ok[:, None] & (offs_d[None, :] < D))
+    if HAS_BIAS:
+        tl.store(DBIAS + bhk * M + offs_m, db, mask=key_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -514,33 +535,35 @@ _SPACE = {
     # forward, Nesterov: 9.3, 9.6, 11.3 ms; D=64 heavy not measured: the light D=64 space
     ("fwd", 2, True, 128): ((64, 64, 4, 3), (128, 64, 8, 3), (128, 32, 8, 3)),
     ("fwd", 2, True, 64): ((128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)),
-    # backward (one kernel, query tiles, keys streamed; never timed on a GPU): the winners and
-    # runners-up of the two kernels it replaces, measured in forward+backward ms with the
-    # other kernels shipped. Their dq kernel had the same query × key tiles, first (the
-    # default): 108.0, 110.2; their dK kernel streamed query tiles BLOCK_N against its key
-    # tile BLOCK_M, the same roles as here: 108.3, 113.6. Nesterov: dq (64,64,4,2) and dK
-    # (32,128,8,3) won. D=64: dq (64,128,4,2) and dK (32,128,4,2) won.
-    ("bwd", 2, False, 128): ((64, 64, 4, 2), (128, 32, 8, 3), (64, 128, 8, 2), (32, 128, 8, 3)),
-    ("bwd", 2, True, 128): ((64, 64, 4, 2), (32, 128, 8, 3), (64, 128, 8, 2)),
-    ("bwd", 2, False, 64): ((64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2)),
-    ("bwd", 2, True, 64): ((64, 128, 4, 2), (32, 128, 4, 2), (64, 64, 4, 2)),
-    # compile-time (never timed): D <= 32 and D = 256 in 16 bits, every float32 class; the
-    # backward keeps the tiles its query kernel had at 7b1daef
+    # dq kernel (fwd+bwd ms with the other kernels shipped): 108.0, 110.2, 111.1; D=64 winner
+    ("dq", 2, False, 128): ((64, 64, 4, 2), (128, 32, 8, 3), (128, 64, 8, 2)),
+    ("dq", 2, True, 128): ((64, 64, 4, 2), (128, 32, 8, 3)),
+    ("dq", 2, False, 64): ((64, 128, 4, 2), (64, 64, 4, 2)),
+    ("dq", 2, True, 64): ((64, 128, 4, 2), (64, 64, 4, 2)),
+    # dK kernel: 108.3, 113.6 (heavy: the order reversed); D=64 winner
+    ("dk", 2, False, 128): ((64, 128, 8, 2), (32, 128, 8, 3)),
+    ("dk", 2, True, 128): ((32, 128, 8, 3), (64, 128, 8, 2)),
+    ("dk", 2, False, 64): ((32, 128, 4, 2), (64, 128, 8, 2)),
+    ("dk", 2, True, 64): ((32, 128, 4, 2), (64, 128, 8, 2)),
+    # compile-time (never timed): D <= 32 and D = 256 in 16 bits, every float32 class
     ("fwd", 2, False, 32): ((128, 64, 8, 3),), ("fwd", 2, True, 32): ((128, 64, 8, 3),),
-    ("bwd", 2, False, 32): ((128, 64, 8, 3),), ("bwd", 2, True, 32): ((128, 64, 8, 3),),
+    ("dq", 2, False, 32): ((128, 64, 8, 3),), ("dq", 2, True, 32): ((128, 64, 8, 3),),
+    ("dk", 2, False, 32): ((64, 64, 8, 3),), ("dk", 2, True, 32): ((64, 64, 8, 3),),
     ("fwd", 2, False, 256): ((32, 32, 8, 2),), ("fwd", 2, True, 256): ((32, 32, 8, 2),),
-    ("bwd", 2, False, 256): ((32, 32, 8, 2),), ("bwd", 2, True, 256): ((32, 32, 8, 2),),
+    ("dq", 2, False, 256): ((32, 32, 8, 2),), ("dq", 2, True, 256): ((32, 32, 8, 2),),
+    ("dk", 2, False, 256): ((32, 32, 8, 2),), ("dk", 2, True, 256): ((32, 32, 8, 2),),
     ("fwd", 4, True, 32): ((64, 32, 8, 2),), ("fwd", 4, True, 64): ((64, 32, 8, 2),),
     ("fwd", 4, True, 128): ((32, 64, 8, 2),), ("fwd", 4, True, 256): ((32, 32, 8, 2),),
-    ("bwd", 4, True, 32): ((32, 64, 8, 2),), ("bwd", 4, True, 64): ((32, 64, 8, 2),),
-    ("bwd", 4, True, 128): ((16, 32, 4, 2),), ("bwd", 4, True, 256): ((16, 32, 4, 2),),
+    ("dq", 4, True, 32): ((32, 64, 8, 2),), ("dq", 4, True, 64): ((32, 64, 8, 2),),
+    ("dq", 4, True, 128): ((16, 32, 4, 2),), ("dq", 4, True, 256): ((16, 32, 4, 2),),
+    ("dk", 4, True, 32): ((32, 32, 8, 2),), ("dk", 4, True, 64): ((32, 32, 8, 2),),
+    ("dk", 4, True, 128): ((32, 32, 8, 2),), ("dk", 4, True, 256): ((16, 32, 4, 2),),
 }
 
 #: Short-memory path: streaming tiles whose short-path form was the one measured (the tiles
-#: shipped at 7b1daef; D=64, N=8192, M=64 and 256, T=8: 17x and 2.4x the reference forward;
-#: the backward's is its old query kernel's). They lead that path's candidates, so its default
-#: is what was measured.
-_SHORT_MEASURED = {("fwd", 2, False, 64): (128, 64, 8, 3), ("bwd", 2, False, 64): (128, 32, 8, 3)}
+#: shipped at 7b1daef; D=64, N=8192, M=64 and 256, T=8: 17x and 2.4x the reference forward).
+#: They lead that path's candidates, so its default is what was measured.
+_SHORT_MEASURED = {("fwd", 2, False, 64): (128, 64, 8, 3), ("dq", 2, False, 64): (128, 32, 8, 3)}
 
 
 def _space_key(kernel: str, itemsize: int, heavy: bool, block_d: int):
@@ -552,7 +575,7 @@ def candidates(kernel: str, itemsize: int, heavy: bool, block_d: int, short: boo
                block_m_all: int = 0) -> tuple:
     """The tile configurations autotuning picks from for one kernel and call class.
 
-    ``kernel``: ``"fwd" | "bwd"``. On the short-memory path (``short``) ``BLOCK_M`` is
+    ``kernel``: ``"fwd" | "dq" | "dk"``. On the short-memory path (``short``) ``BLOCK_M`` is
     ``block_m_all`` (every key, padded) and the query tile shrinks so that the logits tile
     ``BLOCK_N × BLOCK_M`` is no larger than the streaming candidate's.
     """
@@ -591,16 +614,16 @@ def _bucket(n: int) -> int:
     return b
 
 
-def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype,
-            heavy: bool) -> tuple[dict, tuple, dict]:
-    """``(meta, candidates, key args)``: the default tiles of ``kernel`` (its first candidate)
-    with ``BLOCK_D`` and ``SHORT``, every candidate, and the length buckets ``NB``/``MB`` that
-    key autotuning (on the short path ``MB`` is the padded key count, ``BLOCK_M`` itself)."""
+def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype, heavy: bool) -> dict:
+    """Default tiles of ``kernel`` (first candidate), its candidates, and the autotuning key
+    arguments (``SHORT`` for the query kernels; ``NB``/``MB`` length buckets)."""
     block_d = max(16, triton.next_power_of_2(D))
     block_m_all = max(16, triton.next_power_of_2(M))
-    short = takes_short_path(M, D, dtype)
+    short = kernel != "dk" and takes_short_path(M, D, dtype)
     space = candidates(kernel, dtype.itemsize, heavy, block_d, short, block_m_all)
-    cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d, SHORT=short)
+    cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d)
+    if kernel != "dk":
+        cfg["SHORT"] = short
     keys = {"NB": _bucket(N), "MB": block_m_all if short else _bucket(M)}
     return cfg, space, keys
 
@@ -660,10 +683,9 @@ def _autotuner(kernel: str, reset_to_zero=None):
         do_bench=_quick_bench, cache_results=True)(jit)
 
 
-_KERNELS = {"fwd": _fwd_kernel, "bwd": _bwd_kernel}
-# The backward adds into DK and DBIAS: each benchmarked run starts from zeros.
-_TUNERS = {_fwd_kernel: _autotuner("fwd"),
-           _bwd_kernel: _autotuner("bwd", reset_to_zero=["DK", "DBIAS"])}
+_KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dk": _bwd_dk_kernel}
+_TUNERS = {_fwd_kernel: _autotuner("fwd"), _bwd_dq_kernel: _autotuner("dq"),
+           _bwd_dk_kernel: _autotuner("dk")}
 
 
 def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, optimizer,
@@ -692,20 +714,19 @@ def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, opti
         eta=float(step_size), rho=float(rho), nest=float(nest),
     )
     heavy = optimizer != "gd" or energies
-    configs = {kern: _config(kern, N, M, D, q.dtype, heavy) for kern in ("fwd", "bwd")}
+    configs = {kern: _config(kern, N, M, D, q.dtype, heavy) for kern in ("fwd", "dq", "dk")}
     return args, flags, configs
 
 
-def _launch(kernel, N: int, bh: int, args: dict, flags: dict, config,
-            max_programs: int | None = None) -> Launch:
-    """A launch over ``(⌈N / BLOCK_N⌉, bh)`` query-tile programs (at most ``max_programs``
-    along the queries: each then takes several tiles)."""
+def _launch(kernel, rows: int, bh: int, args: dict, flags: dict, config) -> Launch:
+    """A launch over ``(⌈rows / tile⌉, bh)`` programs; the tile is BLOCK_N for the query
+    kernels and BLOCK_M for the key kernel."""
     cfg, space, keys = config
+    tile = "BLOCK_M" if kernel is _bwd_dk_kernel else "BLOCK_N"
     args = {name: value for name, value in {**args, **keys}.items() if name in kernel.arg_names}
 
     def grid(meta):
-        tiles = triton.cdiv(N, meta["BLOCK_N"])
-        return (tiles if max_programs is None else min(tiles, max_programs)), bh
+        return triton.cdiv(rows, meta[tile]), bh
 
     return Launch(kernel, grid, args, dict(flags, **cfg), space)
 
@@ -731,47 +752,34 @@ def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_
     return launch, (out, energy.view(-1, H, N, T + 1), mu, lse, energy_lse)
 
 
-def _deterministic_programs(N: int, BH: int, device) -> int:
-    """Query-tile programs per (batch, head) in deterministic mode: each owns a float32 slice
-    ``[M, D]`` of partial key gradients (memory ``programs·B·H·M·D·4`` bytes), so few, but
-    enough that all of them fill the GPU (twice its multiprocessors)."""
-    if device.type != "cuda":
-        return 2  # the interpreter: several programs, so the split-and-reduce is exercised
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(N, 16), triton.cdiv(2 * sms, BH)))
-
-
 def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
-                  momentum, num_steps, is_causal, optimizer, deterministic=False):
-    """The backward launch (one kernel) and ``(dq, dk, d key_bias)`` in float32 (``d
-    key_bias`` empty without a bias). ``deterministic``: ``dk`` and ``d key_bias`` are per-
-    program partial sums ``[programs, B·H, M, (D)]``, to be reduced by :func:`reduce_keys`."""
+                  momentum, num_steps, is_causal, optimizer):
+    """The two backward launches (query kernel, then key kernel) and ``(dq, dk, d key_bias)``
+    in float32 (``d key_bias`` empty without a bias)."""
     B, H, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
+    T = num_steps
     egrad = denergy is not None
     args, flags, configs = _common(q, k, key_bias, pad, step_size, momentum, num_steps,
                                    is_causal, optimizer, egrad)
     f32 = {"device": q.device, "dtype": torch.float32}
     dq = torch.empty(B, H, N, D, **f32)
-    lead = (_deterministic_programs(N, B * H, q.device), B * H) if deterministic else (B, Hk)
-    dk = torch.zeros(*lead, M, D, **f32)  # atomics add into these
-    dbias = torch.zeros(*lead, M, **f32) if key_bias is not None else torch.empty(0, **f32)
-    args.update(MU=mu, LSE=lse, ELSE=energy_lse, DOUT=dout.contiguous(), DQ=dq, DK=dk,
-                DBIAS=dbias, DENERGY=denergy.float().contiguous() if egrad else args["Q"],
-                scale2=scale * LOG2E_F, scale=scale)
-    flags.update(EGRAD=egrad, DETERMINISTIC=deterministic)
-    launch = _launch(_bwd_kernel, N, B * H, args, flags, configs["bwd"],
-                     max_programs=lead[0] if deterministic else None)
-    return launch, (dq, dk, dbias)
-
-
-def reduce_keys(partial: torch.Tensor, B: int, Hk: int) -> torch.Tensor:
-    """Deterministic mode: partial key gradients ``[programs, B·H, M, ...]`` -> ``[B, Hk, M,
-    ...]``, summed over the programs and the query heads that share a key head (head ``h``
-    reads key head ``h // G``), in a fixed order."""
-    S, BH = partial.shape[:2]
-    G = BH // (B * Hk)
-    return partial.view(S, B, Hk, G, *partial.shape[2:]).sum(dim=(0, 3))
+    # dμ_t only feeds the key kernel's dots, which take it in the input dtype: store it so.
+    dmu = torch.empty(T, B * H, N, D, device=q.device, dtype=q.dtype)
+    delta = torch.empty(T, B * H, N, **f32)
+    dk = torch.empty(B, Hk, M, D, **f32)
+    dbias = torch.empty(B, Hk, M, **f32) if key_bias is not None else torch.empty(0, **f32)
+    args.update(MU=mu, LSE=lse, ELSE=energy_lse,
+                DENERGY=denergy.float().contiguous() if egrad else args["Q"],
+                DMU=dmu, DELTA=delta, scale2=scale * LOG2E_F, scale=scale)
+    flags["EGRAD"] = egrad
+    launches = (
+        _launch(_bwd_dq_kernel, N, B * H, dict(args, DOUT=dout.contiguous(), DQ=dq), flags,
+                configs["dq"]),
+        _launch(_bwd_dk_kernel, M, B * Hk, dict(args, DK=dk, DBIAS=dbias), flags,
+                configs["dk"]),
+    )
+    return launches, (dq, dk, dbias)
 
 
 def _forward(*inputs):
@@ -780,14 +788,10 @@ def _forward(*inputs):
     return outputs
 
 
-def _backward(dout, denergy, q, k, key_bias, *rest, deterministic=False):
-    launch, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest,
-                                            deterministic=deterministic)
-    launch()
-    if deterministic:
-        B, Hk = k.shape[:2]
-        dk = reduce_keys(dk, B, Hk)
-        dbias = reduce_keys(dbias, B, Hk) if key_bias is not None else dbias
+def _backward(dout, denergy, q, k, key_bias, *rest):
+    launches, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest)
+    for launch in launches:
+        launch()
     dbias = dbias.to(key_bias.dtype) if key_bias is not None else dbias
     return dq.to(q.dtype), dk.to(k.dtype), dbias
 
@@ -801,19 +805,17 @@ def _backward(dout, denergy, q, k, key_bias, *rest, deterministic=False):
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, key_bias: torch.Tensor | None,
             pad: torch.Tensor | None, scale: float, step_size: float, momentum: float,
             num_steps: int, is_causal: bool, optimizer: str, return_energies: bool,
-            save: bool, deterministic: bool = False) -> tuple[torch.Tensor, torch.Tensor,
-                                                              torch.Tensor, torch.Tensor,
-                                                              torch.Tensor]:
+            save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor]:
     """``(ξ_T, energies, μ_t, lse_t, energy lse_t)``; empty tensors for what is not needed
-    (``save=False``: nothing for backward; the energy lse only with ``return_energies``).
-    ``deterministic`` only selects the backward's mode (see :func:`_backward_rule`)."""
+    (``save=False``: nothing for backward; the energy lse only with ``return_energies``)."""
     return _forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal,
                     optimizer, return_energies, save)
 
 
 @_fwd_op.register_fake
 def _(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_causal, optimizer,
-      return_energies, save, deterministic=False):
+      return_energies, save):
     B, H, N, D = q.shape
     T = num_steps
     f32 = {"dtype": torch.float32}
@@ -829,17 +831,15 @@ def _bwd_op(dout: torch.Tensor, denergy: torch.Tensor | None, q: torch.Tensor,
             k: torch.Tensor, key_bias: torch.Tensor | None, pad: torch.Tensor | None,
             mu: torch.Tensor, lse: torch.Tensor, energy_lse: torch.Tensor, scale: float,
             step_size: float, momentum: float, num_steps: int, is_causal: bool,
-            optimizer: str, deterministic: bool) -> tuple[torch.Tensor, torch.Tensor,
-                                                          torch.Tensor]:
-    """``(dq, dk, d key_bias)``; ``d key_bias`` is empty when there is no bias.
-    ``deterministic``: bitwise repeatable key gradients (split-and-reduce, no shared atomics)."""
+            optimizer: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, d key_bias)``; ``d key_bias`` is empty when there is no bias."""
     return _backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
-                     momentum, num_steps, is_causal, optimizer, deterministic=deterministic)
+                     momentum, num_steps, is_causal, optimizer)
 
 
 @_bwd_op.register_fake
 def _(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size, momentum,
-      num_steps, is_causal, optimizer, deterministic):
+      num_steps, is_causal, optimizer):
     dbias = (torch.empty_like(key_bias, memory_format=torch.contiguous_format)
              if key_bias is not None else q.new_empty(0, dtype=torch.float32))
     return (torch.empty_like(q, memory_format=torch.contiguous_format),
@@ -851,7 +851,6 @@ def _setup_context(ctx, inputs, output):
     _, energy, mu, lse, energy_lse = output
     ctx.save_for_backward(q, k, key_bias, pad, mu, lse, energy_lse)
     ctx.hyper = (scale, step_size, momentum, num_steps, is_causal, optimizer)
-    ctx.deterministic = bool(inputs[12]) if len(inputs) > 12 else False
     ctx.with_energies = energy.numel() > 0
     ctx.mark_non_differentiable(mu, lse, energy_lse)
     ctx.set_materialize_grads(False)
@@ -865,13 +864,9 @@ def _backward_rule(ctx, dout, denergy, *_):
         dout = torch.zeros_like(q)
     if not ctx.with_energies:
         denergy = None
-    # deterministic=True on the call, or torch.use_deterministic_algorithms(True), asks for
-    # bitwise repeatable gradients: the key gradient then sums per-program partials in a fixed
-    # order instead of float32 atomics.
-    deterministic = ctx.deterministic or torch.are_deterministic_algorithms_enabled()
     dq, dk, dbias = _bwd_op(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse,
-                            *ctx.hyper, deterministic)
-    return dq, dk, (dbias if key_bias is not None else None), None, *([None] * 9)
+                            *ctx.hyper)
+    return dq, dk, (dbias if key_bias is not None else None), None, *([None] * 8)
 
 
 _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -916,14 +911,13 @@ def unsupported_reason(q, k, *, mask=None, is_causal=False, key_bias=None, optim
 
 
 def hopfield_descent_triton(q, k, scale, step_size, num_steps, mask, is_causal, key_bias,
-                            optimizer, momentum, return_energies, deterministic=False):
+                            optimizer, momentum, return_energies):
     """The fused kernel behind ``hopfield_descent(..., backend="triton")``.
 
     Same semantics as the reference backend (inputs already validated, ``scale`` resolved):
     returns ``ξ_T`` ``[B, H, N, D]`` in ``q.dtype``, or ``(ξ_T, energies [B, H, N, T+1]
     float32)``. Differentiable w.r.t. ``q``, ``k`` and ``key_bias`` (float32 inside the kernel,
     its gradient in its own dtype), through ``ξ_T`` and through the energies.
-    ``deterministic``: bitwise repeatable key gradients (split-and-reduce instead of atomics).
     """
     B, _, _, _ = q.shape
     M = k.shape[2]
@@ -932,5 +926,5 @@ def hopfield_descent_triton(q, k, scale, step_size, num_steps, mask, is_causal, 
         t is not None and t.requires_grad for t in (q, k, key_bias))
     out, energy, *_ = _fwd_op(q, k, key_bias, pad, float(scale), float(step_size),
                               float(momentum), int(num_steps), bool(is_causal), optimizer,
-                              bool(return_energies), save, bool(deterministic))
+                              bool(return_energies), save)
     return (out, energy) if return_energies else out

@@ -219,19 +219,24 @@ class TritonWin(NamedTuple):
 
     short_path: bool  # the kernel's short-memory path (every key of a head loaded once)
     max_keys: int  # largest key count M measured there
+    with_grad: bool  # also when gradients are recorded (forward+backward), not only inference
     note: str  # the measurement: device, commit, speed-ups over the reference
 
 
 #: Where ``backend="auto"`` runs the fused Triton kernel instead of the reference backend: the
-#: regions where it was *measured* faster, and nothing else. Measurement:
-#: benchmarks/results/gpu-H200-2026-11-29.md (NVIDIA H200, bf16, the kernels of commit
-#: 7b1daef). On the streaming path (keys that do not fit on chip) the kernel ran at 0.15–0.84x
-#: the reference forward and 0.15–0.41x forward+backward, so it has no row. To widen the rule
-#: once new figures exist, add a row naming its measurement.
+#: regions where it was *measured* faster, and nothing else. Measurements (NVIDIA H200, bf16):
+#: benchmarks/results/gpu-H200-2026-11-29.md (commit 7b1daef) and
+#: benchmarks/results/h200-f7d6df6/ (the same forward kernel, autotuned). Forward+backward on
+#: the streaming path (keys that do not fit on chip) ran at 0.72–0.98x the reference even with
+#: the best tiles, and the forward alone at 0.92–0.94x with M = 8192, so those have no row.
+#: To widen the rule once new figures exist, add a row naming its measurement.
 AUTO_TRITON_WINS = (
-    TritonWin(short_path=True, max_keys=256,
+    TritonWin(short_path=True, max_keys=256, with_grad=True,
               note="H200, 7b1daef, D=64, N=8192, T=8: M=64 17x forward, 2.3x forward+backward; "
                    "M=256 2.4x forward, 1.17x forward+backward"),
+    TritonWin(short_path=False, max_keys=2048, with_grad=False,
+              note="H200, f7d6df6, N=M=2048, T=4: forward 1.41x (D=64), 1.48x (D=128); "
+                   "M=8192: 0.92x, 0.94x"),
 )
 
 
@@ -246,11 +251,13 @@ def _auto_backend(q, k, m, key_bias, is_causal, optimizer, num_steps, device_typ
         return "reference"
     kmod, _ = _triton_module()
     M, D = k.shape[2], k.shape[3]
-    return "triton" if auto_picks_triton(device_type, M, kmod.takes_short_path(M, D, q.dtype)) \
-        else "reference"
+    with_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, key_bias, m.bias))
+    short = kmod.takes_short_path(M, D, q.dtype)
+    return "triton" if auto_picks_triton(device_type, M, short, with_grad) else "reference"
 
 
-def auto_picks_triton(device_type: str, M: int, short_path: bool) -> bool:
+def auto_picks_triton(device_type: str, M: int, short_path: bool, with_grad: bool) -> bool:
     """The ``backend="auto"`` rule: True when a call the kernel supports should run it.
 
     Args:
@@ -258,12 +265,14 @@ def auto_picks_triton(device_type: str, M: int, short_path: bool) -> bool:
         M: the number of keys.
         short_path: whether the kernel would take its short-memory path for this call
             (``energy_attn.kernels.hopfield_descent.takes_short_path``).
+        with_grad: whether the call records gradients (its backward will run too).
 
     Returns True inside a region of :data:`AUTO_TRITON_WINS`, else False (reference).
     """
     if device_type != "cuda":
         return False
-    return any(short_path == w.short_path and M <= w.max_keys for w in AUTO_TRITON_WINS)
+    return any(short_path == w.short_path and M <= w.max_keys and (w.with_grad or not with_grad)
+               for w in AUTO_TRITON_WINS)
 
 
 def hopfield_descent(
@@ -283,7 +292,6 @@ def hopfield_descent(
     tol: float = 0.0,
     solver: str = "unrolled",
     anderson: int = 0,
-    deterministic: bool = False,
 ):
     """Descend the Hopfield energy of queries ``q`` against fixed keys ``k`` for T steps.
 
@@ -313,9 +321,10 @@ def hopfield_descent(
         optimizer: ``"gd" | "momentum" | "nesterov" | "newton_2nd1st" | "newton_light"``.
         momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).
         backend: ``"auto" | "reference" | "autograd" | "triton"``. ``auto`` runs the fused
-            kernel only where it was measured faster than the reference (today: CUDA tensors
-            on the kernel's short-memory path, M <= 256; see :func:`auto_picks_triton`), else
-            the reference; ``triton`` forces the kernel.
+            kernel only where it was measured faster than the reference (today, on CUDA: the
+            kernel's short-memory path, M <= 256; and M <= 2048 keys when no gradient is
+            recorded; see :func:`auto_picks_triton`), else the reference; ``triton`` forces
+            the kernel.
         tol: masked tolerance stop (``0`` = off): a query whose next step would move it less
             than ``tol`` (Euclidean norm) stops there for the remaining steps. The step count
             stays fixed (no host sync). ``gd``/Newton optimizers, reference backend.
@@ -324,16 +333,10 @@ def hopfield_descent(
             backward with T adjoint iterations, memory independent of T; ``gd`` only, and
             ``q`` gets no gradient since the fixed point does not depend on it).
         anderson: Anderson history size for ``solver="fixed_point"`` (0 = plain iteration).
-        deterministic: the triton backend's backward adds the key gradients of its query
-            tiles with float32 atomics (fast, not bitwise repeatable); ``True`` sums per-tile
-            partials in a fixed order instead (bitwise repeatable, more memory), as does
-            ``torch.use_deterministic_algorithms(True)``. The reference backend is unaffected.
 
     Returns:
         ``ξ_T`` ``[B, H, N, D]`` in ``q``'s dtype, or ``(ξ_T, energies)``.
     """
-    if not isinstance(deterministic, bool):
-        raise TypeError(f"deterministic must be a bool, got {type(deterministic).__name__}")
     scale, step_size, num_steps, momentum = _check_inputs(
         q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum, backend
     )
@@ -380,8 +383,7 @@ def hopfield_descent(
         raise ValueError(f"backend='triton' cannot run this call: {why}")
     kmod, _ = _triton_module()
     return kmod.hopfield_descent_triton(q, k, scale, step_size, num_steps, k_mask, is_causal,
-                                        k_bias, optimizer, momentum, return_energies,
-                                        deterministic)
+                                        k_bias, optimizer, momentum, return_energies)
 
 
 def hopfield_fixed_point(
