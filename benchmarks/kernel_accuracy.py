@@ -139,7 +139,8 @@ def main(argv=None):
     acc = accuracy(args.smoke, device)
     det = determinism(args.smoke, device, args.reps or (1 if args.smoke else 20))
 
-    head = "| case | dtype | tensor | triton rel. error | reference rel. error |\n|---|---|---|---|---|"
+    head = ("| case | dtype | tensor | triton rel. error | reference rel. error |\n"
+            "|---|---|---|---|---|")
     table = [head] + [f"| {r['case']} | {r['dtype']} | {r['tensor']} | {r['triton']:.3g} | "
                       f"{r['reference']:.3g} |" for r in acc]
     table += ["", "| max spread between runs | bitwise repeatable | f+b ms |", "|---|---|---|",

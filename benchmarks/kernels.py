@@ -332,10 +332,10 @@ def _target_table(rows):
     def ratio(a, b):
         return a / b if a and b else None
 
-    head = ("| D | N | M | T | B·H | mode | triton ms | reference ms | flash×T ms | auto ms | "
-            "triton × ref | auto ÷ best | triton TFLOP/s | triton bwd TFLOP/s | "
+    head = ("| D | N | M | T | B·H | causal | mode | triton ms | reference ms | flash×T ms | "
+            "auto ms | triton × ref | auto ÷ best | triton TFLOP/s | triton bwd TFLOP/s | "
             "triton first call s |")
-    lines = [head, "|" + "---|" * 15]
+    lines = [head, "|" + "---|" * 16]
     for case in dict.fromkeys(_case(r) for r in rows):
         D, N, M, T, bh, causal = case
         for mode in ("fwd", "fwd+bwd"):
@@ -349,7 +349,8 @@ def _target_table(rows):
                 bwd_ms = tr - ms("triton", "fwd", case)
                 bwd = 2.5 * flops / bwd_ms / 1e9 if bwd_ms > 0 else None
             lines.append(
-                f"| {D} | {N} | {M} | {T} | {bh} | {mode} | {_fmt(tr, '.3f')} | "
+                f"| {D} | {N} | {M} | {T} | {bh} | {'yes' if causal else 'no'} | {mode} | "
+                f"{_fmt(tr, '.3f')} | "
                 f"{_fmt(ref, '.3f')} | {_fmt(fl, '.3f')} | {_fmt(au, '.3f')} | "
                 f"{_fmt(ratio(ref, tr), '.2f')} | {_fmt(ratio(au, best), '.2f')} | "
                 f"{_fmt(tf, '.0f')} | {_fmt(bwd, '.0f')} | "

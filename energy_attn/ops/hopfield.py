@@ -220,23 +220,27 @@ class TritonWin(NamedTuple):
     short_path: bool  # the kernel's short-memory path (every key of a head loaded once)
     max_keys: int  # largest key count M measured there
     with_grad: bool  # also when gradients are recorded (forward+backward), not only inference
+    causal_only: bool  # only for is_causal calls
     note: str  # the measurement: device, commit, speed-ups over the reference
 
 
 #: Where ``backend="auto"`` runs the fused Triton kernel instead of the reference backend: the
-#: regions where it was *measured* faster, and nothing else. Measurements (NVIDIA H200, bf16):
-#: benchmarks/results/gpu-H200-2026-11-29.md (commit 7b1daef) and
-#: benchmarks/results/h200-f7d6df6/ (the same forward kernel, autotuned). Forward+backward on
-#: the streaming path (keys that do not fit on chip) ran at 0.72–0.98x the reference even with
-#: the best tiles, and the forward alone at 0.92–0.94x with M = 8192, so those have no row.
-#: To widen the rule once new figures exist, add a row naming its measurement.
+#: regions where it was *measured* faster, and nothing else. Measurement: NVIDIA H200, bf16,
+#: benchmarks/results/h200-c0f48b6/ (``benchmarks/kernels.py --target``, the kernels as they
+#: are). Forward+backward on the streaming path (keys that do not fit on chip) ran at 0.96–1.01x
+#: the reference with M = 2048 and 0.72–0.76x with M = 8192, the forward alone at 0.94–0.95x
+#: with M = 8192: those have no row. To widen the rule once new figures exist, add a row
+#: naming its measurement.
 AUTO_TRITON_WINS = (
-    TritonWin(short_path=True, max_keys=256, with_grad=True,
-              note="H200, 7b1daef, D=64, N=8192, T=8: M=64 17x forward, 2.3x forward+backward; "
-                   "M=256 2.4x forward, 1.17x forward+backward"),
-    TritonWin(short_path=False, max_keys=2048, with_grad=False,
-              note="H200, f7d6df6, N=M=2048, T=4: forward 1.41x (D=64), 1.48x (D=128); "
-                   "M=8192: 0.92x, 0.94x"),
+    TritonWin(short_path=True, max_keys=256, with_grad=True, causal_only=False,
+              note="H200, c0f48b6, D=64, N=8192, T=8: M=64 17.2x forward, 2.03x "
+                   "forward+backward; M=256 2.41x forward, 1.40x forward+backward"),
+    TritonWin(short_path=False, max_keys=2048, with_grad=False, causal_only=False,
+              note="H200, c0f48b6, N=M=2048, T=4: forward 1.43x (D=64), 1.49x (D=128), "
+                   "1.68x (D=128, causal); M=8192: 0.94x, 0.95x"),
+    TritonWin(short_path=False, max_keys=2048, with_grad=True, causal_only=True,
+              note="H200, c0f48b6, D=128, N=M=2048, T=4, causal: 1.07x forward+backward "
+                   "(not causal: 1.01x at D=64, 0.96x at D=128)"),
 )
 
 
@@ -254,10 +258,12 @@ def _auto_backend(q, k, m, key_bias, is_causal, optimizer, num_steps, device_typ
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, key_bias, m.bias))
     short = kmod.takes_short_path(M, D, q.dtype)
-    return "triton" if auto_picks_triton(device_type, M, short, with_grad) else "reference"
+    return ("triton" if auto_picks_triton(device_type, M, short, with_grad, is_causal)
+            else "reference")
 
 
-def auto_picks_triton(device_type: str, M: int, short_path: bool, with_grad: bool) -> bool:
+def auto_picks_triton(device_type: str, M: int, short_path: bool, with_grad: bool,
+                      is_causal: bool) -> bool:
     """The ``backend="auto"`` rule: True when a call the kernel supports should run it.
 
     Args:
@@ -266,12 +272,14 @@ def auto_picks_triton(device_type: str, M: int, short_path: bool, with_grad: boo
         short_path: whether the kernel would take its short-memory path for this call
             (``energy_attn.kernels.hopfield_descent.takes_short_path``).
         with_grad: whether the call records gradients (its backward will run too).
+        is_causal: whether the call is causal.
 
     Returns True inside a region of :data:`AUTO_TRITON_WINS`, else False (reference).
     """
     if device_type != "cuda":
         return False
-    return any(short_path == w.short_path and M <= w.max_keys and (w.with_grad or not with_grad)
+    return any(short_path == w.short_path and M <= w.max_keys
+               and (w.with_grad or not with_grad) and (is_causal or not w.causal_only)
                for w in AUTO_TRITON_WINS)
 
 
@@ -322,9 +330,9 @@ def hopfield_descent(
         momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).
         backend: ``"auto" | "reference" | "autograd" | "triton"``. ``auto`` runs the fused
             kernel only where it was measured faster than the reference (today, on CUDA: the
-            kernel's short-memory path, M <= 256; and M <= 2048 keys when no gradient is
-            recorded; see :func:`auto_picks_triton`), else the reference; ``triton`` forces
-            the kernel.
+            kernel's short-memory path, M <= 256; M <= 2048 keys when no gradient is recorded
+            or the call is causal; see :func:`auto_picks_triton`), else the reference;
+            ``triton`` forces the kernel.
         tol: masked tolerance stop (``0`` = off): a query whose next step would move it less
             than ``tol`` (Euclidean norm) stops there for the remaining steps. The step count
             stays fixed (no host sync). ``gd``/Newton optimizers, reference backend.
