@@ -1,4 +1,4 @@
-"""Fused Triton kernels for T steps of Hopfield / elastic energy descent (MATH.md §1, §4, §7).
+"""Fused Triton kernels for T steps of Hopfield / elastic energy descent (docs/math.md §1, §4, §7).
 
 One step, for a query row ``ξ`` against fixed keys ``K`` (values = keys), with ``c = ρ`` for
 Nesterov and ``c = 0`` otherwise (GD is the ``ρ = 0`` case of momentum):
@@ -525,8 +525,9 @@ FORCE_TILES: dict | None = None
 #: autotuning: interpreter, ``compile_check``). "heavy" = a velocity (momentum, Nesterov) or
 #: energies. Candidates of 16-bit inputs at D = 64, 128 are the winners and runners-up measured
 #: on an NVIDIA H200 (benchmarks/results/gpu-H200-2026-11-29.md, milliseconds in comments,
-#: D=128, N=M=8192, T=4); rows marked "compile-time" were never timed on a GPU and keep the
-#: tile picked from register counts at commit 7b1daef. In the dK kernel BLOCK_N is the
+#: D=128, N=M=8192, T=4; re-swept at commit c0f48b6, benchmarks/results/h200-c0f48b6/: every
+#: default still won, within noise); rows marked "compile-time" were never timed on a GPU and
+#: keep the tile picked from register counts at commit 7b1daef. In the dK kernel BLOCK_N is the
 #: streamed query tile and BLOCK_M its own key tile, as in the file.
 _SPACE = {
     # forward, GD: 8.9, 9.1, 9.6, 10.0 ms; D=64: 5.8 ms (winner), 6.6 (shipped 7b1daef)
