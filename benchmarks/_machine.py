@@ -1,7 +1,8 @@
 """Describe the machine and the code a benchmark ran on: helpers for every script here.
 
 Scripts run as ``python benchmarks/<name>.py``, so this folder is on ``sys.path`` and they
-``from _machine import machine, machine_name, commit, triton_version, median_ms``.
+``from _machine import machine, machine_name, commit, triton_version, median_ms,
+gpu_script_args``.
 """
 
 import os
@@ -80,3 +81,17 @@ def median_ms(fn, reps: int, device: str) -> float:
         fn()
         times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
+
+
+def gpu_script_args(ap, argv):
+    """Parse the arguments of a GPU benchmark with a CPU ``--smoke`` mode: adds ``--smoke``,
+    ``--reps`` and ``--out`` to ``ap`` (an ``argparse.ArgumentParser``) and returns
+    ``(args, device)``; without CUDA anything but ``--smoke`` is an argument error."""
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter is fine)")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and not args.smoke:
+        ap.error("no CUDA GPU: only --smoke runs here (through the Triton interpreter)")
+    return args, device

@@ -30,7 +30,7 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
 from energy_attn import hopfield_descent
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import commit, machine_name, median_ms, triton_version  # noqa: E402
+from _machine import commit, gpu_script_args, machine_name, median_ms, triton_version  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -129,13 +129,7 @@ def determinism(smoke, device, reps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter is fine)")
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        ap.error("no CUDA GPU: only --smoke runs here (through the Triton interpreter)")
+    args, device = gpu_script_args(ap, argv)
     acc = accuracy(args.smoke, device)
     det = determinism(args.smoke, device, args.reps or (1 if args.smoke else 20))
 

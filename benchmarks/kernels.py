@@ -42,7 +42,13 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
 from energy_attn import hopfield_descent
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path
-from _machine import commit, machine_name, median_ms, triton_version  # noqa: E402
+from _machine import (  # noqa: E402
+    commit,
+    gpu_script_args,
+    machine_name,
+    median_ms,
+    triton_version,
+)
 
 PROVIDERS = ("triton", "reference", "autograd")
 TARGET_PROVIDERS = ("triton", "reference", "flash", "auto")
@@ -138,7 +144,6 @@ def run_case(provider, mode, D, N, M, T, bh, causal, dtype, reps, device, optimi
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU interpreter is fine)")
     ap.add_argument("--quick", action="store_true", help="a few GPU sizes")
     ap.add_argument("--target", action="store_true",
                     help="the issue's target table: triton, reference, flash×T and auto")
@@ -146,13 +151,7 @@ def main(argv=None):
                     help="time every autotuning candidate of the target classes; print winners")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--providers", default=",".join(PROVIDERS))
-    ap.add_argument("--reps", type=int, default=None)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args(argv)
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu" and not args.smoke:
-        ap.error("no CUDA GPU: only --smoke runs here (through the Triton interpreter)")
+    args, device = gpu_script_args(ap, argv)
     dtype = DTYPES[args.dtype]
     if device == "cpu" and dtype == torch.bfloat16:
         dtype = torch.float32  # CPU SDPA and the interpreter are slow/odd in bf16; smoke only
