@@ -261,6 +261,30 @@ def _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
 
 
 @triton.jit
+def _readout_tile(xh, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M, scale2,
+                  HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                  PREC: tl.constexpr):
+    """One key tile's part of ``Σ_j p_ij k_j``, ``p`` recomputed from the saved lse."""
+    s2 = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                 HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+    p = tl.exp2(s2 - lse2[:, None])
+    return tl.dot(p.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
+def _dq_tile(yh, dmu, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M, scale2,
+             HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+             PREC: tl.constexpr):
+    """One key tile's part of ``Σ_j dS_ij k_j``, ``dS = P ⊙ (dμ Kᵀ − Δ)``, ``P`` recomputed."""
+    s2 = _logits(yh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                 HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+    p = tl.exp2(s2 - lse2[:, None])
+    dp = tl.dot(dmu, tl.trans(k), input_precision=PREC)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+
+
+@triton.jit
 def _energy_readout(xh, lse2, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D,
                     hi, scale2, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
                     CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
@@ -269,19 +293,14 @@ def _energy_readout(xh, lse2, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, 
     """``μ̃ = Σ_j p̃_ij k_j`` at an energy point, ``p̃`` recomputed from its saved lse."""
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if SHORT:
-        offs_m = tl.arange(0, BLOCK_M)
-        s2 = _logits(xh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                     HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-        p = tl.exp2(s2 - lse2[:, None])
-        acc += tl.dot(p.to(k_all.dtype), k_all, input_precision=PREC)
+        acc += _readout_tile(xh, k_all, tl.arange(0, BLOCK_M), lse2, BIAS, b_off, PAD, p_off,
+                             offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
     else:
         for start_m in range(0, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-            s2 = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                         HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-            p = tl.exp2(s2 - lse2[:, None])
-            acc += tl.dot(p.to(k.dtype), k, input_precision=PREC)
+            acc += _readout_tile(xh, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M,
+                                 scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
     return acc
 
 
@@ -353,23 +372,14 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
             dmu_c = dmu_c.to(tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if SHORT:
-            offs_m = tl.arange(0, BLOCK_M)
-            s2 = _logits(yh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                         HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-            p = tl.exp2(s2 - lse2[:, None])
-            dp = tl.dot(dmu_c, tl.trans(k_all), input_precision=PREC)
-            ds = p * (dp - delta[:, None])
-            acc += tl.dot(ds.to(k_all.dtype), k_all, input_precision=PREC)
+            acc += _dq_tile(yh, dmu_c, delta, k_all, tl.arange(0, BLOCK_M), lse2, BIAS, b_off,
+                            PAD, p_off, offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
         else:
             for start_m in range(0, hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-                s2 = _logits(yh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                             HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-                p = tl.exp2(s2 - lse2[:, None])
-                dp = tl.dot(dmu_c, tl.trans(k), input_precision=PREC)
-                ds = p * (dp - delta[:, None])
-                acc += tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+                acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
+                                offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
         dy = scale * acc - dmu  # g_t = y_t − μ_t
         a = a + dy  # y_t = ξ_t + c v_t
         if EGRAD:
