@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import machine  # noqa: E402
 
+from energy_attn._memory import saved_bytes  # noqa: E402
 from energy_attn.layers.blocks import BLOCKS  # noqa: E402
 
 # Attention-core forward FLOPs per sequence in units of N²·C (QKᵀ and PV = 4; the full Newton
@@ -58,17 +59,9 @@ def step(block, x, state):
     loss.backward()
 
 
-def saved_bytes(block, x, state):
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out, new_state = block(x, state, is_causal=True)
-    del out, new_state
-    return sum(seen.values())
+def block_saved_bytes(block, x, state):
+    """Bytes the block's forward keeps for backward, each storage counted once."""
+    return saved_bytes(lambda: block(x, state, is_causal=True), per_storage=True)[1]
 
 
 def _status_kb(field):
@@ -143,7 +136,7 @@ def main():
             peak = int(child.stdout.strip())
         rows.append(dict(block=NAMES[variant], variant=variant,
                          median_s=statistics.median(times[variant]), min_s=min(times[variant]),
-                         flops=fc.get_total_flops(), model_fwd_flops=model_flops(variant, a), saved_bytes=saved_bytes(block, x, state),
+                         flops=fc.get_total_flops(), model_fwd_flops=model_flops(variant, a), saved_bytes=block_saved_bytes(block, x, state),
                          peak_rss_bytes=peak))
     base = rows[0]
     for r in rows:

@@ -33,11 +33,11 @@ def run_one(provider: str, B: int, H: int, N: int, D: int, T: int, repeats: int)
     import torch
 
     from energy_attn import hopfield_descent
+    from energy_attn._memory import saved_bytes
 
     torch.manual_seed(0)
     q = torch.randn(B, H, N, D, requires_grad=True)
     k = torch.randn(B, H, N, D, requires_grad=True)
-    saved = []
 
     def step():
         out = hopfield_descent(q, k, num_steps=T, step_size=1.0, backend=provider)
@@ -53,18 +53,14 @@ def run_one(provider: str, B: int, H: int, N: int, D: int, T: int, repeats: int)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     # Bytes autograd saves for backward (deterministic), counted on one more forward.
-    def pack(t):
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        hopfield_descent(q, k, num_steps=T, step_size=1.0, backend=provider)
+    _, saved = saved_bytes(lambda: hopfield_descent(q, k, num_steps=T, step_size=1.0,
+                                                    backend=provider))
     return {
         "provider": provider,
         "median_ms": 1e3 * statistics.median(times),
         "min_ms": 1e3 * min(times),
         "peak_rss_mib": (peak - base) / 1024,  # ru_maxrss is KiB on Linux
-        "saved_for_backward_mib": sum(saved) / 2**20,
+        "saved_for_backward_mib": saved / 2**20,
     }
 
 

@@ -36,6 +36,7 @@ def run_one(solver: str, T: int, B: int, H: int, N: int, D: int, repeats: int,
     import torch
 
     from energy_attn import hopfield_descent
+    from energy_attn._memory import saved_bytes
 
     torch.manual_seed(0)
     # keys of norm ~1 and β = 1: a contractive regime where both solvers converge
@@ -69,14 +70,8 @@ def run_one(solver: str, T: int, B: int, H: int, N: int, D: int, repeats: int,
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
 
-    saved = []
-
-    def pack(t):
-        saved.append(t.numel() * t.element_size())
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = hopfield_descent(q, k, scale=1.0, num_steps=T, solver=solver, backend="reference")
+    out, saved = saved_bytes(lambda: hopfield_descent(q, k, scale=1.0, num_steps=T,
+                                                      solver=solver, backend="reference"))
     with torch.no_grad():  # distance from a fixed point ξ = softmax(β ξ Kᵀ) K, for both solvers
         from energy_attn.fixed_point import _hopfield_readout
         from energy_attn.masks import Masks
@@ -88,7 +83,7 @@ def run_one(solver: str, T: int, B: int, H: int, N: int, D: int, repeats: int,
         "median_ms": 1e3 * statistics.median(times),
         "peak_mib": peak / 2**20,
         "peak_kind": "cuda max_memory_allocated" if cuda else "peak RSS (coarse)",
-        "saved_for_backward_mib": sum(saved) / 2**20,
+        "saved_for_backward_mib": saved / 2**20,
         "max_residual": res,
     }
 

@@ -21,25 +21,14 @@ from pathlib import Path
 import torch
 from _machine import machine_name
 
+from energy_attn._memory import saved_bytes
+
 CONFIGS = {  # name: (Hopfield kwargs, B, L)
     "T=0": (dict(input_size=256, num_heads=4), 8, 256),
     "T=3, eps=1e-4 (default rule)": (dict(input_size=256, num_heads=4, update_steps_max=3), 8, 256),
     "T=3, eps=0": (dict(input_size=256, num_heads=4, update_steps_max=3,
                         update_steps_eps=0.0), 8, 256),
 }
-
-
-def saved_bytes(fn):
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, total
 
 
 def measure(module, x, repeats):

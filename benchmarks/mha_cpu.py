@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from energy_attn import EnergyMultiheadAttention
+from energy_attn._memory import saved_bytes
 from _machine import machine_name  # noqa: E402  (this folder is on sys.path)
 
 
@@ -43,16 +44,10 @@ def measure(layer: nn.Module, x: torch.Tensor, repeats: int) -> dict:
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
-    saved = {}  # one entry per storage: a tensor saved twice (or two views of it) counts once
-
-    def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        layer(x, x, x, need_weights=False)
+    # one entry per storage: a tensor saved twice (or two views of it) counts once
+    _, saved = saved_bytes(lambda: layer(x, x, x, need_weights=False), per_storage=True)
     return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-            "saved_for_backward_mib": sum(saved.values()) / 2**20}
+            "saved_for_backward_mib": saved / 2**20}
 
 
 def main(argv=None) -> int:

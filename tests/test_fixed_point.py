@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from energy_attn import Hopfield, hopfield_descent, masks
+from energy_attn._memory import saved_bytes
 from energy_attn.fixed_point import _hopfield_readout, fixed_point
 from energy_attn.ops.hopfield import hopfield_fixed_point
 
@@ -87,25 +88,11 @@ def test_generic_fixed_point_of_a_linear_map():
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
 
 
-def _saved_bytes(fn):
-    """Bytes autograd saves for backward while ``fn`` runs (deterministic, unlike RSS)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
 def test_memory_does_not_grow_with_iterations():
     q, k, _ = _problem(dtype=torch.float32)
 
     def run(solver, steps):
-        return _saved_bytes(lambda: hopfield_descent(q, k, num_steps=steps, solver=solver))
+        return saved_bytes(lambda: hopfield_descent(q, k, num_steps=steps, solver=solver))[1]
 
     fixed = [run("fixed_point", t) for t in (2, 8, 32)]
     unrolled = [run("unrolled", t) for t in (2, 8, 32)]
