@@ -199,9 +199,22 @@ def plot_runs(logs: dict, path: Path, title: str = "") -> bool:
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    fig = compare_figure(logs, title)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def compare_figure(logs: dict, title: str = ""):
+    """The figure of :func:`plot_runs` (needs matplotlib): two panels sharing the loss axis, one
+    legend below both, so that no curve is hidden behind it however many variants there are."""
+    import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    ncol = 1 if len(logs) < 4 else 2
+    rows = -(-len(logs) // ncol)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4 + 0.2 * rows), sharey=True)
     for name, runs in logs.items():
         diverged = sum(r.get("diverged_at") is not None for r in runs)
         runs = [r for r in runs if r.get("diverged_at") is None]  # curves of finished runs
@@ -228,12 +241,14 @@ def plot_runs(logs: dict, path: Path, title: str = "") -> bool:
     if first:  # the step-0 loss squashes the curves: start at the 1st eval (never above step 0)
         top = min(max(first), max(start))
         a1.set_ylim(lo - 0.05 * (top - lo), top)
-    a1.legend(fontsize=8)
     fig.suptitle(title or "validation loss, mean ± std over seeds")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    handles, labels = a1.get_legend_handles_labels()
+    legend = fig.legend(handles, labels, loc="lower center", ncol=ncol, fontsize=8,
+                        frameon=False)
+    fig.canvas.draw()  # the legend's height, then the panels laid out above it
+    height = legend.get_window_extent().height / fig.bbox.height
+    fig.tight_layout(rect=(0, height + 0.01, 1, 1))
+    return fig
 
 
 def write_summary(logs, rows, out: Path, target=None, command=None, plot=True):

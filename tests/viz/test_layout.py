@@ -90,3 +90,24 @@ def test_optimizer_gallery_figure_one_legend_clear_of_every_panel():
     assert [t.get_text() for t in fig.legends[0].texts] == [
         "stored patterns", "initial states", "after 8 step(s)"]
     _check_legends(fig)
+
+
+def test_training_comparison_legend_hides_no_curve():
+    """``energy-attn compare``'s figure: many long variant names, one legend below both
+    panels (it used to sit on the loss curves)."""
+    import math
+
+    from energy_attn.training.compare import compare_figure
+
+    def run(offset, diverged=False):
+        evals = [{"step": s, "val_loss": 5.0 - math.log1p(s) / 3 + offset, "time": s / 10}
+                 for s in range(0, 301, 25)]
+        return {"eval": evals, "diverged_at": 50 if diverged else None}
+
+    logs = {f"optimizer=aiadam-attention_norm=loss-lr={lr}": [run(i / 10), run(i / 10 + 0.01)]
+            for i, lr in enumerate((0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0))}
+    logs["optimizer=adamw-lr=0.001"] = [run(0.2), run(0.0, diverged=True)]
+    fig = compare_figure(logs)
+    assert len(fig.legends) == 1 and not any(ax.get_legend() for ax in fig.axes)
+    assert any("diverged, not shown" in t.get_text() for t in fig.legends[0].texts)
+    _check_legends(fig)
