@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .. import masks
 from .._utils import check_finite_number
 
 __all__ = [
@@ -58,8 +59,9 @@ def attention_energy_stats(q, k, scale, *, causal=False, key_mask=None, mask=Non
         q: queries ``[B, H, N, D]``.
         k: keys ``[B, H, M, D]``.
         scale: the inverse temperature β (scores are ``β q·k``).
-        causal: query ``i`` may attend keys ``j <= i + (M − N)`` (the usual end-aligned
-            causal mask; ``N == M`` for self-attention).
+        causal: query ``i`` may attend keys ``j <= i`` (top-left aligned, the package's
+            convention and ``F.scaled_dot_product_attention(is_causal=True)``'s, so the stats
+            describe the attention that SDPA computes with the same flag).
         key_mask: optional boolean ``[B, M]``, True = may attend (key padding).
         mask: optional general boolean mask broadcastable to ``[B, H, N, M]`` (True = may
             attend), combined with the others; the mean energy then comes from the explicit
@@ -83,10 +85,8 @@ def attention_energy_stats(q, k, scale, *, causal=False, key_mask=None, mask=Non
 
     n, m = q.shape[-2], k.shape[-2]
     scores = scale * torch.einsum("bhid,bhjd->bhij", _acc(q), _acc(k))   # [B, H, N, M]
-    allowed = torch.ones(n, m, dtype=torch.bool, device=q.device)
-    if causal:
-        allowed = allowed.tril(m - n)
-    allowed = allowed[None, None]                                        # [1, 1, N, M]
+    allowed = (masks.causal(n, m, q.device) if causal
+               else torch.ones(n, m, dtype=torch.bool, device=q.device))[None, None]  # [1,1,N,M]
     if key_mask is not None:
         allowed = allowed & key_mask[:, None, None, :]                   # [B, 1, N, M]
     if mask is not None:
@@ -119,18 +119,15 @@ def _mean_energy(q, k, scale, causal, key_mask):
             kf = kf * key_mask[:, None, :, None].to(kf.dtype)         # [B, H, M, D]
             valid_keys = key_mask.to(kf.dtype).sum(-1)                 # [B]
         if causal:
-            # keys visible to query i: j <= i + (m - n); prefix sums over keys, [B, H, M, D]
-            csum = kf.cumsum(-2)
-            last = torch.arange(n, device=qf.device) + (m - n)         # [N]
-            seen = last >= 0
-            idx = last.clamp(min=0)
-            ksum = csum[..., idx, :] * seen[:, None].to(kf.dtype)      # [B, H, N, D]
+            # query i sees keys j <= min(i, m - 1) (masks.causal): prefix sums over keys
+            last = torch.arange(n, device=qf.device).clamp(max=m - 1)  # [N]
+            ksum = kf.cumsum(-2)[..., last, :]                          # [B, H, N, D]
             total = (qf * ksum).sum()
             if key_mask is not None:
-                counts = key_mask.to(kf.dtype).cumsum(-1)[:, idx] * seen.to(kf.dtype)  # [B, N]
+                counts = key_mask.to(kf.dtype).cumsum(-1)[:, last]      # [B, N]
                 count = counts.sum() * qf.shape[1]
             else:
-                count = ((last + 1).clamp(min=0).sum() * qf.shape[0] * qf.shape[1]).to(kf.dtype)
+                count = ((last + 1).sum() * qf.shape[0] * qf.shape[1]).to(kf.dtype)
         else:
             total = (qf.sum(-2) * kf.sum(-2)).sum()                    # Σ_i q_i · Σ_j k_j
             if key_mask is not None:
