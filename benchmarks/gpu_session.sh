@@ -30,5 +30,7 @@ fi
 python3 -c "import energy_attn.kernels.hopfield_descent as k; print('kernels from', k.__file__)" 2>&1 | tee -a "$LOG"
 stage 150 target python3 benchmarks/kernels.py --target --out "$OUT"
 stage 45 accuracy python3 benchmarks/kernel_accuracy.py --out "$OUT"
-stage 110 tests python3 -m pytest tests/kernels tests/ops/test_auto_backend.py -q -rfE -n 8 -p no:cacheprovider -p no:benchmark -W ignore::DeprecationWarning
+# -v: one line per test as it finishes (an xdist run once hung after its last test; the log
+# still says which passed)
+stage 110 tests python3 -m pytest tests/kernels tests/ops/test_auto_backend.py -v -rfE -n 8 -p no:cacheprovider -p no:benchmark -W ignore::DeprecationWarning
 stage 80 tiles python3 benchmarks/kernels.py --tiles --reps 10 --out "$OUT"
