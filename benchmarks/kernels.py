@@ -3,7 +3,8 @@
 Providers (the first four through ``hopfield_descent``):
     triton     the fused kernel (``backend="triton"``)
     reference  one ``scaled_dot_product_attention`` per step under autograd
-    auto       ``backend="auto"`` (must never be much slower than the faster of the two)
+    auto       ``backend="auto"`` (must never be much slower than the faster of the two; the
+               target table names the backend it picked)
     autograd   the blog's path, ``torch.autograd.grad(E, ξ, create_graph=True)`` (it stores N×M
                matrices per step; skipped where its estimate does not fit in memory)
     flash×T    T chained ``F.scaled_dot_product_attention(x, k, k)``: the floor an unfused
@@ -139,7 +140,21 @@ def run_case(provider, mode, D, N, M, T, bh, causal, dtype, reps, device, optimi
     first_s = time.perf_counter() - t0
     ms = median_ms(fn, reps, device)
     flops = 4 * N * M * D * T * bh * (0.5 if causal else 1.0) * (3.5 if train else 1.0)
-    return {"ms": ms, "tflops": flops / ms / 1e9, "peak_gib": peak, "first_call_s": first_s}
+    row = {"ms": ms, "tflops": flops / ms / 1e9, "peak_gib": peak, "first_call_s": first_s}
+    if provider == "auto":
+        row["auto_picked"] = auto_picks(q, k, T, causal, optimizer, train)
+    return row
+
+
+def auto_picks(q, k, T, causal, optimizer, train) -> str:
+    """The backend ``backend="auto"`` runs for this call (``"triton"`` or ``"reference"``), so a
+    table can tell a wrong pick from two timings of the same code path."""
+    from energy_attn import masks  # noqa: PLC0415
+    from energy_attn.ops.hopfield import _auto_backend  # noqa: PLC0415
+
+    with torch.set_grad_enabled(train):
+        return _auto_backend(q, k, masks.from_user("mask", None, is_causal=causal), None,
+                             causal, optimizer, T, q.device.type)
 
 
 def main(argv=None):
@@ -340,6 +355,7 @@ def _target_table(rows):
         for mode in ("fwd", "fwd+bwd"):
             tr, ref = ms("triton", mode, case), ms("reference", mode, case)
             fl, au = ms("flash", mode, case), ms("auto", mode, case)
+            picked = ms("auto", mode, case, "auto_picked")
             best = min((x for x in (tr, ref) if x), default=None)
             flops = 4 * N * M * D * T * bh * (0.5 if causal else 1.0)
             tf = flops * (3.5 if mode == "fwd+bwd" else 1.0) / tr / 1e9 if tr else None
@@ -350,7 +366,8 @@ def _target_table(rows):
             lines.append(
                 f"| {D} | {N} | {M} | {T} | {bh} | {'yes' if causal else 'no'} | {mode} | "
                 f"{_fmt(tr, '.3f')} | "
-                f"{_fmt(ref, '.3f')} | {_fmt(fl, '.3f')} | {_fmt(au, '.3f')} | "
+                f"{_fmt(ref, '.3f')} | {_fmt(fl, '.3f')} | {_fmt(au, '.3f')}"
+                f"{f' ({picked})' if picked else ''} | "
                 f"{_fmt(ratio(ref, tr), '.2f')} | {_fmt(ratio(au, best), '.2f')} | "
                 f"{_fmt(tf, '.0f')} | {_fmt(bwd, '.0f')} | "
                 f"{_fmt(ms('triton', mode, case, 'first_call_s'), '.1f')} |")

@@ -352,8 +352,10 @@ def test_benchmark_script_smoke_run(tmp_path):
     data = json.loads((tmp_path / "kernels-smoke-cpu-target.json").read_text())
     assert {r["provider"] for r in data["rows"]} == {"triton", "reference", "flash", "auto"}
     assert all(r["ms"] > 0 for r in data["rows"])
+    # on CPU tensors auto runs the reference, and the table says so
+    assert {r["auto_picked"] for r in data["rows"] if r["provider"] == "auto"} == {"reference"}
     md = (tmp_path / "kernels-smoke-cpu-target.md").read_text()
-    assert "flash×T ms" in md and "auto ÷ best" in md
+    assert "flash×T ms" in md and "auto ÷ best" in md and "(reference)" in md
     # the tile sweep times every candidate and names a winner per class
     winners = bench.main(["--smoke", "--tiles", "--reps", "1", "--out", str(tmp_path)])
     assert {w["kernel"] for w in winners} == set(bench_kernels(kmod))
