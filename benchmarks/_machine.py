@@ -2,7 +2,7 @@
 
 Scripts run as ``python benchmarks/<name>.py``, so this folder is on ``sys.path`` and they
 ``from _machine import machine, machine_name, commit, triton_version, median_ms,
-gpu_script_args``.
+gpu_script_args, results_tag``.
 """
 
 import os
@@ -81,6 +81,12 @@ def median_ms(fn, reps: int, device: str) -> float:
         fn()
         times.append(1e3 * (time.perf_counter() - t0))
     return statistics.median(times)
+
+
+def results_tag(smoke: bool) -> str:
+    """The machine part of a GPU benchmark's result file names: ``"smoke-cpu"`` for a
+    ``--smoke`` run, else the GPU's name in lower case with dashes (``"nvidia-h200"``)."""
+    return "smoke-cpu" if smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()
 
 
 def gpu_script_args(ap, argv):

@@ -30,7 +30,14 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
 from energy_attn import hopfield_descent
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import commit, gpu_script_args, machine_name, median_ms, triton_version  # noqa: E402
+from _machine import (  # noqa: E402
+    commit,
+    gpu_script_args,
+    machine_name,
+    median_ms,
+    results_tag,
+    triton_version,
+)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -68,10 +75,10 @@ def inputs(B, H, Hk, N, M, D, mask_kind, device, seed=0):
 
 
 def run(backend, q, k, bias, dout, dtype, **kw):
-    leaves = [t.to(dtype).detach().requires_grad_(True) if t is not None else None
-              for t in (q, k, bias)]
-    if bias is not None:
-        leaves[2] = bias.float().detach().requires_grad_(True)  # key bias: float32
+    """Output and gradients of ``<out, dout>`` with ``q, k`` in ``dtype``, the key bias in
+    float32."""
+    leaves = [t.detach().requires_grad_(True) if t is not None else None
+              for t in (q.to(dtype), k.to(dtype), None if bias is None else bias.float())]
     out = hopfield_descent(leaves[0], leaves[1], key_bias=leaves[2], backend=backend, **kw)
     used = [t for t in leaves if t is not None]
     return [out, *torch.autograd.grad(out, used, dout.to(out.dtype))]
@@ -142,7 +149,7 @@ def main(argv=None):
               f"{det['fwd_bwd_ms']:.3f} |"]
     text = "\n".join(table)
     print("\n" + text)
-    tag = "smoke-cpu" if args.smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    tag = results_tag(args.smoke)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"machine": machine_name(), "torch": torch.__version__, "triton": triton_version(),

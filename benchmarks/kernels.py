@@ -48,6 +48,7 @@ from _machine import (  # noqa: E402
     gpu_script_args,
     machine_name,
     median_ms,
+    results_tag,
     triton_version,
 )
 
@@ -182,7 +183,7 @@ def main(argv=None):
         _run_grid(args, providers, dtype, reps, device, rows)
     except KeyboardInterrupt:  # Ctrl-C or ``timeout`` (SIGTERM): keep what was measured
         print(f"interrupted: writing the {len(rows)} rows measured so far", flush=True)
-    _write(args, rows, dtype)
+    _write(args, rows)
 
 
 def _run_grid(args, providers, dtype, reps, device, rows):
@@ -205,7 +206,7 @@ def _run_grid(args, providers, dtype, reps, device, rows):
                 print(_fmt_row(row), flush=True)
 
 
-def _write(args, rows, dtype):
+def _write(args, rows):
     for r in rows:  # speed-up over the unrolled SDPA reference
         ref = next((x for x in rows if x["provider"] == "reference" and x["mode"] == r["mode"]
                     and (x["D"], x["N"], x["M"], x["T"], x["BH"], x["causal"])
@@ -231,7 +232,7 @@ def _write(args, rows, dtype):
 
 
 def _tag(args):
-    name = "smoke-cpu" if args.smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    name = results_tag(args.smoke)
     return f"{name}-target" if args.target else name
 
 
@@ -316,7 +317,7 @@ def _tiles_table(winners):
 def _write_tiles(args, rows, winners):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tag = "smoke-cpu" if args.smoke else torch.cuda.get_device_name(0).replace(" ", "-").lower()
+    tag = results_tag(args.smoke)
     meta = {"machine": machine_name(), "torch": torch.__version__, "triton": triton_version(),
             "commit": commit(), "rows": rows, "winners": winners}
     (out / f"kernel-tiles-{tag}.json").write_text(json.dumps(meta, indent=2))
