@@ -39,8 +39,9 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["SHORT_MEMORY_BYTES", "Launch", "hopfield_descent_triton", "plan_backward",
-           "plan_forward", "takes_short_path", "unsupported_reason"]
+__all__ = ["FORCE_TILES", "SHORT_MEMORY_BYTES", "TILE_KEYS", "Launch", "candidates",
+           "hopfield_descent_triton", "plan_backward", "plan_forward", "takes_short_path",
+           "unsupported_reason"]
 
 OPTIMIZERS = ("gd", "momentum", "nesterov")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
