@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["FORCE_TILES", "SHORT_MEMORY_BYTES", "TILE_KEYS", "Launch", "candidates",
+__all__ = ["FORCE_TILES", "SHORT_MEMORY_BYTES", "TILE_KEYS", "Launch", "candidates", "dk_parts",
            "hopfield_descent_triton", "plan_backward", "plan_forward", "takes_short_path",
            "unsupported_reason"]
 
@@ -78,20 +78,26 @@ def _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST: tl.constexpr):
 @triton.jit
 def _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
             HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-            PREC: tl.constexpr):
-    """``(β x̂·k_j + b_j)·log₂e`` for a query tile against a key tile; −inf where masked."""
+            PREC: tl.constexpr, MASK: tl.constexpr = True):
+    """``(β x̂·k_j + b_j)·log₂e`` for a query tile against a key tile; −inf where masked.
+
+    ``MASK=False`` (a tile every row of which sees every key: inside ``M``, no padding, below
+    the causal diagonal) skips the masking.
+    """
     s = tl.dot(xh, tl.trans(k), input_precision=PREC) * scale2
     in_range = offs_m < M
-    keep = in_range[None, :]
     if HAS_BIAS:
         b = tl.load(BIAS + b_off + offs_m, mask=in_range, other=0.0)
         s += b[None, :] * LOG2E
-    if HAS_PAD:
-        pad = tl.load(PAD + p_off + offs_m, mask=in_range, other=0)
-        keep = keep & (pad != 0)[None, :]
-    if CAUSAL:
-        keep = keep & (offs_m[None, :] <= offs_n[:, None])
-    return tl.where(keep, s, float("-inf"))
+    if MASK:
+        keep = in_range[None, :]
+        if HAS_PAD:
+            pad = tl.load(PAD + p_off + offs_m, mask=in_range, other=0)
+            keep = keep & (pad != 0)[None, :]
+        if CAUSAL:
+            keep = keep & (offs_m[None, :] <= offs_n[:, None])
+        s = tl.where(keep, s, float("-inf"))
+    return s
 
 
 @triton.jit
@@ -108,15 +114,34 @@ def _online_update(s, k, m_i, l_i, acc, WITH_MU: tl.constexpr, PREC: tl.constexp
 
 
 @triton.jit
-def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, hi, scale2,
-            WITH_MU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+def _online_update_full(xh, k, m_i, l_i, acc, scale2, WITH_MU: tl.constexpr,
+                        PREC: tl.constexpr):
+    """:func:`_online_update` for an unmasked tile without key bias, from the raw scores
+    ``x̂·k_j``: ``scale2 > 0`` commutes with the row max, so each logit costs one fused
+    multiply-add (``qk·scale2 − m``) instead of a product and a difference. Every logit is
+    finite, so the running max is too."""
+    qk = tl.dot(xh, tl.trans(k), input_precision=PREC)
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * scale2)
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(qk * scale2 - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if WITH_MU:
+        acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k, input_precision=PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, full, hi,
+            scale2, WITH_MU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
             CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
-            PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-            BLOCK_D: tl.constexpr):
+            PREC: tl.constexpr, INTERIOR: tl.constexpr, BLOCK_N: tl.constexpr,
+            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Read-out ``μ`` (if ``WITH_MU``) and base-2 log-sum-exp of a query tile over all keys.
 
-    Fully masked rows: ``μ = 0`` and ``lse = 0`` (their potential is 0; in backward every logit
-    of the row is −inf, so ``p = 0`` whatever the stored lse).
+    Streaming with ``INTERIOR``: key tiles ``[0, full)`` run unmasked, ``[full, hi)`` masked
+    (see :func:`_query_tile`); without, every tile is masked. Fully masked rows: ``μ = 0``
+    and ``lse = 0`` (their potential is 0; in backward every logit of the row is −inf, so
+    ``p = 0`` whatever the stored lse).
     """
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -126,6 +151,23 @@ def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, 
         s = _logits(xh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
                     HAS_BIAS, HAS_PAD, CAUSAL, PREC)
         m_i, l_i, acc = _online_update(s, k_all, m_i, l_i, acc, WITH_MU, PREC)
+    elif INTERIOR:
+        for start_m in range(0, full, BLOCK_M):
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+            if HAS_BIAS:
+                s = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                            HAS_BIAS, HAS_PAD, CAUSAL, PREC, False)
+                m_i, l_i, acc = _online_update(s, k, m_i, l_i, acc, WITH_MU, PREC)
+            else:
+                m_i, l_i, acc = _online_update_full(xh, k, m_i, l_i, acc, scale2, WITH_MU,
+                                                    PREC)
+        for start_m in tl.range(full, hi, BLOCK_M, num_stages=1):  # the edge: 1-2 tiles
+            offs_m = start_m + tl.arange(0, BLOCK_M)
+            k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+            s = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                        HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            m_i, l_i, acc = _online_update(s, k, m_i, l_i, acc, WITH_MU, PREC)
     else:
         for start_m in range(0, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -150,15 +192,17 @@ def _round(y, DT: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
-def _query_tile(K, N, M, D, H, HK, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
-                UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                BLOCK_D: tl.constexpr):
+def _query_tile(K, N, M, D, H, HK, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
+                SHORT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """The query tile of this program (grid ``(⌈N / BLOCK_N⌉, B·H)``) and its key head.
 
-    Returns ``(bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all)``:
-    the flat batch·head, row and column offsets with their masks, the offsets of the tile in
-    ``[B·H, N, D]`` and of its keys, key bias and padding row, the key bound (causal: up to
-    the tile's diagonal) and, on the short-memory path, every key of the head (loaded once).
+    Returns ``(bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, full, hi,
+    k_all)``: the flat batch·head, row and column offsets with their masks, the offsets of the
+    tile in ``[B·H, N, D]`` and of its keys, key bias and padding row; the key bounds: keys
+    ``[0, full)`` come in whole tiles that every row of the tile sees (no padding; causal:
+    before the tile's first row), keys ``[full, hi)`` need masking (causal: ``hi`` stops at
+    the tile's diagonal); on the short-memory path, every key of the head (loaded once).
     """
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)  # b * H + h
@@ -173,13 +217,17 @@ def _query_tile(K, N, M, D, H, HK, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
     b_off = (b * HK + hk) * M
     p_off = b * M
     hi = M
+    full = M // BLOCK_M * BLOCK_M
     if CAUSAL:
         hi = tl.minimum(M, (pid_n + 1) * BLOCK_N)  # query i sees keys j <= i
+        full = tl.minimum(full, pid_n * BLOCK_N // BLOCK_M * BLOCK_M)
+    if HAS_PAD:
+        full = 0
     if SHORT:
         k_all = _load_keys(K, k_off, tl.arange(0, BLOCK_M), offs_d, M, D, UPCAST)
     else:
         k_all = tl.zeros([1, 1], tl.float32)  # unused
-    return bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all
+    return bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, full, hi, k_all
 
 
 # --------------------------------------------------------------------------------------------
@@ -193,11 +241,12 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
                 T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
                 SAVE: tl.constexpr, ENERGIES: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
-                UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                UPCAST: tl.constexpr, PREC: tl.constexpr, INTERIOR: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     DT: tl.constexpr = Q.dtype.element_ty
-    bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = _query_tile(
-        K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
+    bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, full, hi, k_all = (
+        _query_tile(K, N, M, D, H, HK, HAS_PAD, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M,
+                    BLOCK_D))
     xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)  # float32 master copy
     v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for t in range(T):
@@ -206,17 +255,17 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
         else:
             y = xi
         mu, lse2 = _attend(_round(y, DT, UPCAST), k_all, K, k_off, BIAS, b_off, PAD, p_off,
-                           offs_n, offs_d, M, D, hi, scale2, True, HAS_BIAS, HAS_PAD, CAUSAL,
-                           SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
+                           offs_n, offs_d, M, D, full, hi, scale2, True, HAS_BIAS, HAS_PAD,
+                           CAUSAL, SHORT, UPCAST, PREC, INTERIOR, BLOCK_N, BLOCK_M, BLOCK_D)
         if SAVE:
             tl.store(MU + t * mu_step + q_off, mu, mask=tile_ok)
             tl.store(LSE + t * lse_step + bh * N + offs_n, lse2, mask=row_ok)
         if ENERGIES:
             if NESTEROV:  # the read-out point y_t is not ξ_t: one lse-only pass at ξ_t
                 _, lse2 = _attend(_round(xi, DT, UPCAST), k_all, K, k_off, BIAS, b_off, PAD,
-                                  p_off, offs_n, offs_d, M, D, hi, scale2, False, HAS_BIAS,
-                                  HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M,
-                                  BLOCK_D)
+                                  p_off, offs_n, offs_d, M, D, full, hi, scale2, False,
+                                  HAS_BIAS, HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, INTERIOR,
+                                  BLOCK_N, BLOCK_M, BLOCK_D)
             energy = 0.5 * tl.sum(xi * xi, 1) - lse2 * (LN2 * inv_scale)
             tl.store(ENERGY + (bh * N + offs_n) * (T + 1) + t, energy, mask=row_ok)
             if SAVE:
@@ -229,8 +278,8 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
             xi = xi - eta * g
     if ENERGIES:  # energy of the final iterate
         _, lse2 = _attend(_round(xi, DT, UPCAST), k_all, K, k_off, BIAS, b_off, PAD, p_off,
-                          offs_n, offs_d, M, D, hi, scale2, False, HAS_BIAS, HAS_PAD, CAUSAL,
-                          SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
+                          offs_n, offs_d, M, D, full, hi, scale2, False, HAS_BIAS, HAS_PAD,
+                          CAUSAL, SHORT, UPCAST, PREC, INTERIOR, BLOCK_N, BLOCK_M, BLOCK_D)
         energy = 0.5 * tl.sum(xi * xi, 1) - lse2 * (LN2 * inv_scale)
         tl.store(ENERGY + (bh * N + offs_n) * (T + 1) + T, energy, mask=row_ok)
         if SAVE:
@@ -275,10 +324,11 @@ def _readout_tile(xh, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M, scale
 @triton.jit
 def _dq_tile(yh, dmu, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M, scale2,
              HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-             PREC: tl.constexpr):
-    """One key tile's part of ``Σ_j dS_ij k_j``, ``dS = P ⊙ (dμ Kᵀ − Δ)``, ``P`` recomputed."""
+             PREC: tl.constexpr, MASK: tl.constexpr = True):
+    """One key tile's part of ``Σ_j dS_ij k_j``, ``dS = P ⊙ (dμ Kᵀ − Δ)``, ``P`` recomputed
+    (``MASK=False``: a tile every row sees whole, see :func:`_logits`)."""
     s2 = _logits(yh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                 HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+                 HAS_BIAS, HAS_PAD, CAUSAL, PREC, MASK)
     p = tl.exp2(s2 - lse2[:, None])
     dp = tl.dot(dmu, tl.trans(k), input_precision=PREC)
     ds = p * (dp - delta[:, None])
@@ -315,23 +365,28 @@ def _energy_dk(k, xh, lse2, e, bias2, mask_t, scale2, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA,
+def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA, Y,
                    N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
                    T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
-                   EGRAD: tl.constexpr,
+                   EGRAD: tl.constexpr, KEEP_Y: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                    SHORT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Reverse chain of one query tile: adjoints ``a = ∂L/∂ξ_{t+1}``, ``w`` (of ``v_{t+1}``)."""
+                   INTERIOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """Reverse chain of one query tile: adjoints ``a = ∂L/∂ξ_{t+1}``, ``w`` (of ``v_{t+1}``).
+
+    ``KEEP_Y``: also writes the rounded read-out points ``ŷ_t`` (and, with energies,
+    ``round(ξ_T)`` as entry ``T``) to ``Y`` for the key kernel, which then replays nothing.
+    """
     DT: tl.constexpr = Q.dtype.element_ty
-    bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, hi, k_all = _query_tile(
-        K, N, M, D, H, HK, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M, BLOCK_D)
-    xi0 = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
+    bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, full, hi, k_all = (
+        _query_tile(K, N, M, D, H, HK, HAS_PAD, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M,
+                    BLOCK_D))
     a = tl.load(DOUT + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     w = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     de_off = (bh * N + offs_n) * (T + 1)
     if EGRAD:  # energy of ξ_T: ∂E/∂ξ = ξ − μ̃ (the kinetic and the potential term)
-        xi = xi0
+        xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
         v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for s in range(T):
             xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest, VELOCITY,
@@ -343,10 +398,13 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
                                HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M,
                                BLOCK_D)
         a += e[:, None] * (xi - mu_e)
+        if KEEP_Y:
+            tl.store(Y + T * mu_step + q_off, _round(xi, DT, UPCAST).to(DT), mask=tile_ok)
     for i in range(T):
         t = T - 1 - i
-        # Replay ξ_t, v_t from q (O(T²) element-wise work, no N×M work).
-        xi = xi0
+        # Replay ξ_t, v_t from q (O(T²) element-wise work, no N×M work; q is re-read rather
+        # than held in registers across the key loop).
+        xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
         v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         for s in range(t):
             xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest, VELOCITY,
@@ -356,6 +414,8 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
         else:
             y = xi
         yh = _round(y, DT, UPCAST)
+        if KEEP_Y:
+            tl.store(Y + t * mu_step + q_off, yh.to(DT), mask=tile_ok)
         mu = tl.load(MU + t * mu_step + q_off, mask=tile_ok, other=0.0)
         lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
         dv = w + a  # ∂L/∂v_{t+1}: ξ_{t+1} = ξ_t + v_{t+1}
@@ -375,13 +435,30 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
         if SHORT:
             acc += _dq_tile(yh, dmu_c, delta, k_all, tl.arange(0, BLOCK_M), lse2, BIAS, b_off,
                             PAD, p_off, offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+        elif INTERIOR:  # unmasked tiles, then the edge (one or two tiles) masked
+            for start_m in range(0, full, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+                acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
+                                offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC, False)
+            for start_m in tl.range(full, hi, BLOCK_M, num_stages=1):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+                acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
+                                offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
         else:
             for start_m in range(0, hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
                 acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
                                 offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-        dy = scale * acc - dmu  # g_t = y_t − μ_t
+        # dμ and ∂L/∂v_{t+1} are recomputed from (w, a) rather than held across the key loop
+        # (register pressure); g_t = y_t − μ_t, v_{t+1} = ρ v_t − η g_t.
+        dy = scale * acc - (eta * w + eta * a)
+        if VELOCITY:
+            w_next = rho * w + rho * a
+            if NESTEROV:
+                w_next += nest * dy
         a = a + dy  # y_t = ξ_t + c v_t
         if EGRAD:
             if NESTEROV:  # E(ξ_t) at its own point
@@ -394,28 +471,116 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
             else:
                 a += e[:, None] * xi  # the kinetic term (the potential went through Δ)
         if VELOCITY:
-            w = rho * dv
-            if NESTEROV:
-                w += nest * dy
+            w = w_next
     tl.store(DQ + q_off, a, mask=tile_ok)
 
 
 @triton.jit
-def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIAS,
-                   N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
+def _dk_query_tile(dk, db, k, keep, bias2, offs_m, start_n, bh, Q, MU, LSE, ELSE, DENERGY, DMU,
+                   DELTA, Y, N, D, mu_step, lse_step, scale2, scale, eta, rho, nest,
                    T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
-                   EGRAD: tl.constexpr,
+                   EGRAD: tl.constexpr, KEEP_Y: tl.constexpr, CAUSAL: tl.constexpr,
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query tile's part, over every step, of the key tile's ``dK`` and ``d key_bias``.
+
+    ``MASK=False``: every query of the tile sees every key of the key tile (no padding, past
+    the causal diagonal). Keys past ``M`` need no mask here: their rows are never stored;
+    queries past ``N`` load ``lse = +inf``, hence ``p = 0``. ``KEEP_Y``: the read-out points
+    come from the query kernel's ``Y``, else the iterates are replayed from ``q`` and ``μ_t``.
+    """
+    DT: tl.constexpr = Q.dtype.element_ty
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    row_ok = offs_n < N
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
+    q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
+    mask_t = keep[:, None]
+    if CAUSAL:
+        mask_t = mask_t & (offs_m[:, None] <= offs_n[None, :])
+    if not KEEP_Y:
+        xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
+        v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    de_off = (bh * N + offs_n) * (T + 1)
+    for t in range(T):
+        if KEEP_Y:
+            yh = tl.load(Y + t * mu_step + q_off, mask=tile_ok, other=0.0)
+            if UPCAST:
+                yh = yh.to(tl.float32)
+        elif NESTEROV:
+            y = xi + nest * v
+            if EGRAD:  # E(ξ_t) at its own point (else it is folded into Δ)
+                e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
+                lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                                other=float("inf"))
+                dk_e, db_e = _energy_dk(k, _round(xi, DT, UPCAST), lse_e, e, bias2,
+                                        mask_t, scale2, PREC)
+                dk += dk_e
+                db += db_e / scale
+            yh = _round(y, DT, UPCAST)
+        else:
+            yh = _round(xi, DT, UPCAST)
+        lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=float("inf"))
+        delta = tl.load(DELTA + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+        dmu = tl.load(DMU + t * mu_step + q_off, mask=tile_ok, other=0.0)
+        if UPCAST:
+            dmu = dmu.to(tl.float32)
+        # Transposed tiles [BLOCK_M, BLOCK_N]: keys are rows here.
+        s2 = tl.dot(k, tl.trans(yh), input_precision=PREC) * scale2 + bias2[:, None]
+        if MASK:
+            s2 = tl.where(mask_t, s2, float("-inf"))
+        p = tl.exp2(s2 - lse2[None, :])
+        dp = tl.dot(k, tl.trans(dmu), input_precision=PREC)
+        ds = p * (dp - delta[None, :])
+        dk += scale * tl.dot(ds.to(k.dtype), yh, input_precision=PREC)
+        dk += tl.dot(p.to(k.dtype), dmu, input_precision=PREC)
+        db += tl.sum(ds, 1)
+        if not KEEP_Y:
+            xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest, VELOCITY,
+                            NESTEROV)
+    if EGRAD:  # E(ξ_T)
+        e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
+        lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok, other=float("inf"))
+        if KEEP_Y:
+            xh = tl.load(Y + T * mu_step + q_off, mask=tile_ok, other=0.0)
+            if UPCAST:
+                xh = xh.to(tl.float32)
+        else:
+            xh = _round(xi, DT, UPCAST)
+        dk_e, db_e = _energy_dk(k, xh, lse_e, e, bias2, mask_t, scale2, PREC)
+        dk += dk_e
+        db += db_e / scale
+    return dk, db
+
+
+@triton.jit
+def _first_tile(start, part, parts):
+    """The first query-tile index ``>= start`` that belongs to split part ``part``."""
+    return start + (part + parts - start % parts) % parts
+
+
+@triton.jit
+def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, Y, DK, DBIAS,
+                   N, M, D, H, HK, mu_step, lse_step, part_step, scale2, scale, eta, rho, nest,
+                   NB, MB, T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
+                   EGRAD: tl.constexpr, KEEP_Y: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, INTERIOR: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``dK`` (score path β dSᵀŷ + value path Pᵀdμ) and ``d key_bias`` (Σ_i dS) of one key tile,
-    summed over the query heads of its group, every query tile and every step."""
+    summed over the query heads of its group, every step and the query tiles of its part.
+
+    Grid ``(⌈M / BLOCK_M⌉, B·HK, parts)``: with ``parts > 1`` the query tiles are dealt out
+    round-robin and part ``z`` writes its partial sums at ``DK + z·part_step`` (summed on the
+    host, in a fixed order), so that few key tiles still fill the GPU.
+    """
     pid_m = tl.program_id(0)
     bhk = tl.program_id(1)  # b * HK + hk
+    part = tl.program_id(2)
+    parts = tl.num_programs(2)
     b = bhk // HK
     hk = bhk % HK
     G = H // HK
-    DT: tl.constexpr = Q.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     key_ok = offs_m < M
@@ -428,66 +593,35 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, DK, DBIA
         bias2 = tl.load(BIAS + bhk * M + offs_m, mask=key_ok, other=0.0) * LOG2E
     dk = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     db = tl.zeros([BLOCK_M], tl.float32)
-    lo = 0
-    if CAUSAL:
-        lo = (pid_m * BLOCK_M) // BLOCK_N * BLOCK_N  # earlier queries cannot see these keys
+    # Query tiles [first, mid) need the mask, [mid, n_tiles) do not.
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    first = 0
+    mid = 0
+    if CAUSAL:  # earlier queries cannot see these keys; later tiles see all of them
+        first = pid_m * BLOCK_M // BLOCK_N
+        mid = tl.minimum(n_tiles, tl.cdiv((pid_m + 1) * BLOCK_M - 1, BLOCK_N))
+    if HAS_PAD or not INTERIOR:
+        mid = n_tiles
     for g in range(G):
         bh = b * H + hk * G + g
-        for start_n in range(lo, N, BLOCK_N):
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            row_ok = offs_n < N
-            tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
-            q_off = bh * N * D + offs_n[:, None] * D + offs_d[None, :]
-            mask_t = keep[:, None]
-            if CAUSAL:
-                mask_t = mask_t & (offs_m[:, None] <= offs_n[None, :])
-            xi = tl.load(Q + q_off, mask=tile_ok, other=0.0).to(tl.float32)
-            v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-            de_off = (bh * N + offs_n) * (T + 1)
-            for t in range(T):
-                if NESTEROV:
-                    y = xi + nest * v
-                    if EGRAD:  # E(ξ_t) at its own point (else it is folded into Δ)
-                        e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
-                        lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
-                                        other=float("inf"))
-                        dk_e, db_e = _energy_dk(k, _round(xi, DT, UPCAST), lse_e, e, bias2,
-                                                mask_t, scale2, PREC)
-                        dk += dk_e
-                        db += db_e / scale
-                else:
-                    y = xi
-                yh = _round(y, DT, UPCAST)
-                # Rows past N get lse = +inf, hence p = 0.
-                lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok,
-                               other=float("inf"))
-                delta = tl.load(DELTA + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
-                dmu = tl.load(DMU + t * mu_step + q_off, mask=tile_ok, other=0.0)
-                if UPCAST:
-                    dmu = dmu.to(tl.float32)
-                # Transposed tiles [BLOCK_M, BLOCK_N]: keys are rows here.
-                s2 = tl.dot(k, tl.trans(yh), input_precision=PREC) * scale2 + bias2[:, None]
-                s2 = tl.where(mask_t, s2, float("-inf"))
-                p = tl.exp2(s2 - lse2[None, :])
-                dp = tl.dot(k, tl.trans(dmu), input_precision=PREC)
-                ds = p * (dp - delta[None, :])
-                dk += scale * tl.dot(ds.to(k.dtype), yh, input_precision=PREC)
-                dk += tl.dot(p.to(k.dtype), dmu, input_precision=PREC)
-                db += tl.sum(ds, 1)
-                xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
-                                VELOCITY, NESTEROV)
-            if EGRAD:  # E(ξ_T)
-                e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
-                lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok,
-                                other=float("inf"))
-                dk_e, db_e = _energy_dk(k, _round(xi, DT, UPCAST), lse_e, e, bias2, mask_t,
-                                        scale2, PREC)
-                dk += dk_e
-                db += db_e / scale
-    tl.store(DK + bhk * M * D + offs_m[:, None] * D + offs_d[None, :], dk,
+        for i in range(_first_tile(first, part, parts), mid, parts):
+            dk, db = _dk_query_tile(dk, db, k, keep, bias2, offs_m, i * BLOCK_N, bh, Q, MU, LSE,
+                                    ELSE, DENERGY, DMU, DELTA, Y, N, D, mu_step, lse_step,
+                                    scale2, scale, eta, rho, nest, T, VELOCITY, NESTEROV,
+                                    EGRAD, KEEP_Y, CAUSAL, UPCAST, PREC, True, BLOCK_N,
+                                    BLOCK_D)
+        if INTERIOR and not HAS_PAD:
+            for i in range(_first_tile(mid, part, parts), n_tiles, parts):
+                dk, db = _dk_query_tile(dk, db, k, keep, bias2, offs_m, i * BLOCK_N, bh, Q,
+                                        MU, LSE, ELSE, DENERGY, DMU, DELTA, Y, N, D, mu_step,
+                                        lse_step, scale2, scale, eta, rho, nest, T, VELOCITY,
+                                        NESTEROV, EGRAD, KEEP_Y, CAUSAL, UPCAST, PREC, False,
+                                        BLOCK_N, BLOCK_D)
+    dk_off = part * part_step + bhk * M * D  # [parts, B·HK, M, D]
+    tl.store(DK + dk_off + offs_m[:, None] * D + offs_d[None, :], dk,
              mask=key_ok[:, None] & (offs_d[None, :] < D))
-    if HAS_BIAS:
-        tl.store(DBIAS + bhk * M + offs_m, db, mask=key_ok)
+    if HAS_BIAS:  # [parts, B·HK, M]
+        tl.store(DBIAS + dk_off // D + offs_m, db, mask=key_ok)
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,6 +664,22 @@ TILE_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages")
 #: Tests and the ``--tiles`` benchmark set this to ``{kernel: (BLOCK_N, BLOCK_M, num_warps,
 #: num_stages)}`` to run one configuration (no autotuning) for the kernels it names.
 FORCE_TILES: dict | None = None
+
+#: Per kernel: whether it runs the tiles that need no mask (every row sees every key: inside
+#: M, no padding, off the causal diagonal) without one, masking only the edge tiles.
+INTERIOR = {"fwd": True, "dq": True, "dk": True}
+
+#: Whether the query kernel writes the rounded read-out points ``ŷ_t`` (input dtype) for the
+#: key kernel, which then loads them instead of replaying the iterates from ``q`` and the
+#: float32 ``μ_t`` (a transient ``T·N·D`` buffer during backward).
+KEEP_Y = True
+
+#: Tests and benchmarks set this to force the number of query parts of the dK kernel.
+DK_PARTS: int | None = None
+
+#: The dK kernel splits its queries into parts until about this many programs per SM run.
+DK_PROGRAMS_PER_SM = 4
+
 
 #: The autotuning space: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` candidates by (kernel,
 #: input itemsize, heavy, padded head dim), **the first one the default** (used without
@@ -578,6 +728,13 @@ _SPACE = {
 _SHORT_MEASURED = {("fwd", 2, False, 64): (128, 64, 8, 3), ("dq", 2, False, 64): (128, 32, 8, 3)}
 
 
+#: Short-memory path, 16-bit inputs, head dim <= 128, more than 128 keys: wider query tiles
+#: ``(BLOCK_N, num_warps, num_stages)`` than the shrunk streaming ones (a 32-row query tile
+#: against 256 keys ran the forward at 158 TFLOP/s on the H200, a third of the streaming
+#: path's rate; benchmarks/results/h200-c0f48b6/). Candidates only: autotuning measures them.
+_SHORT_WIDE = ((64, 4, 2), (64, 8, 2), (128, 8, 2))
+
+
 def _space_key(kernel: str, itemsize: int, heavy: bool, block_d: int):
     """The ``_SPACE`` row of a call (float32 has one tier; head dims below 32 share 32's)."""
     return kernel, itemsize, heavy or itemsize == 4, max(block_d, 32)
@@ -607,6 +764,10 @@ def candidates(kernel: str, itemsize: int, heavy: bool, block_d: int, short: boo
         cfg = (bn, block_m_all, warps, stages)
         if cfg not in out:
             out.append(cfg)
+    forced = FORCE_TILES is not None and kernel in FORCE_TILES
+    if not forced and itemsize == 2 and block_d <= 128 and block_m_all > 128:
+        out += [(bn, block_m_all, w, st) for bn, w, st in _SHORT_WIDE
+                if (bn, block_m_all, w, st) not in out]
     return tuple(out)
 
 
@@ -633,7 +794,7 @@ def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype, heavy: bool
     block_m_all = max(16, triton.next_power_of_2(M))
     short = kernel != "dk" and takes_short_path(M, D, dtype)
     space = candidates(kernel, dtype.itemsize, heavy, block_d, short, block_m_all)
-    cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d)
+    cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d, INTERIOR=INTERIOR[kernel])
     if kernel != "dk":
         cfg["SHORT"] = short
     keys = {"NB": _bucket(N), "MB": block_m_all if short else _bucket(M)}
@@ -689,7 +850,8 @@ def _autotuner(kernel: str, reset_to_zero=None):
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
                for bn, bm, w, s in space]
     key = [name for name in ("BLOCK_D", "SHORT", "VELOCITY", "NESTEROV", "ENERGIES", "EGRAD",
-                             "CAUSAL", "NB", "MB") if name in jit.arg_names]
+                             "CAUSAL", "INTERIOR", "KEEP_Y", "NB", "MB")
+           if name in jit.arg_names]
     return triton.autotune(configs=configs, key=key, prune_configs_by={
         "early_config_prune": _prune(kernel)}, reset_to_zero=reset_to_zero,
         do_bench=_quick_bench, cache_results=True)(jit)
@@ -730,15 +892,35 @@ def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, opti
     return args, flags, configs
 
 
-def _launch(kernel, rows: int, bh: int, args: dict, flags: dict, config) -> Launch:
-    """A launch over ``(⌈rows / tile⌉, bh)`` programs; the tile is BLOCK_N for the query
-    kernels and BLOCK_M for the key kernel."""
+def dk_parts(bhk: int, M: int, N: int, device: torch.device) -> int:
+    """Into how many parts the dK kernel splits each key tile's queries.
+
+    One program per (key tile, batch·key head) leaves most of the GPU idle when there are few
+    keys (the short-memory path: M <= 256 is one or two key tiles per head) and each program
+    walks all N queries through T steps alone. Parts run in parallel and write partial sums,
+    added on the host in a fixed order (bitwise repeatable). The count aims at
+    ``DK_PROGRAMS_PER_SM`` programs per SM, assuming the space's largest key tile (128), and
+    keeps at least 128 queries per part. Off CUDA: 1, unless ``DK_PARTS`` forces it.
+    """
+    if DK_PARTS is not None:
+        return max(1, min(DK_PARTS, triton.cdiv(N, 16)))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    key_programs = bhk * triton.cdiv(M, 128)
+    return max(1, min(triton.cdiv(N, 128), triton.cdiv(DK_PROGRAMS_PER_SM * sms, key_programs)))
+
+
+def _launch(kernel, rows: int, bh: int, args: dict, flags: dict, config, parts: int = 1
+            ) -> Launch:
+    """A launch over ``(⌈rows / tile⌉, bh, parts)`` programs; the tile is BLOCK_N for the query
+    kernels and BLOCK_M for the key kernel (whose queries are split into ``parts``)."""
     cfg, space, keys = config
     tile = "BLOCK_M" if kernel is _bwd_dk_kernel else "BLOCK_N"
     args = {name: value for name, value in {**args, **keys}.items() if name in kernel.arg_names}
 
     def grid(meta):
-        return triton.cdiv(rows, meta[tile]), bh
+        return triton.cdiv(rows, meta[tile]), bh, parts
 
     return Launch(kernel, grid, args, dict(flags, **cfg), space)
 
@@ -767,7 +949,8 @@ def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_
 def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
                   momentum, num_steps, is_causal, optimizer):
     """The two backward launches (query kernel, then key kernel) and ``(dq, dk, d key_bias)``
-    in float32 (``d key_bias`` empty without a bias)."""
+    in float32: ``dk`` and ``d key_bias`` with a leading dimension of the key kernel's query
+    parts (:func:`dk_parts`), to be summed; ``d key_bias`` empty without a bias."""
     B, H, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
     T = num_steps
@@ -779,17 +962,24 @@ def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale
     # dμ_t only feeds the key kernel's dots, which take it in the input dtype: store it so.
     dmu = torch.empty(T, B * H, N, D, device=q.device, dtype=q.dtype)
     delta = torch.empty(T, B * H, N, **f32)
-    dk = torch.empty(B, Hk, M, D, **f32)
-    dbias = torch.empty(B, Hk, M, **f32) if key_bias is not None else torch.empty(0, **f32)
+    # The read-out points for the key kernel (Nesterov with energies needs ξ_t as well: it
+    # replays instead).
+    keep_y = KEEP_Y and not (optimizer == "nesterov" and egrad)
+    y = torch.empty(T + egrad if keep_y else 0, B * H, N, D, device=q.device, dtype=q.dtype)
+    parts = dk_parts(B * Hk, M, N, q.device)
+    dk = torch.empty(parts, B, Hk, M, D, **f32)
+    dbias = (torch.empty(parts, B, Hk, M, **f32) if key_bias is not None
+             else torch.empty(0, **f32))
     args.update(MU=mu, LSE=lse, ELSE=energy_lse,
                 DENERGY=denergy.float().contiguous() if egrad else args["Q"],
-                DMU=dmu, DELTA=delta, scale2=scale * LOG2E_F, scale=scale)
-    flags["EGRAD"] = egrad
+                DMU=dmu, DELTA=delta, Y=y, scale2=scale * LOG2E_F, scale=scale,
+                part_step=B * Hk * M * D)
+    flags.update(EGRAD=egrad, KEEP_Y=keep_y)
     launches = (
         _launch(_bwd_dq_kernel, N, B * H, dict(args, DOUT=dout.contiguous(), DQ=dq), flags,
                 configs["dq"]),
         _launch(_bwd_dk_kernel, M, B * Hk, dict(args, DK=dk, DBIAS=dbias), flags,
-                configs["dk"]),
+                configs["dk"], parts),
     )
     return launches, (dq, dk, dbias)
 
@@ -804,7 +994,9 @@ def _backward(dout, denergy, q, k, key_bias, *rest):
     launches, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest)
     for launch in launches:
         launch()
-    dbias = dbias.to(key_bias.dtype) if key_bias is not None else dbias
+    dk = dk[0] if dk.shape[0] == 1 else dk.sum(0)  # the key kernel's query parts
+    if key_bias is not None:
+        dbias = (dbias[0] if dbias.shape[0] == 1 else dbias.sum(0)).to(key_bias.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dbias
 
 

@@ -89,4 +89,4 @@ def test_plans_are_what_the_launch_runs():
     assert launch.meta["T"] == 3 and launch.meta["VELOCITY"] and not launch.meta["NESTEROV"]
     assert not launch.meta["UPCAST"]  # meta tensors plan for a GPU, never for the interpreter
     assert set(launch.args) | set(launch.meta) >= set(kmod._fwd_kernel.arg_names)
-    assert launch.grid(launch.meta) == (-(-100 // launch.meta["BLOCK_N"]), 8)
+    assert launch.grid(launch.meta) == (-(-100 // launch.meta["BLOCK_N"]), 8, 1)

@@ -156,6 +156,59 @@ def test_backward_repeats_bitwise_with_grouped_heads(optimizer, key_path):
         assert torch.equal(x, y)
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "causal+padding"])
+def test_key_kernel_split_into_query_parts(parts, mask_kind, monkeypatch):
+    """The dK kernel's query parts (few keys, many queries) sum to the right gradients, with
+    the unmasked, diagonal and padded query tiles dealt out round-robin, grouped heads and
+    every tile of a part; and the sum repeats bit for bit."""
+    monkeypatch.setattr(kmod, "DK_PARTS", parts)
+    compare(torch.float32, H=4, Hk=2, N=150, M=70, mask_kind=mask_kind, optimizer="nesterov")
+    (q, k, b, dout), _ = make_inputs(2, 4, 2, 150, 70, 32, torch.bfloat16)
+    kw = dict(num_steps=2, step_size=0.8, optimizer="momentum", momentum=0.6)
+    first = run("triton", q, k, b, dout, **kw)
+    again = run("triton", q, k, b, dout, **kw)
+    for x, y in zip(first, again):
+        assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("keep_y", [True, False])
+@pytest.mark.parametrize("optimizer", ["momentum", "nesterov"])
+def test_key_kernel_loads_or_replays_the_read_out_points(keep_y, optimizer, monkeypatch):
+    """The key kernel gets ŷ_t from the query kernel (``KEEP_Y``) or replays the iterates:
+    the same gradients, with energies too (Nesterov with energies always replays)."""
+    monkeypatch.setattr(kmod, "KEEP_Y", keep_y)
+    compare(torch.float32, H=4, Hk=2, mask_kind="causal+padding", optimizer=optimizer)
+    (q, k, b, _), (q64, k64, b64, _) = make_inputs(1, 2, 1, 40, 70, 16, torch.float32)
+    de = torch.randn(1, 2, 40, 4, dtype=f64, device=DEVICE)
+    kw = dict(num_steps=3, step_size=0.8, optimizer=optimizer, momentum=0.6,
+              return_energies=True)
+    got, ref, truth = (run_energies(backend, *t, de, **kw) for backend, t in (
+        ("triton", (q, k, b)), ("reference", (q, k, b)), ("reference", (q64, k64, b64))))
+    for name, g, r, t in zip(["energies", "dq", "dk", "dkey_bias"], got, ref, truth):
+        assert_close_to_truth(name, g, r, t, torch.float32)
+
+
+def test_key_kernel_parts_fill_the_gpu(monkeypatch):
+    """Parts aim at DK_PROGRAMS_PER_SM programs per SM when few key tiles would run, keep at
+    least 128 queries each, and stay 1 off CUDA and whenever the key tiles fill the GPU."""
+
+    class Props:
+        multi_processor_count = 132
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props)
+    cuda = torch.device("cuda")
+    target = kmod.DK_PROGRAMS_PER_SM * 132
+    # The short-memory path: 64 heads of 64 keys (one key tile each).
+    assert kmod.dk_parts(64, 64, 8192, cuda) == -(-target // 64)
+    assert kmod.dk_parts(64, 256, 8192, cuda) == -(-target // 128)
+    assert kmod.dk_parts(64, 64, 300, cuda) == 3  # at least 128 queries per part
+    assert kmod.dk_parts(32, 8192, 8192, cuda) == 1  # 2048 key tiles already
+    assert kmod.dk_parts(64, 64, 8192, torch.device("cpu")) == 1
+    monkeypatch.setattr(kmod, "DK_PARTS", 5)
+    assert kmod.dk_parts(64, 64, 8192, torch.device("cpu")) == 5
+
+
 def test_energy_gradients_grouped_heads():
     mask, _ = make_mask("padding", 2, 47)
     (q, k, b, _), (q64, k64, b64, _) = make_inputs(2, 4, 2, 47, 47, 16, torch.float32)
@@ -363,6 +416,26 @@ def test_benchmark_script_smoke_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_breakdown_script_smoke_run(tmp_path):
+    """``benchmarks/kernel_breakdown.py --smoke`` times each launch under every variant and
+    leaves the kernel module's knobs as it found them."""
+    path = Path(__file__).parents[2] / "benchmarks" / "kernel_breakdown.py"
+    spec = importlib.util.spec_from_file_location("bench_breakdown", path)
+    bd = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bd)
+    knobs = (dict(kmod.INTERIOR), kmod.KEEP_Y, kmod.DK_PARTS, kmod.SHORT_MEMORY_BYTES)
+    rows = bd.main(["--smoke", "--out", str(tmp_path)])
+    assert (dict(kmod.INTERIOR), kmod.KEEP_Y, kmod.DK_PARTS, kmod.SHORT_MEMORY_BYTES) == knobs
+    assert {r["variant"] for r in rows} == {"default", "no-interior", "no-interior-dq", "replay",
+                                            "parts=2", "streaming"}
+    assert all(r[f"{n}_ms"] > 0 for r in rows for n in ("fwd", "dq", "dk"))
+    assert {r["dk_parts"] for r in rows if r["variant"] == "parts=2"} == {2}
+    assert {r["short_path"] for r in rows if r["variant"] == "streaming"} == {False}
+    data = json.loads((tmp_path / "kernel-breakdown-smoke-cpu.json").read_text())
+    assert len(data["rows"]) == len(rows)
+
+
+@pytest.mark.slow
 def test_accuracy_script_smoke_run(tmp_path):
     """``benchmarks/kernel_accuracy.py --smoke`` compares both backends with float64 and finds
     the backward bitwise repeatable."""
@@ -387,19 +460,20 @@ def bench_kernels(kmod):
     B=st.integers(1, 2), Hk=st.integers(1, 2), G=st.integers(1, 2), N=st.integers(1, 70),
     M=st.integers(1, 70), D=st.sampled_from([16, 20, 32]), T=st.integers(0, 3),
     mask_kind=st.sampled_from(MASKS), optimizer=st.sampled_from(list(OPTS)),
-    bias=st.booleans(), short=st.booleans(),
+    bias=st.booleans(), short=st.booleans(), parts=st.integers(1, 3),
     seed=st.integers(0, 2**31 - 1),
 )
 # Found by CI: the only unmasked row sees one key, so d key_bias cancels to exactly 0.
 @example(B=1, Hk=1, G=1, N=1, M=3, D=16, T=1, mask_kind="causal+padding", optimizer="gd",
-         bias=True, short=False, seed=0)
+         bias=True, short=False, parts=1, seed=0)
 def test_fuzz_kernel_matches_reference(B, Hk, G, N, M, D, T, mask_kind, optimizer, bias, short,
-                                      seed):
+                                      parts, seed):
     torch.manual_seed(seed)  # the example's data is a function of the example
-    kmod_bytes = kmod.SHORT_MEMORY_BYTES
+    kmod_bytes, kmod_parts = kmod.SHORT_MEMORY_BYTES, kmod.DK_PARTS
     kmod.SHORT_MEMORY_BYTES = 1 << 30 if short else 0
+    kmod.DK_PARTS = parts
     try:
         compare(torch.float32, B=B, H=Hk * G, Hk=Hk, N=N, M=M, D=D, mask_kind=mask_kind,
                 optimizer=optimizer, num_steps=T, bias=bias)
     finally:
-        kmod.SHORT_MEMORY_BYTES = kmod_bytes
+        kmod.SHORT_MEMORY_BYTES, kmod.DK_PARTS = kmod_bytes, kmod_parts

@@ -1,0 +1,186 @@
+"""Where the fused descent's time goes: each kernel launch timed alone, and the variants that
+decide how the kernels are built.
+
+For each case (bf16, GD) it times the forward launch (saving for backward), the backward's
+query kernel (dq: the reverse chain) and its key kernel (dk, with the host-side sum of its
+query parts), each autotuned as users get it, under these variants:
+
+    default         as shipped
+    no-interior     every key tile masked (``INTERIOR`` off for all three kernels): what
+                    skipping the mask on interior tiles buys
+    no-interior-dq  the same for the query kernel alone
+    replay          the key kernel replays the iterates from q and the float32 read-outs
+                    instead of loading the query kernel's ŷ_t (``KEEP_Y`` off)
+    parts=P         the dK kernel's queries split into P parts (``DK_PARTS``); ``default``
+                    is ``dk_parts``' rule
+    streaming       the streaming path where the short-memory path would run (M <= 256)
+
+    python benchmarks/kernel_breakdown.py            # the cases below (needs a CUDA GPU)
+    python benchmarks/kernel_breakdown.py --smoke    # tiny sizes; CPU via the interpreter
+
+Prints a markdown table and writes ``benchmarks/results/kernel-breakdown-<tag>.json``/``.md``
+(rewritten after every case, so an interrupted run keeps what it measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # the interpreter must be chosen before Triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path
+from _machine import (  # noqa: E402
+    commit,
+    gpu_script_args,
+    machine_name,
+    median_ms,
+    results_tag,
+    triton_version,
+)
+
+#: (D, N, M, T, B·H, causal, variants): the issue's target shapes.
+CASES = [
+    (128, 8192, 8192, 4, 32, False, ("default", "no-interior-dq", "replay", "no-interior")),
+    (64, 8192, 8192, 4, 32, False, ("default", "no-interior-dq", "replay", "no-interior")),
+    (64, 8192, 64, 8, 64, False, ("default", "parts=1", "parts=16", "replay", "streaming")),
+    (64, 8192, 256, 8, 64, False, ("default", "parts=1", "parts=16", "streaming")),
+    (128, 2048, 2048, 4, 128, True, ("default", "no-interior")),
+    (128, 2048, 2048, 4, 128, False, ("default", "parts=2")),
+]
+SMOKE = [(16, 64, 40, 2, 2, False, ("default", "no-interior", "no-interior-dq", "replay",
+                                    "parts=2", "streaming")),
+         (16, 64, 64, 2, 2, True, ("default", "no-interior"))]
+
+
+class _Variant:
+    """Sets the kernel module's knobs for one variant, restores them after."""
+
+    def __init__(self, kmod, name):
+        self.kmod, self.name = kmod, name
+
+    def __enter__(self):
+        k = self.kmod
+        self.saved = (k.INTERIOR, k.KEEP_Y, k.DK_PARTS, k.SHORT_MEMORY_BYTES)
+        if self.name == "no-interior":
+            k.INTERIOR = dict.fromkeys(k.INTERIOR, False)
+        elif self.name == "no-interior-dq":
+            k.INTERIOR = dict(k.INTERIOR, dq=False)
+        elif self.name == "replay":
+            k.KEEP_Y = False
+        elif self.name.startswith("parts="):
+            k.DK_PARTS = int(self.name.split("=")[1])
+        elif self.name == "streaming":
+            k.SHORT_MEMORY_BYTES = 0
+        return self
+
+    def __exit__(self, *exc):
+        k = self.kmod
+        k.INTERIOR, k.KEEP_Y, k.DK_PARTS, k.SHORT_MEMORY_BYTES = self.saved
+
+
+def _best(kmod, kernel) -> str:
+    """The tiles autotuning picked for the last launch of ``kernel`` ("" if not autotuned)."""
+    cfg = getattr(kmod._TUNERS.get(kernel), "best_config", None)
+    if cfg is None:
+        return ""
+    kw = cfg.kwargs
+    return f"{kw.get('BLOCK_N')}x{kw.get('BLOCK_M')}/{cfg.num_warps}w{cfg.num_stages}s"
+
+
+def time_case(kmod, D, N, M, T, bh, causal, variant, reps, device):
+    torch.manual_seed(0)
+    q = torch.randn(1, bh, N, D, device=device, dtype=torch.bfloat16)
+    k = (0.5 * torch.randn(1, bh, M, D, device=device)).to(torch.bfloat16)
+    hyper = (D ** -0.5, 1.0, 0.0, T, causal, "gd")
+    with _Variant(kmod, variant):
+        fwd, (_, _, mu, lse, else_) = kmod.plan_forward(q, k, None, None, *hyper, False, True)
+        fwd()
+        dout = torch.randn_like(q)
+        (dq_launch, dk_launch), (_, dk_parts, _) = kmod.plan_backward(
+            dout, None, q, k, None, None, mu, lse, else_, *hyper)
+
+        def dk_and_sum():
+            dk_launch()
+            if dk_parts.shape[0] > 1:
+                dk_parts.sum(0)
+
+        times, tiles = {}, {}
+        for name, fn, kern in (("fwd", fwd, kmod._fwd_kernel),
+                               ("dq", dq_launch, kmod._bwd_dq_kernel),
+                               ("dk", dk_and_sum, kmod._bwd_dk_kernel)):
+            fn()  # compile and autotune outside the timing
+            tiles[name] = _best(kmod, kern)
+            times[name] = median_ms(fn, reps, device)
+        parts = dk_parts.shape[0]
+        short = kmod.takes_short_path(M, D, q.dtype)
+    flop = 4 * N * M * D * T * bh * (0.5 if causal else 1.0)
+    return {"D": D, "N": N, "M": M, "T": T, "BH": bh, "causal": causal, "variant": variant,
+            "short_path": short, "dk_parts": parts, **{f"{n}_ms": t for n, t in times.items()},
+            "bwd_ms": times["dq"] + times["dk"],
+            "fwd_tflops": flop / times["fwd"] / 1e9,
+            "bwd_tflops": 2.5 * flop / (times["dq"] + times["dk"]) / 1e9,
+            "tiles": tiles}
+
+
+def _table(rows) -> str:
+    head = ("| D | N | M | T | B·H | causal | variant | path | dk parts | fwd ms | dq ms | dk ms "
+            "| bwd ms | fwd TFLOP/s | bwd TFLOP/s | tiles fwd / dq / dk |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        t = r["tiles"]
+        lines.append(
+            f"| {r['D']} | {r['N']} | {r['M']} | {r['T']} | {r['BH']} | "
+            f"{'yes' if r['causal'] else 'no'} | {r['variant']} | "
+            f"{'short' if r['short_path'] else 'stream'} | {r['dk_parts']} | "
+            f"{r['fwd_ms']:.3f} | {r['dq_ms']:.3f} | {r['dk_ms']:.3f} | {r['bwd_ms']:.3f} | "
+            f"{r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} | "
+            f"{t['fwd'] or '-'} / {t['dq'] or '-'} / {t['dk'] or '-'} |")
+    return "\n".join(lines)
+
+
+def _write(args, rows):
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tag = results_tag(args.smoke)
+    meta = {"machine": machine_name(), "torch": torch.__version__, "triton": triton_version(),
+            "commit": commit(), "rows": rows}
+    (out / f"kernel-breakdown-{tag}.json").write_text(json.dumps(meta, indent=2))
+    (out / f"kernel-breakdown-{tag}.md").write_text(
+        f"# Kernel breakdown\n\nMachine: {meta['machine']}, commit {meta['commit']}, torch "
+        f"{meta['torch']}, Triton {meta['triton']}. bf16, GD, median ms per launch.\n\n"
+        f"{_table(rows)}\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    args, device = gpu_script_args(ap, argv)
+    from energy_attn.kernels import hopfield_descent as kmod  # noqa: PLC0415
+
+    reps = args.reps or (1 if args.smoke else 10)
+    rows = []
+    try:
+        for D, N, M, T, bh, causal, variants in (SMOKE if args.smoke else CASES):
+            for variant in variants:
+                row = time_case(kmod, D, N, M, T, bh, causal, variant, reps, device)
+                rows.append(row)
+                print(_table([row]).splitlines()[-1], flush=True)
+            _write(args, rows)
+    except KeyboardInterrupt:
+        print("interrupted: the cases measured so far are written", flush=True)
+    print("\n" + _table(rows))
+    _write(args, rows)
+    return rows
+
+
+if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `timeout` keeps partial results
+    main()
