@@ -5,15 +5,11 @@ For each case (bf16, GD) it times the forward launch (saving for backward), the 
 query kernel (dq: the reverse chain) and its key kernel (dk, with the host-side sum of its
 query parts), each autotuned as users get it, under these variants:
 
-    default         as shipped
-    no-interior     every key tile masked (``INTERIOR`` off for all three kernels): what
-                    skipping the mask on interior tiles buys
-    no-interior-dq  the same for the query kernel alone
-    replay          the key kernel replays the iterates from q and the float32 read-outs
-                    instead of loading the query kernel's ŷ_t (``KEEP_Y`` off)
-    parts=P         the dK kernel's queries split into P parts (``DK_PARTS``); ``default``
-                    is ``dk_parts``' rule
-    streaming       the streaming path where the short-memory path would run (M <= 256)
+    default     as shipped
+    dq-short    the query kernel on the short-memory path too (``SHORT_KERNELS``)
+    streaming   the streaming path where the short-memory path would run
+    parts=P     the dK kernel's queries split into P parts (``DK_PARTS``); ``default`` is
+                ``dk_parts``' rule
 
     python benchmarks/kernel_breakdown.py            # the cases below (needs a CUDA GPU)
     python benchmarks/kernel_breakdown.py --smoke    # tiny sizes; CPU via the interpreter
@@ -47,16 +43,15 @@ from _machine import (  # noqa: E402
 
 #: (D, N, M, T, B·H, causal, variants): the issue's target shapes.
 CASES = [
-    (128, 8192, 8192, 4, 32, False, ("default", "no-interior-dq", "replay", "no-interior")),
-    (64, 8192, 8192, 4, 32, False, ("default", "no-interior-dq", "replay", "no-interior")),
-    (64, 8192, 64, 8, 64, False, ("default", "parts=1", "parts=16", "replay", "streaming")),
-    (64, 8192, 256, 8, 64, False, ("default", "parts=1", "parts=16", "streaming")),
-    (128, 2048, 2048, 4, 128, True, ("default", "no-interior")),
-    (128, 2048, 2048, 4, 128, False, ("default", "parts=2")),
+    (64, 8192, 64, 8, 64, False, ("default", "dq-short", "streaming", "parts=8", "parts=64")),
+    (64, 8192, 128, 8, 64, False, ("default", "dq-short", "streaming")),
+    (128, 8192, 64, 8, 64, False, ("default", "dq-short", "streaming")),
+    (64, 8192, 256, 8, 64, False, ("default", "parts=8", "parts=32", "parts=64")),
+    (128, 8192, 8192, 4, 32, False, ("default", "parts=1")),
+    (64, 2048, 2048, 4, 128, False, ("default", "parts=1")),
 ]
-SMOKE = [(16, 64, 40, 2, 2, False, ("default", "no-interior", "no-interior-dq", "replay",
-                                    "parts=2", "streaming")),
-         (16, 64, 64, 2, 2, True, ("default", "no-interior"))]
+SMOKE = [(16, 64, 40, 2, 2, False, ("default", "dq-short", "parts=2", "streaming")),
+         (16, 64, 64, 2, 2, True, ("default",))]
 
 
 class _Variant:
@@ -67,13 +62,9 @@ class _Variant:
 
     def __enter__(self):
         k = self.kmod
-        self.saved = (k.INTERIOR, k.KEEP_Y, k.DK_PARTS, k.SHORT_MEMORY_BYTES)
-        if self.name == "no-interior":
-            k.INTERIOR = dict.fromkeys(k.INTERIOR, False)
-        elif self.name == "no-interior-dq":
-            k.INTERIOR = dict(k.INTERIOR, dq=False)
-        elif self.name == "replay":
-            k.KEEP_Y = False
+        self.saved = (k.SHORT_KERNELS, k.DK_PARTS, k.SHORT_MEMORY_BYTES)
+        if self.name == "dq-short":
+            k.SHORT_KERNELS = ("fwd", "dq")
         elif self.name.startswith("parts="):
             k.DK_PARTS = int(self.name.split("=")[1])
         elif self.name == "streaming":
@@ -82,7 +73,7 @@ class _Variant:
 
     def __exit__(self, *exc):
         k = self.kmod
-        k.INTERIOR, k.KEEP_Y, k.DK_PARTS, k.SHORT_MEMORY_BYTES = self.saved
+        k.SHORT_KERNELS, k.DK_PARTS, k.SHORT_MEMORY_BYTES = self.saved
 
 
 def _best(kmod, kernel) -> str:
@@ -119,10 +110,11 @@ def time_case(kmod, D, N, M, T, bh, causal, variant, reps, device):
             tiles[name] = _best(kmod, kern)
             times[name] = median_ms(fn, reps, device)
         parts = dk_parts.shape[0]
-        short = kmod.takes_short_path(M, D, q.dtype)
+        paths = {name: "short" if launch.meta.get("SHORT") else "stream"
+                 for name, launch in (("fwd", fwd), ("dq", dq_launch))}
     flop = 4 * N * M * D * T * bh * (0.5 if causal else 1.0)
     return {"D": D, "N": N, "M": M, "T": T, "BH": bh, "causal": causal, "variant": variant,
-            "short_path": short, "dk_parts": parts, **{f"{n}_ms": t for n, t in times.items()},
+            "paths": paths, "dk_parts": parts, **{f"{n}_ms": t for n, t in times.items()},
             "bwd_ms": times["dq"] + times["dk"],
             "fwd_tflops": flop / times["fwd"] / 1e9,
             "bwd_tflops": 2.5 * flop / (times["dq"] + times["dk"]) / 1e9,
@@ -130,7 +122,8 @@ def time_case(kmod, D, N, M, T, bh, causal, variant, reps, device):
 
 
 def _table(rows) -> str:
-    head = ("| D | N | M | T | B·H | causal | variant | path | dk parts | fwd ms | dq ms | dk ms "
+    head = ("| D | N | M | T | B·H | causal | variant | fwd / dq path | dk parts | fwd ms | dq ms "
+            "| dk ms "
             "| bwd ms | fwd TFLOP/s | bwd TFLOP/s | tiles fwd / dq / dk |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -138,7 +131,7 @@ def _table(rows) -> str:
         lines.append(
             f"| {r['D']} | {r['N']} | {r['M']} | {r['T']} | {r['BH']} | "
             f"{'yes' if r['causal'] else 'no'} | {r['variant']} | "
-            f"{'short' if r['short_path'] else 'stream'} | {r['dk_parts']} | "
+            f"{r['paths']['fwd']} / {r['paths']['dq']} | {r['dk_parts']} | "
             f"{r['fwd_ms']:.3f} | {r['dq_ms']:.3f} | {r['dk_ms']:.3f} | {r['bwd_ms']:.3f} | "
             f"{r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} | "
             f"{t['fwd'] or '-'} / {t['dq'] or '-'} / {t['dk'] or '-'} |")

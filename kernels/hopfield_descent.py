@@ -47,9 +47,12 @@ OPTIMIZERS = ("gd", "momentum", "nesterov")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
 #: The short-memory path runs when one (batch, head)'s keys, padded to a power of two, take at
-#: most this many bytes in the input dtype (M <= 256 at D=64 in bf16). Tests lower/raise it to
+#: most this many bytes in the input dtype (M <= 128 at D=64 in bf16). Tests lower/raise it to
 #: exercise both paths at small sizes.
-SHORT_MEMORY_BYTES = 32 * 1024
+SHORT_MEMORY_BYTES = 16 * 1024
+
+#: The kernels that take the short-memory path where it applies (the key kernel never does).
+SHORT_KERNELS = ("fwd",)
 
 LOG2E_F = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(LOG2E_F)
@@ -134,14 +137,13 @@ def _online_update_full(xh, k, m_i, l_i, acc, scale2, WITH_MU: tl.constexpr,
 def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, full, hi,
             scale2, WITH_MU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
             CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
-            PREC: tl.constexpr, INTERIOR: tl.constexpr, BLOCK_N: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+            PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_D: tl.constexpr):
     """Read-out ``μ`` (if ``WITH_MU``) and base-2 log-sum-exp of a query tile over all keys.
 
-    Streaming with ``INTERIOR``: key tiles ``[0, full)`` run unmasked, ``[full, hi)`` masked
-    (see :func:`_query_tile`); without, every tile is masked. Fully masked rows: ``μ = 0``
-    and ``lse = 0`` (their potential is 0; in backward every logit of the row is −inf, so
-    ``p = 0`` whatever the stored lse).
+    Streaming: key tiles ``[0, full)`` run unmasked, ``[full, hi)`` masked (see
+    :func:`_query_tile`). Fully masked rows: ``μ = 0`` and ``lse = 0`` (their potential is 0;
+    in backward every logit of the row is −inf, so ``p = 0`` whatever the stored lse).
     """
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -151,7 +153,7 @@ def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, 
         s = _logits(xh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
                     HAS_BIAS, HAS_PAD, CAUSAL, PREC)
         m_i, l_i, acc = _online_update(s, k_all, m_i, l_i, acc, WITH_MU, PREC)
-    elif INTERIOR:
+    else:
         for start_m in range(0, full, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
@@ -163,13 +165,6 @@ def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, 
                 m_i, l_i, acc = _online_update_full(xh, k, m_i, l_i, acc, scale2, WITH_MU,
                                                     PREC)
         for start_m in tl.range(full, hi, BLOCK_M, num_stages=1):  # the edge: 1-2 tiles
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-            s = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                        HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-            m_i, l_i, acc = _online_update(s, k, m_i, l_i, acc, WITH_MU, PREC)
-    else:
-        for start_m in range(0, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
             s = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
@@ -241,8 +236,8 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
                 T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
                 SAVE: tl.constexpr, ENERGIES: tl.constexpr, HAS_BIAS: tl.constexpr,
                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
-                UPCAST: tl.constexpr, PREC: tl.constexpr, INTERIOR: tl.constexpr,
-                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     DT: tl.constexpr = Q.dtype.element_ty
     bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, full, hi, k_all = (
         _query_tile(K, N, M, D, H, HK, HAS_PAD, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M,
@@ -256,7 +251,7 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
             y = xi
         mu, lse2 = _attend(_round(y, DT, UPCAST), k_all, K, k_off, BIAS, b_off, PAD, p_off,
                            offs_n, offs_d, M, D, full, hi, scale2, True, HAS_BIAS, HAS_PAD,
-                           CAUSAL, SHORT, UPCAST, PREC, INTERIOR, BLOCK_N, BLOCK_M, BLOCK_D)
+                           CAUSAL, SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         if SAVE:
             tl.store(MU + t * mu_step + q_off, mu, mask=tile_ok)
             tl.store(LSE + t * lse_step + bh * N + offs_n, lse2, mask=row_ok)
@@ -264,8 +259,8 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
             if NESTEROV:  # the read-out point y_t is not ξ_t: one lse-only pass at ξ_t
                 _, lse2 = _attend(_round(xi, DT, UPCAST), k_all, K, k_off, BIAS, b_off, PAD,
                                   p_off, offs_n, offs_d, M, D, full, hi, scale2, False,
-                                  HAS_BIAS, HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, INTERIOR,
-                                  BLOCK_N, BLOCK_M, BLOCK_D)
+                                  HAS_BIAS, HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N,
+                                  BLOCK_M, BLOCK_D)
             energy = 0.5 * tl.sum(xi * xi, 1) - lse2 * (LN2 * inv_scale)
             tl.store(ENERGY + (bh * N + offs_n) * (T + 1) + t, energy, mask=row_ok)
             if SAVE:
@@ -279,7 +274,7 @@ def _fwd_kernel(Q, K, BIAS, PAD, OUT, MU, LSE, ENERGY, ELSE,
     if ENERGIES:  # energy of the final iterate
         _, lse2 = _attend(_round(xi, DT, UPCAST), k_all, K, k_off, BIAS, b_off, PAD, p_off,
                           offs_n, offs_d, M, D, full, hi, scale2, False, HAS_BIAS, HAS_PAD,
-                          CAUSAL, SHORT, UPCAST, PREC, INTERIOR, BLOCK_N, BLOCK_M, BLOCK_D)
+                          CAUSAL, SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M, BLOCK_D)
         energy = 0.5 * tl.sum(xi * xi, 1) - lse2 * (LN2 * inv_scale)
         tl.store(ENERGY + (bh * N + offs_n) * (T + 1) + T, energy, mask=row_ok)
         if SAVE:
@@ -371,8 +366,7 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
                    EGRAD: tl.constexpr, KEEP_Y: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                    SHORT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   INTERIOR: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Reverse chain of one query tile: adjoints ``a = ∂L/∂ξ_{t+1}``, ``w`` (of ``v_{t+1}``).
 
     ``KEEP_Y``: also writes the rounded read-out points ``ŷ_t`` (and, with energies,
@@ -435,19 +429,13 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
         if SHORT:
             acc += _dq_tile(yh, dmu_c, delta, k_all, tl.arange(0, BLOCK_M), lse2, BIAS, b_off,
                             PAD, p_off, offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-        elif INTERIOR:  # unmasked tiles, then the edge (one or two tiles) masked
+        else:  # unmasked tiles, then the edge (one or two tiles) masked
             for start_m in range(0, full, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
                 acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
                                 offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC, False)
             for start_m in tl.range(full, hi, BLOCK_M, num_stages=1):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-                acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
-                                offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-        else:
-            for start_m in range(0, hi, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
                 acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
@@ -565,8 +553,8 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, Y, DK, D
                    NB, MB, T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
                    EGRAD: tl.constexpr, KEEP_Y: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr, INTERIOR: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``dK`` (score path β dSᵀŷ + value path Pᵀdμ) and ``d key_bias`` (Σ_i dS) of one key tile,
     summed over the query heads of its group, every step and the query tiles of its part.
 
@@ -600,7 +588,7 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, Y, DK, D
     if CAUSAL:  # earlier queries cannot see these keys; later tiles see all of them
         first = pid_m * BLOCK_M // BLOCK_N
         mid = tl.minimum(n_tiles, tl.cdiv((pid_m + 1) * BLOCK_M - 1, BLOCK_N))
-    if HAS_PAD or not INTERIOR:
+    if HAS_PAD:
         mid = n_tiles
     for g in range(G):
         bh = b * H + hk * G + g
@@ -610,7 +598,7 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, Y, DK, D
                                     scale2, scale, eta, rho, nest, T, VELOCITY, NESTEROV,
                                     EGRAD, KEEP_Y, CAUSAL, UPCAST, PREC, True, BLOCK_N,
                                     BLOCK_D)
-        if INTERIOR and not HAS_PAD:
+        if not HAS_PAD:
             for i in range(_first_tile(mid, part, parts), n_tiles, parts):
                 dk, db = _dk_query_tile(dk, db, k, keep, bias2, offs_m, i * BLOCK_N, bh, Q,
                                         MU, LSE, ELSE, DENERGY, DMU, DELTA, Y, N, D, mu_step,
@@ -665,20 +653,11 @@ TILE_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages")
 #: num_stages)}`` to run one configuration (no autotuning) for the kernels it names.
 FORCE_TILES: dict | None = None
 
-#: Per kernel: whether it runs the tiles that need no mask (every row sees every key: inside
-#: M, no padding, off the causal diagonal) without one, masking only the edge tiles.
-INTERIOR = {"fwd": True, "dq": True, "dk": True}
-
-#: Whether the query kernel writes the rounded read-out points ``ŷ_t`` (input dtype) for the
-#: key kernel, which then loads them instead of replaying the iterates from ``q`` and the
-#: float32 ``μ_t`` (a transient ``T·N·D`` buffer during backward).
-KEEP_Y = True
-
 #: Tests and benchmarks set this to force the number of query parts of the dK kernel.
 DK_PARTS: int | None = None
 
 #: The dK kernel splits its queries into parts until about this many programs per SM run.
-DK_PROGRAMS_PER_SM = 4
+DK_PROGRAMS_PER_SM = 16
 
 
 #: The autotuning space: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` candidates by (kernel,
@@ -728,13 +707,6 @@ _SPACE = {
 _SHORT_MEASURED = {("fwd", 2, False, 64): (128, 64, 8, 3), ("dq", 2, False, 64): (128, 32, 8, 3)}
 
 
-#: Short-memory path, 16-bit inputs, head dim <= 128, more than 128 keys: wider query tiles
-#: ``(BLOCK_N, num_warps, num_stages)`` than the shrunk streaming ones (a 32-row query tile
-#: against 256 keys ran the forward at 158 TFLOP/s on the H200, a third of the streaming
-#: path's rate; benchmarks/results/h200-c0f48b6/). Candidates only: autotuning measures them.
-_SHORT_WIDE = ((64, 4, 2), (64, 8, 2), (128, 8, 2))
-
-
 def _space_key(kernel: str, itemsize: int, heavy: bool, block_d: int):
     """The ``_SPACE`` row of a call (float32 has one tier; head dims below 32 share 32's)."""
     return kernel, itemsize, heavy or itemsize == 4, max(block_d, 32)
@@ -764,10 +736,6 @@ def candidates(kernel: str, itemsize: int, heavy: bool, block_d: int, short: boo
         cfg = (bn, block_m_all, warps, stages)
         if cfg not in out:
             out.append(cfg)
-    forced = FORCE_TILES is not None and kernel in FORCE_TILES
-    if not forced and itemsize == 2 and block_d <= 128 and block_m_all > 128:
-        out += [(bn, block_m_all, w, st) for bn, w, st in _SHORT_WIDE
-                if (bn, block_m_all, w, st) not in out]
     return tuple(out)
 
 
@@ -792,9 +760,9 @@ def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype, heavy: bool
     arguments (``SHORT`` for the query kernels; ``NB``/``MB`` length buckets)."""
     block_d = max(16, triton.next_power_of_2(D))
     block_m_all = max(16, triton.next_power_of_2(M))
-    short = kernel != "dk" and takes_short_path(M, D, dtype)
+    short = kernel in SHORT_KERNELS and takes_short_path(M, D, dtype)
     space = candidates(kernel, dtype.itemsize, heavy, block_d, short, block_m_all)
-    cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d, INTERIOR=INTERIOR[kernel])
+    cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d)
     if kernel != "dk":
         cfg["SHORT"] = short
     keys = {"NB": _bucket(N), "MB": block_m_all if short else _bucket(M)}
@@ -850,7 +818,7 @@ def _autotuner(kernel: str, reset_to_zero=None):
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
                for bn, bm, w, s in space]
     key = [name for name in ("BLOCK_D", "SHORT", "VELOCITY", "NESTEROV", "ENERGIES", "EGRAD",
-                             "CAUSAL", "INTERIOR", "KEEP_Y", "NB", "MB")
+                             "CAUSAL", "KEEP_Y", "NB", "MB")
            if name in jit.arg_names]
     return triton.autotune(configs=configs, key=key, prune_configs_by={
         "early_config_prune": _prune(kernel)}, reset_to_zero=reset_to_zero,
@@ -962,9 +930,10 @@ def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale
     # dμ_t only feeds the key kernel's dots, which take it in the input dtype: store it so.
     dmu = torch.empty(T, B * H, N, D, device=q.device, dtype=q.dtype)
     delta = torch.empty(T, B * H, N, **f32)
-    # The read-out points for the key kernel (Nesterov with energies needs ξ_t as well: it
-    # replays instead).
-    keep_y = KEEP_Y and not (optimizer == "nesterov" and egrad)
+    # The read-out points ŷ_t for the key kernel, written by the query kernel (a transient
+    # T·N·D buffer in the input dtype); Nesterov with energies needs ξ_t as well: it replays
+    # the iterates from q and μ_t instead.
+    keep_y = not (optimizer == "nesterov" and egrad)
     y = torch.empty(T + egrad if keep_y else 0, B * H, N, D, device=q.device, dtype=q.dtype)
     parts = dk_parts(B * Hk, M, N, q.device)
     dk = torch.empty(parts, B, Hk, M, D, **f32)

@@ -18,6 +18,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def key_path(request, monkeypatch):
     """Run the test on the short-memory path (keys loaded once) and on the streaming path."""
     monkeypatch.setattr(kernels, "SHORT_MEMORY_BYTES", 1 << 30 if request.param == "short" else 0)
+    monkeypatch.setattr(kernels, "SHORT_KERNELS", ("fwd", "dq"))  # every short-path kernel
     return request.param
 
 

@@ -172,21 +172,26 @@ def test_key_kernel_split_into_query_parts(parts, mask_kind, monkeypatch):
         assert torch.equal(x, y)
 
 
-@pytest.mark.parametrize("keep_y", [True, False])
-@pytest.mark.parametrize("optimizer", ["momentum", "nesterov"])
-def test_key_kernel_loads_or_replays_the_read_out_points(keep_y, optimizer, monkeypatch):
-    """The key kernel gets ŷ_t from the query kernel (``KEEP_Y``) or replays the iterates:
-    the same gradients, with energies too (Nesterov with energies always replays)."""
-    monkeypatch.setattr(kmod, "KEEP_Y", keep_y)
-    compare(torch.float32, H=4, Hk=2, mask_kind="causal+padding", optimizer=optimizer)
-    (q, k, b, _), (q64, k64, b64, _) = make_inputs(1, 2, 1, 40, 70, 16, torch.float32)
-    de = torch.randn(1, 2, 40, 4, dtype=f64, device=DEVICE)
-    kw = dict(num_steps=3, step_size=0.8, optimizer=optimizer, momentum=0.6,
-              return_energies=True)
-    got, ref, truth = (run_energies(backend, *t, de, **kw) for backend, t in (
-        ("triton", (q, k, b)), ("reference", (q, k, b)), ("reference", (q64, k64, b64))))
-    for name, g, r, t in zip(["energies", "dq", "dk", "dkey_bias"], got, ref, truth):
-        assert_close_to_truth(name, g, r, t, torch.float32)
+@pytest.mark.parametrize("optimizer,energies,keep_y", [
+    ("gd", False, True), ("nesterov", False, True), ("momentum", True, True),
+    ("nesterov", True, False)])
+def test_key_kernel_reads_the_query_kernels_read_out_points(optimizer, energies, keep_y):
+    """The query kernel writes ŷ_t (and round(ξ_T) with energies) for the key kernel, except
+    under Nesterov with energies, whose key kernel also needs ξ_t and replays the iterates."""
+    T, B, H, N, D = 3, 1, 2, 40, 16
+    q = torch.empty(B, H, N, D, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(B, 1, 70, D, device="meta", dtype=torch.bfloat16)
+    f32 = dict(device="meta", dtype=torch.float32)
+    mu, lse = torch.empty(T, B * H, N, D, **f32), torch.empty(T, B * H, N, **f32)
+    denergy = torch.empty(B, H, N, T + 1, **f32) if energies else None
+    energy_lse = torch.empty(T + 1, B * H, N, **f32)
+    (dq_launch, dk_launch), _ = kmod.plan_backward(
+        torch.empty_like(q), denergy, q, k, None, None, mu, lse, energy_lse, 0.25, 0.8, 0.6, T,
+        False, optimizer)
+    assert dq_launch.meta["KEEP_Y"] is keep_y and dk_launch.meta["KEEP_Y"] is keep_y
+    y = dq_launch.args["Y"]
+    assert y is dk_launch.args["Y"] and y.dtype == q.dtype
+    assert y.shape == ((T + energies, B * H, N, D) if keep_y else (0, B * H, N, D))
 
 
 def test_key_kernel_parts_fill_the_gpu(monkeypatch):
@@ -203,7 +208,7 @@ def test_key_kernel_parts_fill_the_gpu(monkeypatch):
     assert kmod.dk_parts(64, 64, 8192, cuda) == -(-target // 64)
     assert kmod.dk_parts(64, 256, 8192, cuda) == -(-target // 128)
     assert kmod.dk_parts(64, 64, 300, cuda) == 3  # at least 128 queries per part
-    assert kmod.dk_parts(32, 8192, 8192, cuda) == 1  # 2048 key tiles already
+    assert kmod.dk_parts(128, 8192, 8192, cuda) == 1  # 8192 key tiles already
     assert kmod.dk_parts(64, 64, 8192, torch.device("cpu")) == 1
     monkeypatch.setattr(kmod, "DK_PARTS", 5)
     assert kmod.dk_parts(64, 64, 8192, torch.device("cpu")) == 5
@@ -423,14 +428,15 @@ def test_breakdown_script_smoke_run(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_breakdown", path)
     bd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bd)
-    knobs = (dict(kmod.INTERIOR), kmod.KEEP_Y, kmod.DK_PARTS, kmod.SHORT_MEMORY_BYTES)
+    knobs = (kmod.SHORT_KERNELS, kmod.DK_PARTS, kmod.SHORT_MEMORY_BYTES)
     rows = bd.main(["--smoke", "--out", str(tmp_path)])
-    assert (dict(kmod.INTERIOR), kmod.KEEP_Y, kmod.DK_PARTS, kmod.SHORT_MEMORY_BYTES) == knobs
-    assert {r["variant"] for r in rows} == {"default", "no-interior", "no-interior-dq", "replay",
-                                            "parts=2", "streaming"}
+    assert (kmod.SHORT_KERNELS, kmod.DK_PARTS, kmod.SHORT_MEMORY_BYTES) == knobs
+    assert {r["variant"] for r in rows} == {"default", "dq-short", "parts=2", "streaming"}
     assert all(r[f"{n}_ms"] > 0 for r in rows for n in ("fwd", "dq", "dk"))
     assert {r["dk_parts"] for r in rows if r["variant"] == "parts=2"} == {2}
-    assert {r["short_path"] for r in rows if r["variant"] == "streaming"} == {False}
+    paths = {r["variant"]: (r["paths"]["fwd"], r["paths"]["dq"]) for r in rows if r["M"] == 40}
+    assert paths == {"default": ("short", "stream"), "dq-short": ("short", "short"),
+                     "parts=2": ("short", "stream"), "streaming": ("stream", "stream")}
     data = json.loads((tmp_path / "kernel-breakdown-smoke-cpu.json").read_text())
     assert len(data["rows"]) == len(rows)
 
@@ -469,11 +475,12 @@ def bench_kernels(kmod):
 def test_fuzz_kernel_matches_reference(B, Hk, G, N, M, D, T, mask_kind, optimizer, bias, short,
                                       parts, seed):
     torch.manual_seed(seed)  # the example's data is a function of the example
-    kmod_bytes, kmod_parts = kmod.SHORT_MEMORY_BYTES, kmod.DK_PARTS
+    saved = kmod.SHORT_MEMORY_BYTES, kmod.SHORT_KERNELS, kmod.DK_PARTS
     kmod.SHORT_MEMORY_BYTES = 1 << 30 if short else 0
+    kmod.SHORT_KERNELS = ("fwd", "dq")
     kmod.DK_PARTS = parts
     try:
         compare(torch.float32, B=B, H=Hk * G, Hk=Hk, N=N, M=M, D=D, mask_kind=mask_kind,
                 optimizer=optimizer, num_steps=T, bias=bias)
     finally:
-        kmod.SHORT_MEMORY_BYTES, kmod.DK_PARTS = kmod_bytes, kmod_parts
+        kmod.SHORT_MEMORY_BYTES, kmod.SHORT_KERNELS, kmod.DK_PARTS = saved
