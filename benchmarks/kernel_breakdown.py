@@ -6,8 +6,10 @@ query kernel (dq: the reverse chain) and its key kernel (dk, with the host-side 
 query parts), each autotuned as users get it, under these variants:
 
     default     as shipped
-    dq-short    the query kernel on the short-memory path too (``SHORT_KERNELS``)
+    dq-short    the query kernel on the short-memory path wherever the forward takes it
+                (``DQ_SHORT_MIN_HEAD_DIM = 0``)
     streaming   the streaming path where the short-memory path would run
+                (``SHORT_MAX_KEYS = 0``)
     parts=P     the dK kernel's queries split into P parts (``DK_PARTS``); ``default`` is
                 ``dk_parts``' rule
 
@@ -62,18 +64,18 @@ class _Variant:
 
     def __enter__(self):
         k = self.kmod
-        self.saved = (k.SHORT_KERNELS, k.DK_PARTS, k.SHORT_MEMORY_BYTES)
+        self.saved = (k.DQ_SHORT_MIN_HEAD_DIM, k.DK_PARTS, k.SHORT_MAX_KEYS)
         if self.name == "dq-short":
-            k.SHORT_KERNELS = ("fwd", "dq")
+            k.DQ_SHORT_MIN_HEAD_DIM = 0
         elif self.name.startswith("parts="):
             k.DK_PARTS = int(self.name.split("=")[1])
         elif self.name == "streaming":
-            k.SHORT_MEMORY_BYTES = 0
+            k.SHORT_MAX_KEYS = 0
         return self
 
     def __exit__(self, *exc):
         k = self.kmod
-        k.SHORT_KERNELS, k.DK_PARTS, k.SHORT_MEMORY_BYTES = self.saved
+        k.DQ_SHORT_MIN_HEAD_DIM, k.DK_PARTS, k.SHORT_MAX_KEYS = self.saved
 
 
 def _best(kmod, kernel) -> str:

@@ -262,11 +262,10 @@ def tile_sweep(args, dtype, reps, device):
         for D, N, M, T, bh, causal in cases:
             block_d = max(16, 1 << (D - 1).bit_length())
             block_m_all = max(16, 1 << (M - 1).bit_length())
-            short = kmod.takes_short_path(M, D, dtype)
             for optimizer in ("gd", "nesterov"):
                 heavy = optimizer != "gd"
                 for kernel, mode in (("fwd", "fwd"), ("dq", "fwd+bwd"), ("dk", "fwd+bwd")):
-                    on_short = short and kernel != "dk"  # the dK kernel always streams
+                    on_short = kmod.takes_short_path(M, D, dtype, kernel)
                     space = kmod.candidates(kernel, dtype.itemsize, heavy, block_d, on_short,
                                             block_m_all)
                     if not on_short and not args.smoke:

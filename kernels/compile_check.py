@@ -112,12 +112,11 @@ def plans(*, dtype=torch.bfloat16, head_dim=128, N=4096, M=4096, num_steps=4,
     """The three launches (forward, dq, dk) a differentiable call with these options plans.
 
     Defaults are the heaviest flag set (most live registers). ``short_keys`` overrides ``M``:
-    ``True`` takes the most keys the short-memory path holds (its largest tile), ``False`` a
-    key count that streams.
+    ``True`` takes the most keys the short-memory path holds (its largest tile; none where it
+    holds none), ``False`` a key count that streams.
     """
     if short_keys is not None:
-        block_d = max(16, triton.next_power_of_2(head_dim))
-        most = hd.SHORT_MEMORY_BYTES // (block_d * dtype.itemsize)
+        most = hd.short_path_keys(head_dim, dtype)
         M = most if short_keys else max(M, 2 * most)
     if is_causal:
         N = M
@@ -153,10 +152,12 @@ def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=Fa
         for dt in dtypes:
             for D in head_dims:
                 for short in (False, True):
+                    if short and not hd.short_path_keys(D, _DTYPES[dt]):
+                        continue
                     for launch in plans(dtype=_DTYPES[dt], head_dim=D, short_keys=short,
                                         **flags):
-                        if short and launch.kernel is hd._bwd_dk_kernel:
-                            continue  # no short path: identical to the streaming row
+                        if short and not launch.meta.get("SHORT"):
+                            continue  # no short path here: the streaming rows cover it
                         for i, tiles in enumerate(launch.candidates if space else
                                                   launch.candidates[:1]):
                             row = compile_launch(with_tiles(launch, tiles), arch)

@@ -39,20 +39,25 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["FORCE_TILES", "SHORT_MEMORY_BYTES", "TILE_KEYS", "Launch", "candidates", "dk_parts",
-           "hopfield_descent_triton", "plan_backward", "plan_forward", "takes_short_path",
-           "unsupported_reason"]
+__all__ = ["DK_PARTS", "DQ_SHORT_MIN_HEAD_DIM", "FORCE_TILES", "SHORT_MAX_KEYS",
+           "SHORT_MEMORY_BYTES", "TILE_KEYS", "Launch", "candidates", "dk_parts",
+           "hopfield_descent_triton", "plan_backward", "plan_forward", "short_path_keys",
+           "takes_short_path", "unsupported_reason"]
 
 OPTIMIZERS = ("gd", "momentum", "nesterov")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
 
-#: The short-memory path runs when one (batch, head)'s keys, padded to a power of two, take at
-#: most this many bytes in the input dtype (M <= 128 at D=64 in bf16). Tests lower/raise it to
-#: exercise both paths at small sizes.
+#: The forward takes the short-memory path when one (batch, head) has at most
+#: ``SHORT_MAX_KEYS`` keys, padded to a power of two, and they take at most
+#: ``SHORT_MEMORY_BYTES`` in the input dtype; the query kernel of the backward takes it too from
+#: head dim ``DQ_SHORT_MIN_HEAD_DIM`` (padded) on; the key kernel never does. Measured on the
+#: H200 (benchmarks/results/h200-ff95511/, T=8, N=8192, bf16; short vs streaming ms): forward
+#: M=64 0.54 vs 0.70 (D=64), 0.95 vs 1.17 (D=128), but M=128 1.13 vs 0.81 and M=256 2.04 vs
+#: 1.09 (D=64); query kernel M=64 3.12 vs 4.74 (D=128), but 1.97 vs 1.74 (D=64). Tests move
+#: these to run either path at small sizes.
+SHORT_MAX_KEYS = 64
 SHORT_MEMORY_BYTES = 16 * 1024
-
-#: The kernels that take the short-memory path where it applies (the key kernel never does).
-SHORT_KERNELS = ("fwd",)
+DQ_SHORT_MIN_HEAD_DIM = 128
 
 LOG2E_F = 1.4426950408889634
 LOG2E: tl.constexpr = tl.constexpr(LOG2E_F)
@@ -657,7 +662,10 @@ FORCE_TILES: dict | None = None
 DK_PARTS: int | None = None
 
 #: The dK kernel splits its queries into parts until about this many programs per SM run.
-DK_PROGRAMS_PER_SM = 16
+#: Measured on the H200 (benchmarks/results/h200-ff95511/, D=64, N=8192, T=8, dK ms by
+#: parts): M=64: 1 part 2.65, 8 0.77, 33 0.78, 64 0.82; M=256: 1 2.66, 8 1.50, 17 1.57, 32
+#: 1.55, 64 1.62; with 2048 key tiles (M=2048, 8192) 1 or 2 parts are within 2%.
+DK_PROGRAMS_PER_SM = 8
 
 
 #: The autotuning space: ``(BLOCK_N, BLOCK_M, num_warps, num_stages)`` candidates by (kernel,
@@ -739,12 +747,23 @@ def candidates(kernel: str, itemsize: int, heavy: bool, block_d: int, short: boo
     return tuple(out)
 
 
-def takes_short_path(M: int, D: int, dtype: torch.dtype) -> bool:
-    """Whether a call with ``M`` keys of head dim ``D`` in ``dtype`` runs the short-memory path:
-    every key of one (batch, head), padded to powers of two, fits in ``SHORT_MEMORY_BYTES``."""
+def takes_short_path(M: int, D: int, dtype: torch.dtype, kernel: str = "fwd") -> bool:
+    """Whether ``kernel`` (``"fwd" | "dq" | "dk"``) of a call with ``M`` keys of head dim ``D``
+    in ``dtype`` runs the short-memory path: every key of one (batch, head), padded to powers
+    of two, is at most ``SHORT_MAX_KEYS`` keys and ``SHORT_MEMORY_BYTES`` bytes; the query
+    kernel also needs ``D >= DQ_SHORT_MIN_HEAD_DIM`` (padded); the key kernel always streams."""
     block_d = max(16, triton.next_power_of_2(D))
     block_m_all = max(16, triton.next_power_of_2(M))
-    return block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES
+    fits = (block_m_all <= SHORT_MAX_KEYS
+            and block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES)
+    return fits and (kernel == "fwd" or kernel == "dq" and block_d >= DQ_SHORT_MIN_HEAD_DIM)
+
+
+def short_path_keys(D: int, dtype: torch.dtype) -> int:
+    """The most keys the short-memory path takes at head dim ``D`` in ``dtype`` (0: none)."""
+    block_d = max(16, triton.next_power_of_2(D))
+    most = min(SHORT_MAX_KEYS, SHORT_MEMORY_BYTES // (block_d * dtype.itemsize))
+    return 1 << (most.bit_length() - 1) if most >= 16 else 0
 
 
 def _bucket(n: int) -> int:
@@ -760,7 +779,7 @@ def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype, heavy: bool
     arguments (``SHORT`` for the query kernels; ``NB``/``MB`` length buckets)."""
     block_d = max(16, triton.next_power_of_2(D))
     block_m_all = max(16, triton.next_power_of_2(M))
-    short = kernel in SHORT_KERNELS and takes_short_path(M, D, dtype)
+    short = takes_short_path(M, D, dtype, kernel)
     space = candidates(kernel, dtype.itemsize, heavy, block_d, short, block_m_all)
     cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d)
     if kernel != "dk":
@@ -864,7 +883,7 @@ def dk_parts(bhk: int, M: int, N: int, device: torch.device) -> int:
     """Into how many parts the dK kernel splits each key tile's queries.
 
     One program per (key tile, batch·key head) leaves most of the GPU idle when there are few
-    keys (the short-memory path: M <= 256 is one or two key tiles per head) and each program
+    keys (M <= 256 is one or two key tiles per head) and each program
     walks all N queries through T steps alone. Parts run in parallel and write partial sums,
     added on the host in a fixed order (bitwise repeatable). The count aims at
     ``DK_PROGRAMS_PER_SM`` programs per SM, assuming the space's largest key tile (128), and

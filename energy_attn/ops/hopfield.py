@@ -222,25 +222,28 @@ class TritonWin(NamedTuple):
     with_grad: bool  # also when gradients are recorded (forward+backward), not only inference
     causal_only: bool  # only for is_causal calls
     note: str  # the measurement: device, commit, speed-ups over the reference
+    max_head_dim: int = 256  # largest head dim D it covers (256: every D the kernel takes)
 
 
 #: Where ``backend="auto"`` runs the fused Triton kernel instead of the reference backend: the
 #: regions where it was *measured* faster, and nothing else. Measurement: NVIDIA H200, bf16,
-#: benchmarks/results/h200-c0f48b6/ (``benchmarks/kernels.py --target``, the kernels as they
-#: are). Forward+backward on the streaming path (keys that do not fit on chip) ran at 0.96–1.01x
-#: the reference with M = 2048 and 0.72–0.76x with M = 8192, the forward alone at 0.94–0.95x
-#: with M = 8192: those have no row. To widen the rule once new figures exist, add a row
+#: benchmarks/results/h200-ff95511/ (``benchmarks/kernels.py --target``, the kernels and this
+#: rule as they are). Forward+backward with M = 8192 ran at 0.80–0.86x the reference (the
+#: backward does 14·N·M·D FLOPs per step to its 10, docs/kernels.md), the forward alone at
+#: 0.97x with D = 128: those have no row. To widen the rule once new figures exist, add a row
 #: naming its measurement.
 AUTO_TRITON_WINS = (
-    TritonWin(short_path=True, max_keys=256, with_grad=True, causal_only=False,
-              note="H200, c0f48b6, D=64, N=8192, T=8: M=64 17.2x forward, 2.03x "
-                   "forward+backward; M=256 2.41x forward, 1.40x forward+backward"),
-    TritonWin(short_path=False, max_keys=2048, with_grad=False, causal_only=False,
-              note="H200, c0f48b6, N=M=2048, T=4: forward 1.43x (D=64), 1.49x (D=128), "
-                   "1.68x (D=128, causal); M=8192: 0.94x, 0.95x"),
-    TritonWin(short_path=False, max_keys=2048, with_grad=True, causal_only=True,
-              note="H200, c0f48b6, D=128, N=M=2048, T=4, causal: 1.07x forward+backward "
-                   "(not causal: 1.01x at D=64, 0.96x at D=128)"),
+    TritonWin(short_path=True, max_keys=64, with_grad=True, causal_only=False,
+              note="H200, ff95511, D=64, N=8192, M=64, T=8: forward 9.5x (17.3x at 2fccd59), "
+                   "forward+backward 3.6x"),
+    TritonWin(short_path=False, max_keys=2048, with_grad=True, causal_only=False,
+              note="H200, ff95511, forward+backward, N=M=2048, T=4: 1.12x (D=64), 1.04x "
+                   "(D=128), 1.37x (D=128, causal); D=64, N=8192, M=256, T=8: 2.46x; "
+                   "forward 1.56-4.95x"),
+    TritonWin(short_path=False, max_keys=8192, with_grad=False, causal_only=False,
+              max_head_dim=64,
+              note="H200, ff95511, forward, D=64, N=M=8192, T=4: 1.01x (1.06x at 2fccd59); "
+                   "D=128: 0.97x (0.95x), no row"),
 )
 
 
@@ -258,12 +261,12 @@ def _auto_backend(q, k, m, key_bias, is_causal, optimizer, num_steps, device_typ
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, key_bias, m.bias))
     short = kmod.takes_short_path(M, D, q.dtype)
-    return ("triton" if auto_picks_triton(device_type, M, short, with_grad, is_causal)
+    return ("triton" if auto_picks_triton(device_type, M, short, with_grad, is_causal, D)
             else "reference")
 
 
 def auto_picks_triton(device_type: str, M: int, short_path: bool, with_grad: bool,
-                      is_causal: bool) -> bool:
+                      is_causal: bool, head_dim: int) -> bool:
     """The ``backend="auto"`` rule: True when a call the kernel supports should run it.
 
     Args:
@@ -273,12 +276,13 @@ def auto_picks_triton(device_type: str, M: int, short_path: bool, with_grad: boo
             (``energy_attn.kernels.hopfield_descent.takes_short_path``).
         with_grad: whether the call records gradients (its backward will run too).
         is_causal: whether the call is causal.
+        head_dim: the head dim D.
 
     Returns True inside a region of :data:`AUTO_TRITON_WINS`, else False (reference).
     """
     if device_type != "cuda":
         return False
-    return any(short_path == w.short_path and M <= w.max_keys
+    return any(short_path == w.short_path and M <= w.max_keys and head_dim <= w.max_head_dim
                and (w.with_grad or not with_grad) and (is_causal or not w.causal_only)
                for w in AUTO_TRITON_WINS)
 

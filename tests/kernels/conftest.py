@@ -14,11 +14,20 @@ kernels = pytest.importorskip("energy_attn.kernels.hopfield_descent")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def key_path_knobs(short: bool) -> dict:
+    """Kernel-module settings that put both query-side kernels on the short-memory path
+    (``short``), or every kernel on the streaming path, whatever the sizes."""
+    if short:
+        return {"SHORT_MAX_KEYS": 1 << 30, "SHORT_MEMORY_BYTES": 1 << 30,
+                "DQ_SHORT_MIN_HEAD_DIM": 0}
+    return {"SHORT_MAX_KEYS": 0}
+
+
 @pytest.fixture(params=["short", "stream"])
 def key_path(request, monkeypatch):
     """Run the test on the short-memory path (keys loaded once) and on the streaming path."""
-    monkeypatch.setattr(kernels, "SHORT_MEMORY_BYTES", 1 << 30 if request.param == "short" else 0)
-    monkeypatch.setattr(kernels, "SHORT_KERNELS", ("fwd", "dq"))  # every short-path kernel
+    for name, value in key_path_knobs(request.param == "short").items():
+        monkeypatch.setattr(kernels, name, value)
     return request.param
 
 

@@ -38,14 +38,32 @@ def compile_check(tmp_path, arch, dtypes, dims, extra):
     return done, rows
 
 
+def launches_per_class(dtype: str, head_dim: int) -> int:
+    """Kernels compiled per (dtype, head dim): three streaming, the forward on the short-memory
+    path where it holds keys, and the query kernel there too from its head dim on."""
+    from energy_attn.kernels import hopfield_descent as kmod
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    block_d = max(16, 1 << (head_dim - 1).bit_length())
+    if not kmod.short_path_keys(head_dim, torch_dtype):
+        return 3
+    return 4 + (block_d >= kmod.DQ_SHORT_MIN_HEAD_DIM)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_kernel_compiles_within_shared_memory(tmp_path, case):
     arch, dtypes, dims, extra = CASES[case]
     done, rows = compile_check(tmp_path, arch, dtypes, dims, extra)
     assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-    # forward, dq on both key paths and dk, for every dtype and head dim
-    assert len(rows) == 5 * len(dtypes) * len(dims)
+    # forward, dq and dk streaming, and the launches that take the short-memory path, for every
+    # dtype and head dim
+    assert len(rows) == sum(launches_per_class(dt, int(D)) for dt in dtypes for D in dims)
+    for dt in dtypes:
+        for D in dims:
+            block_d = max(16, 1 << (int(D) - 1).bit_length())
+            got = [r for r in rows if r["dtype"] == dt and r["BLOCK_D"] == block_d]
+            assert len(got) == launches_per_class(dt, int(D)), (dt, D, got)
     for r in rows:
         assert 0 < r["registers"] <= 255, r
         assert r["shared_bytes"] <= r["shared_limit"], r
@@ -60,7 +78,8 @@ def test_every_candidate_of_the_space_compiles_and_fits_sm90(tmp_path):
         done, rows = compile_check(tmp_path, ["90"], ["bf16"], ["64", "128"],
                                    ["--space", *extra])
         assert done.returncode == 0, done.stdout + done.stderr[-3000:]
-        assert sum(r["default"] for r in rows) == 10
+        assert sum(r["default"] for r in rows) == sum(launches_per_class("bf16", D)
+                                                      for D in (64, 128))
         assert len(rows) > 10 and all(r["shared_bytes"] <= r["shared_limit"] for r in rows)
         tiles = {(r["BLOCK_N"], r["BLOCK_M"], r["num_warps"], r["num_stages"]) for r in rows}
         heavy = not extra

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import key_path_knobs
 from energy_attn.kernels import hopfield_descent as kmod
 from test_hopfield_descent_kernel import compare
 
@@ -28,7 +29,7 @@ def _force(monkeypatch, bn, bm):
 @pytest.mark.parametrize("bn,bm", PAIRS, ids=[f"{n}x{m}" for n, m in PAIRS])
 def test_every_tile_of_the_space_streaming(bn, bm, monkeypatch):
     _force(monkeypatch, bn, bm)
-    monkeypatch.setattr(kmod, "SHORT_MEMORY_BYTES", 0)
+    monkeypatch.setattr(kmod, "SHORT_MAX_KEYS", 0)
     # N = M = 2·max tile + 3: every kernel sees full, partial and (causal) skipped tiles.
     n = 2 * max(bn, bm) + 3
     compare(torch.float32, B=2, H=2, Hk=1, N=n, M=n, D=16, mask_kind="causal+padding",
@@ -38,8 +39,8 @@ def test_every_tile_of_the_space_streaming(bn, bm, monkeypatch):
 @pytest.mark.parametrize("bn", sorted({n for n, _ in PAIRS}))
 def test_every_query_tile_on_the_short_path(bn, monkeypatch):
     _force(monkeypatch, bn, 32)
-    monkeypatch.setattr(kmod, "SHORT_MEMORY_BYTES", 1 << 30)
-    monkeypatch.setattr(kmod, "SHORT_KERNELS", ("fwd", "dq"))
+    for name, value in key_path_knobs(short=True).items():
+        monkeypatch.setattr(kmod, name, value)
     compare(torch.float32, B=2, H=4, Hk=2, N=2 * bn + 3, M=45, D=16, mask_kind="padding",
             optimizer="momentum", num_steps=2)
 

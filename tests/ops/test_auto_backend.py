@@ -15,46 +15,54 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
-    "device,M,short,with_grad,causal,want",
+    "device,M,short,with_grad,causal,D,want",
     [
-        ("cuda", 64, True, True, False, True),  # measured: 17x forward, 2.0x forward+backward
-        ("cuda", 256, True, True, False, True),  # measured: 2.4x forward, 1.4x forward+backward
-        ("cuda", 257, True, True, False, False),  # beyond the measured region
-        ("cuda", 2048, False, False, False, True),  # measured: forward 1.43-1.49x at M = 2048
-        ("cuda", 2048, False, True, False, False),  # forward+backward: 0.96-1.01x
-        ("cuda", 2048, False, True, True, True),  # causal forward+backward: 1.07x
-        ("cuda", 8192, False, False, False, False),  # forward 0.94-0.95x at M = 8192
-        ("cuda", 8192, False, True, True, False),
-        ("cpu", 64, True, False, False, False),  # the interpreter is for tests, never picked
+        ("cuda", 64, True, True, False, 64, True),  # measured: forward+backward 3.6x
+        ("cuda", 256, False, True, False, 64, True),  # streaming, T=8: forward+backward 2.46x
+        ("cuda", 2048, False, True, False, 128, True),  # forward+backward 1.04x (D=64: 1.12x)
+        ("cuda", 2048, False, True, True, 128, True),  # causal forward+backward 1.37x
+        ("cuda", 4096, False, True, False, 64, False),  # forward+backward beyond 2048: slower
+        ("cuda", 8192, False, False, False, 64, True),  # forward 1.01-1.06x at D=64
+        ("cuda", 8192, False, False, False, 128, False),  # forward 0.95-0.97x at D=128
+        ("cuda", 8192, False, True, True, 64, False),  # forward+backward 0.86x
+        ("cuda", 16384, False, False, False, 64, False),  # beyond the measured region
+        ("cpu", 64, True, False, False, 64, False),  # the interpreter is for tests, never picked
     ],
 )
-def test_auto_rule(device, M, short, with_grad, causal, want):
-    assert hop.auto_picks_triton(device, M, short, with_grad, causal) is want
+def test_auto_rule(device, M, short, with_grad, causal, D, want):
+    assert hop.auto_picks_triton(device, M, short, with_grad, causal, D) is want
 
 
 def test_rule_cites_measurements_in_the_repository():
-    assert all("c0f48b6" in w.note for w in hop.AUTO_TRITON_WINS)
-    table = (ROOT / "benchmarks" / "results" / "h200-c0f48b6" / "kernels-nvidia-h200-target.md")
+    assert all("ff95511" in w.note for w in hop.AUTO_TRITON_WINS)
+    table = (ROOT / "benchmarks" / "results" / "h200-ff95511" / "kernels-nvidia-h200-target.md")
     text = table.read_text()
     for row in ("| 64 | 8192 | 256 | 8 | 64 | no | fwd+bwd |",
-                "| 128 | 2048 | 2048 | 4 | 128 | yes | fwd+bwd |"):
+                "| 128 | 2048 | 2048 | 4 | 128 | yes | fwd+bwd |",
+                "| 64 | 8192 | 8192 | 4 | 32 | no | fwd |"):
         assert row in text
-    assert "benchmarks/results/h200-c0f48b6/" in Path(hop.__file__).read_text()
+    assert "benchmarks/results/h200-ff95511/" in Path(hop.__file__).read_text()
 
 
 def test_widening_the_rule_is_one_row(monkeypatch):
+    assert not hop.auto_picks_triton("cuda", 8192, False, True, False, 128)
     wide = hop.TritonWin(short_path=False, max_keys=1 << 30, with_grad=True, causal_only=False,
                          note="hypothetical")
     monkeypatch.setattr(hop, "AUTO_TRITON_WINS", (*hop.AUTO_TRITON_WINS, wide))
-    assert hop.auto_picks_triton("cuda", 8192, False, True, False)
+    assert hop.auto_picks_triton("cuda", 8192, False, True, False, 128)
 
 
 def test_short_path_descriptor():
     kmod = pytest.importorskip("energy_attn.kernels.hopfield_descent")
-    assert kmod.takes_short_path(256, 64, torch.bfloat16)  # 256 x 64 x 2 B = 32 KiB
-    assert not kmod.takes_short_path(257, 64, torch.bfloat16)
-    assert kmod.takes_short_path(128, 128, torch.bfloat16)
-    assert not kmod.takes_short_path(256, 128, torch.bfloat16)
+    bf16 = torch.bfloat16
+    assert kmod.takes_short_path(64, 64, bf16) and kmod.takes_short_path(64, 128, bf16)
+    assert not kmod.takes_short_path(65, 64, bf16)  # M=128 streamed faster (D=64)
+    assert not kmod.takes_short_path(64, 256, bf16)  # 64 x 256 x 2 B = 32 KiB
+    # the query kernel only from D = 128 on, the key kernel never
+    assert kmod.takes_short_path(64, 128, bf16, "dq")
+    assert not kmod.takes_short_path(64, 64, bf16, "dq")
+    assert not kmod.takes_short_path(64, 128, bf16, "dk")
+    assert kmod.short_path_keys(64, bf16) == 64 and kmod.short_path_keys(256, bf16) == 32
 
 
 def test_auto_on_cpu_is_the_reference():
@@ -72,9 +80,10 @@ def test_auto_on_cpu_is_the_reference():
         (64, "dense_float", "gd", False, False, "reference"),  # no kernel form: falls back
         (64, None, "newton_light", False, False, "reference"),  # not a kernel optimizer
         (512, None, "gd", False, False, "triton"),  # streaming, inference: measured faster
-        (512, None, "gd", True, False, "reference"),  # streaming, training: not faster
+        (512, None, "gd", True, False, "triton"),  # streaming, training: faster up to 2048
         (512, None, "gd", True, True, "triton"),  # streaming, causal training: faster
-        (4096, None, "gd", False, False, "reference"),  # beyond the measured inference region
+        (4096, None, "gd", True, False, "reference"),  # training beyond 2048 keys: slower
+        (4096, None, "gd", False, False, "triton"),  # inference, D=64: faster up to 8192
     ],
 )
 def test_auto_dispatch_on_a_cuda_device(monkeypatch, M, mask_kind, optimizer, grad, causal,
