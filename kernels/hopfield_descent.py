@@ -139,6 +139,19 @@ def _online_update_full(xh, k, m_i, l_i, acc, scale2, WITH_MU: tl.constexpr,
 
 
 @triton.jit
+def _attend_masked(xh, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, start_m, M, D, scale2,
+                   m_i, l_i, acc, WITH_MU: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The online-softmax update with the masked key tile at ``start_m``."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+    s = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
+                HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+    return _online_update(s, k, m_i, l_i, acc, WITH_MU, PREC)
+
+
+@triton.jit
 def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, full, hi,
             scale2, WITH_MU: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
             CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
@@ -146,9 +159,10 @@ def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, 
             BLOCK_D: tl.constexpr):
     """Read-out ``μ`` (if ``WITH_MU``) and base-2 log-sum-exp of a query tile over all keys.
 
-    Streaming: key tiles ``[0, full)`` run unmasked, ``[full, hi)`` masked (see
-    :func:`_query_tile`). Fully masked rows: ``μ = 0`` and ``lse = 0`` (their potential is 0;
-    in backward every logit of the row is −inf, so ``p = 0`` whatever the stored lse).
+    Streaming: key tiles ``[0, full)`` run unmasked, ``[full, hi)`` (the edge: one or two tiles)
+    masked and not software-pipelined (see :func:`_query_tile`); with key padding every tile is
+    masked, in one pipelined loop. Fully masked rows: ``μ = 0`` and ``lse = 0`` (their potential
+    is 0; in backward every logit of the row is −inf, so ``p = 0`` whatever the stored lse).
     """
     m_i = tl.full([BLOCK_N], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_N], tl.float32)
@@ -158,6 +172,12 @@ def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, 
         s = _logits(xh, k_all, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
                     HAS_BIAS, HAS_PAD, CAUSAL, PREC)
         m_i, l_i, acc = _online_update(s, k_all, m_i, l_i, acc, WITH_MU, PREC)
+    elif HAS_PAD:
+        for start_m in range(0, hi, BLOCK_M):
+            m_i, l_i, acc = _attend_masked(xh, K, k_off, BIAS, b_off, PAD, p_off, offs_n,
+                                           offs_d, start_m, M, D, scale2, m_i, l_i, acc,
+                                           WITH_MU, HAS_BIAS, HAS_PAD, CAUSAL, UPCAST, PREC,
+                                           BLOCK_M)
     else:
         for start_m in range(0, full, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -169,12 +189,11 @@ def _attend(xh, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, 
             else:
                 m_i, l_i, acc = _online_update_full(xh, k, m_i, l_i, acc, scale2, WITH_MU,
                                                     PREC)
-        for start_m in tl.range(full, hi, BLOCK_M, num_stages=1):  # the edge: 1-2 tiles
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-            s = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
-                        HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-            m_i, l_i, acc = _online_update(s, k, m_i, l_i, acc, WITH_MU, PREC)
+        for start_m in tl.range(full, hi, BLOCK_M, num_stages=1):
+            m_i, l_i, acc = _attend_masked(xh, K, k_off, BIAS, b_off, PAD, p_off, offs_n,
+                                           offs_d, start_m, M, D, scale2, m_i, l_i, acc,
+                                           WITH_MU, HAS_BIAS, HAS_PAD, CAUSAL, UPCAST, PREC,
+                                           BLOCK_M)
     valid = l_i > 0.0
     l_safe = tl.where(valid, l_i, 1.0)
     mu = acc / l_safe[:, None]
@@ -434,7 +453,13 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
         if SHORT:
             acc += _dq_tile(yh, dmu_c, delta, k_all, tl.arange(0, BLOCK_M), lse2, BIAS, b_off,
                             PAD, p_off, offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
-        else:  # unmasked tiles, then the edge (one or two tiles) masked
+        elif HAS_PAD:  # every tile masked, one pipelined loop
+            for start_m in range(0, hi, BLOCK_M):
+                offs_m = start_m + tl.arange(0, BLOCK_M)
+                k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+                acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
+                                offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+        else:  # unmasked tiles, then the edge (one or two tiles) masked, not pipelined
             for start_m in range(0, full, BLOCK_M):
                 offs_m = start_m + tl.arange(0, BLOCK_M)
                 k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
@@ -558,19 +583,23 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, Y, DK, D
                    NB, MB, T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
                    EGRAD: tl.constexpr, KEEP_Y: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
-                   UPCAST: tl.constexpr, PREC: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                   UPCAST: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """``dK`` (score path β dSᵀŷ + value path Pᵀdμ) and ``d key_bias`` (Σ_i dS) of one key tile,
     summed over the query heads of its group, every step and the query tiles of its part.
 
     Grid ``(⌈M / BLOCK_M⌉, B·HK, parts)``: with ``parts > 1`` the query tiles are dealt out
     round-robin and part ``z`` writes its partial sums at ``DK + z·part_step`` (summed on the
-    host, in a fixed order), so that few key tiles still fill the GPU.
+    host, in a fixed order), so that few key tiles still fill the GPU. ``SPLIT``: whether
+    ``parts > 1`` (without, the query loop has a constant stride, as the compiler prefers).
     """
     pid_m = tl.program_id(0)
     bhk = tl.program_id(1)  # b * HK + hk
-    part = tl.program_id(2)
-    parts = tl.num_programs(2)
+    part = 0
+    parts = 1
+    if SPLIT:
+        part = tl.program_id(2)
+        parts = tl.num_programs(2)
     b = bhk // HK
     hk = bhk % HK
     G = H // HK
@@ -837,7 +866,7 @@ def _autotuner(kernel: str, reset_to_zero=None):
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
                for bn, bm, w, s in space]
     key = [name for name in ("BLOCK_D", "SHORT", "VELOCITY", "NESTEROV", "ENERGIES", "EGRAD",
-                             "CAUSAL", "KEEP_Y", "NB", "MB")
+                             "CAUSAL", "KEEP_Y", "SPLIT", "NB", "MB")
            if name in jit.arg_names]
     return triton.autotune(configs=configs, key=key, prune_configs_by={
         "early_config_prune": _prune(kernel)}, reset_to_zero=reset_to_zero,
@@ -966,8 +995,8 @@ def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale
     launches = (
         _launch(_bwd_dq_kernel, N, B * H, dict(args, DOUT=dout.contiguous(), DQ=dq), flags,
                 configs["dq"]),
-        _launch(_bwd_dk_kernel, M, B * Hk, dict(args, DK=dk, DBIAS=dbias), flags,
-                configs["dk"], parts),
+        _launch(_bwd_dk_kernel, M, B * Hk, dict(args, DK=dk, DBIAS=dbias),
+                dict(flags, SPLIT=parts > 1), configs["dk"], parts),
     )
     return launches, (dq, dk, dbias)
 
