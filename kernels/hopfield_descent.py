@@ -665,7 +665,7 @@ class Launch(NamedTuple):
     """
 
     kernel: Any  # a @triton.jit function
-    grid: Callable[[dict], tuple[int, int]]
+    grid: Callable[[dict], tuple[int, int, int]]
     args: dict  # run-time arguments by name: tensors, ints, floats
     meta: dict  # constexprs, BLOCK_N, BLOCK_M, num_warps, num_stages
     candidates: tuple  # ((BLOCK_N, BLOCK_M, num_warps, num_stages), ...)
@@ -776,13 +776,18 @@ def candidates(kernel: str, itemsize: int, heavy: bool, block_d: int, short: boo
     return tuple(out)
 
 
+def _padded(n: int) -> int:
+    """``n`` padded to a power of two, at least 16 (a tile dimension; plain Python: this runs
+    on every call, and ``triton.next_power_of_2`` costs microseconds on the host)."""
+    return max(16, 1 << (n - 1).bit_length())
+
+
 def takes_short_path(M: int, D: int, dtype: torch.dtype, kernel: str = "fwd") -> bool:
     """Whether ``kernel`` (``"fwd" | "dq" | "dk"``) of a call with ``M`` keys of head dim ``D``
     in ``dtype`` runs the short-memory path: every key of one (batch, head), padded to powers
     of two, is at most ``SHORT_MAX_KEYS`` keys and ``SHORT_MEMORY_BYTES`` bytes; the query
     kernel also needs ``D >= DQ_SHORT_MIN_HEAD_DIM`` (padded); the key kernel always streams."""
-    block_d = max(16, triton.next_power_of_2(D))
-    block_m_all = max(16, triton.next_power_of_2(M))
+    block_d, block_m_all = _padded(D), _padded(M)
     fits = (block_m_all <= SHORT_MAX_KEYS
             and block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES)
     return fits and (kernel == "fwd" or kernel == "dq" and block_d >= DQ_SHORT_MIN_HEAD_DIM)
@@ -790,7 +795,7 @@ def takes_short_path(M: int, D: int, dtype: torch.dtype, kernel: str = "fwd") ->
 
 def short_path_keys(D: int, dtype: torch.dtype) -> int:
     """The most keys the short-memory path takes at head dim ``D`` in ``dtype`` (0: none)."""
-    block_d = max(16, triton.next_power_of_2(D))
+    block_d = _padded(D)
     most = min(SHORT_MAX_KEYS, SHORT_MEMORY_BYTES // (block_d * dtype.itemsize))
     return 1 << (most.bit_length() - 1) if most >= 16 else 0
 
@@ -806,8 +811,7 @@ def _bucket(n: int) -> int:
 def _config(kernel: str, N: int, M: int, D: int, dtype: torch.dtype, heavy: bool) -> dict:
     """Default tiles of ``kernel`` (first candidate), its candidates, and the autotuning key
     arguments (``SHORT`` for the query kernels; ``NB``/``MB`` length buckets)."""
-    block_d = max(16, triton.next_power_of_2(D))
-    block_m_all = max(16, triton.next_power_of_2(M))
+    block_d, block_m_all = _padded(D), _padded(M)
     short = takes_short_path(M, D, dtype, kernel)
     space = candidates(kernel, dtype.itemsize, heavy, block_d, short, block_m_all)
     cfg = dict(zip(TILE_KEYS, space[0]), BLOCK_D=block_d)
@@ -879,8 +883,9 @@ _TUNERS = {_fwd_kernel: _autotuner("fwd"), _bwd_dq_kernel: _autotuner("dq"),
 
 
 def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, optimizer,
-            energies):
-    """Inputs made contiguous, and the run-time arguments and flags the three kernels share."""
+            energies, kernels):
+    """Inputs made contiguous, the run-time arguments and flags the three kernels share, and
+    the tile configurations of ``kernels`` (names of ``_KERNELS``)."""
     B, H, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
     # The interpreter runs CPU tensors; meta tensors are being planned for a GPU.
@@ -904,7 +909,7 @@ def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, opti
         eta=float(step_size), rho=float(rho), nest=float(nest),
     )
     heavy = optimizer != "gd" or energies
-    configs = {kern: _config(kern, N, M, D, q.dtype, heavy) for kern in ("fwd", "dq", "dk")}
+    configs = {kern: _config(kern, N, M, D, q.dtype, heavy) for kern in kernels}
     return args, flags, configs
 
 
@@ -947,7 +952,7 @@ def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_
     B, H, N, D = q.shape
     T = num_steps
     args, flags, configs = _common(q, k, key_bias, pad, step_size, momentum, num_steps,
-                                   is_causal, optimizer, return_energies)
+                                   is_causal, optimizer, return_energies, ("fwd",))
     f32 = {"device": q.device, "dtype": torch.float32}
     out = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
     mu = torch.empty(T if save else 0, B * H, N, D, **f32)
@@ -972,7 +977,7 @@ def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale
     T = num_steps
     egrad = denergy is not None
     args, flags, configs = _common(q, k, key_bias, pad, step_size, momentum, num_steps,
-                                   is_causal, optimizer, egrad)
+                                   is_causal, optimizer, egrad, ("dq", "dk"))
     f32 = {"device": q.device, "dtype": torch.float32}
     dq = torch.empty(B, H, N, D, **f32)
     # dμ_t only feeds the key kernel's dots, which take it in the input dtype: store it so.
