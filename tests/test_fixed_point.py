@@ -3,7 +3,7 @@
 import pytest
 import torch
 from helpers import tol
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from energy_attn import Hopfield, hopfield_descent, masks
@@ -172,6 +172,10 @@ def test_bad_generic_arguments():
     mask_kind=st.sampled_from(["none", "padding", "random", "causal"]),
     biased=st.booleans(), seed=st.integers(0, 2**31 - 1),
 )
+# Found by CI: one key, so d key_bias is a sum of terms that cancel to 0 (softmax over one key
+# is constant) and the two backwards leave different rounding residues of those terms.
+@example(B=1, Hk=1, G=2, N=5, M=1, D=5, T=2, anderson=0, mask_kind="none", biased=True,
+         seed=39720)
 def test_fuzz_fixed_point_is_finite_and_matches_autograd_backward(B, Hk, G, N, M, D, T, anderson,
                                                                  mask_kind, biased, seed):
     # any shape, mask (fully masked rows included), bias, Anderson or not: finite values and
@@ -209,9 +213,12 @@ def test_fuzz_fixed_point_is_finite_and_matches_autograd_backward(B, Hk, G, N, M
     atol, rtol = tol(DT)
     torch.testing.assert_close(z, generic, atol=atol, rtol=rtol)
     # Closed-form and autograd adjoints round differently at each of the T adjoint iterations,
-    # and the step's Jacobian can amplify that: rounding-level agreement scales with T + 1.
+    # and the step's Jacobian can amplify that: rounding-level agreement scales with T + 1. A key
+    # gradient sums one term per query row (G·N of them, each at most |∂L/∂z|·β|k| = 2|z|·β|k|
+    # in size) and may cancel to ~0, so the rounding scale is that of the terms, not the sum.
+    terms = G * N * 2 * z.abs().max().item() * 0.7 * (1 + k.abs().max().item())
     for a, g in zip(grads, torch.autograd.grad(generic.square().sum(), params)):
-        torch.testing.assert_close(a, g, atol=atol * (T + 1) * (1 + g.abs().max()),
+        torch.testing.assert_close(a, g, atol=atol * (T + 1) * (1 + g.abs().max().item() + terms),
                                    rtol=rtol * (T + 1))
 
 
