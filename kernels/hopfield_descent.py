@@ -12,20 +12,22 @@ T steps (the master copy), each read-out runs on the rounded iterate, like the r
 Kernels (see ``docs/kernels.md`` for the design):
 
 * ``_fwd_kernel``: one program per (query tile, batch·head); T steps on chip, key tiles streamed
-  flash-attention style with an exp2 online softmax (β·log₂e folded into the logits), or loaded
-  once before the step loop when all M keys fit (``SHORT``, the short-memory path). Saves per
+  flash-attention style with an exp2 online softmax (β·log₂e folded into the logits; only the
+  edge tiles masked), or loaded once before the step loop when few keys fit (``SHORT``, the
+  short-memory path). Saves per
   step only the read-out ``μ_t`` (float32) and the row log-sum-exp: O(T·N·(D+1)). Energies
   ``½‖ξ_t‖² − lse_t/β`` come from the same log-sum-exp (one lse-only pass for ``ξ_T``, and for
   every ``ξ_t`` under Nesterov, whose read-out point is ``y_t ≠ ξ_t``).
 * ``_bwd_dq_kernel``: the reverse chain through the optimizer, one program per query tile;
   the iterates are replayed from ``q`` and the saved read-outs (O(T²) element-wise work, no
-  N×M work), attention is recomputed from the saved log-sum-exp. Writes ``dμ_t`` and
-  ``Δ_t = rowsum(dμ_t ⊙ μ_t)`` per step for
-* ``_bwd_dk_kernel``: one program per (key tile, batch·key head), looping over the query heads
-  of its group, the query tiles and the steps: ``dK`` (score and value paths) and ``d key_bias``
-  accumulate in float32 registers, no atomics.
+  N×M work), attention is recomputed from the saved log-sum-exp. Writes ``dμ_t``, the
+  read-out points ``ŷ_t`` and ``Δ_t = rowsum(dμ_t ⊙ μ_t)`` per step for
+* ``_bwd_dk_kernel``: one program per (key tile, batch·key head, query part), looping over the
+  query heads of its group, its query tiles and the steps: ``dK`` (score and value paths) and
+  ``d key_bias`` accumulate in float32 registers, no atomics; with several query parts (few
+  key tiles) their partial sums are added on the host in a fixed order.
 
-Both run on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 dot operands upcast to float32
+All run on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 dot operands upcast to float32
 there, through the ``UPCAST`` constexpr).
 """
 
