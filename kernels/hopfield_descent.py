@@ -357,6 +357,18 @@ def _dq_tile(yh, dmu, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M
 
 
 @triton.jit
+def _dq_streamed(yh, dmu, delta, K, k_off, start_m, lse2, BIAS, b_off, PAD, p_off, offs_n, offs_d,
+                 M, D, scale2, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+                 CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, MASK: tl.constexpr = True):
+    """:func:`_dq_tile` of the streamed key tile at ``start_m`` (loaded here)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
+    return _dq_tile(yh, dmu, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M, scale2,
+                    HAS_BIAS, HAS_PAD, CAUSAL, PREC, MASK)
+
+
+@triton.jit
 def _energy_readout(xh, lse2, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D,
                     hi, scale2, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
                     CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
@@ -457,21 +469,18 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
                             PAD, p_off, offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
         elif HAS_PAD:  # every tile masked, one pipelined loop
             for start_m in range(0, hi, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-                acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
-                                offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+                acc += _dq_streamed(yh, dmu_c, delta, K, k_off, start_m, lse2, BIAS, b_off, PAD,
+                                    p_off, offs_n, offs_d, M, D, scale2, HAS_BIAS, HAS_PAD,
+                                    CAUSAL, UPCAST, PREC, BLOCK_M)
         else:  # unmasked tiles, then the edge (one or two tiles) masked, not pipelined
             for start_m in range(0, full, BLOCK_M):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-                acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
-                                offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC, False)
+                acc += _dq_streamed(yh, dmu_c, delta, K, k_off, start_m, lse2, BIAS, b_off, PAD,
+                                    p_off, offs_n, offs_d, M, D, scale2, HAS_BIAS, HAS_PAD,
+                                    CAUSAL, UPCAST, PREC, BLOCK_M, False)
             for start_m in tl.range(full, hi, BLOCK_M, num_stages=1):
-                offs_m = start_m + tl.arange(0, BLOCK_M)
-                k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-                acc += _dq_tile(yh, dmu_c, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off,
-                                offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+                acc += _dq_streamed(yh, dmu_c, delta, K, k_off, start_m, lse2, BIAS, b_off, PAD,
+                                    p_off, offs_n, offs_d, M, D, scale2, HAS_BIAS, HAS_PAD,
+                                    CAUSAL, UPCAST, PREC, BLOCK_M)
         # dμ and ∂L/∂v_{t+1} are recomputed from (w, a) rather than held across the key loop
         # (register pressure); g_t = y_t − μ_t, v_{t+1} = ρ v_t − η g_t.
         dy = scale * acc - (eta * w + eta * a)
