@@ -1,8 +1,8 @@
 """Describe the machine and the code a benchmark ran on: helpers for every script here.
 
 Scripts run as ``python benchmarks/<name>.py``, so this folder is on ``sys.path`` and they
-``from _machine import machine, machine_name, commit, triton_version, median_ms,
-gpu_script_args, results_tag``.
+``from _machine import machine, machine_name, commit, triton_version, provenance,
+median_ms, gpu_script_args, results_tag``.
 """
 
 import os
@@ -65,6 +65,12 @@ def triton_version() -> str | None:
     except ImportError:
         return None
     return triton.__version__
+
+
+def provenance() -> dict:
+    """What a GPU benchmark's JSON records about where it ran: machine, torch, Triton, commit."""
+    return {"machine": machine_name(), "torch": torch.__version__, "triton": triton_version(),
+            "commit": commit()}
 
 
 def median_ms(fn, reps: int, device: str) -> float:

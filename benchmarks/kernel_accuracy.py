@@ -31,12 +31,10 @@ from energy_attn import hopfield_descent
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _machine import (  # noqa: E402
-    commit,
     gpu_script_args,
-    machine_name,
     median_ms,
+    provenance,
     results_tag,
-    triton_version,
 )
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -152,8 +150,7 @@ def main(argv=None):
     tag = results_tag(args.smoke)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine_name(), "torch": torch.__version__, "triton": triton_version(),
-            "commit": commit(), "accuracy": acc, "determinism": det}
+    meta = {**provenance(), "accuracy": acc, "determinism": det}
     (out / f"kernel-accuracy-{tag}.json").write_text(json.dumps(meta, indent=2))
     return meta
 

@@ -35,12 +35,10 @@ if not torch.cuda.is_available():  # the interpreter must be chosen before Trito
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path
 from _machine import (  # noqa: E402
-    commit,
     gpu_script_args,
-    machine_name,
     median_ms,
+    provenance,
     results_tag,
-    triton_version,
 )
 
 #: (D, N, M, T, B·H, causal, variants): the issue's target shapes.
@@ -144,8 +142,7 @@ def _write(args, rows):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = results_tag(args.smoke)
-    meta = {"machine": machine_name(), "torch": torch.__version__, "triton": triton_version(),
-            "commit": commit(), "rows": rows}
+    meta = {**provenance(), "rows": rows}
     (out / f"kernel-breakdown-{tag}.json").write_text(json.dumps(meta, indent=2))
     (out / f"kernel-breakdown-{tag}.md").write_text(
         f"# Kernel breakdown\n\nMachine: {meta['machine']}, commit {meta['commit']}, torch "

@@ -44,12 +44,10 @@ from energy_attn import hopfield_descent
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path
 from _machine import (  # noqa: E402
-    commit,
     gpu_script_args,
-    machine_name,
     median_ms,
+    provenance,
     results_tag,
-    triton_version,
 )
 
 PROVIDERS = ("triton", "reference", "autograd")
@@ -59,8 +57,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def target_grid():
     """The issue's targets: bf16, D ∈ {64, 128}, N = M ∈ {2048, 8192}, T = 4 (B·H as measured
-    on the H200: 128 at N = 2048, 32 at N = 8192), the short-memory path M ≤ 256, T = 8, and
-    one causal case."""
+    on the H200: 128 at N = 2048, 32 at N = 8192), few keys (M = 64 on the short-memory path,
+    M = 256 streaming), T = 8, and one causal case."""
     cases = [(D, N, N, 4, 128 if N == 2048 else 32, False) for D in (64, 128)
              for N in (2048, 8192)]
     cases += [(64, 8192, M, 8, 64, False) for M in (64, 256)]
@@ -217,11 +215,10 @@ def _write(args, rows):
     tag = _tag(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": machine_name(), "torch": torch.__version__,
-            "triton": triton_version(), "smoke": args.smoke,
+    meta = {**provenance(), "smoke": args.smoke,
             "note": ("Triton interpreter on a shared CPU: proves the script runs; these are "
                      "NOT kernel timings") if args.smoke else "GPU timings (do_bench medians)",
-            "commit": commit(), "rows": rows}
+            "rows": rows}
     (out / f"kernels-{tag}.json").write_text(json.dumps(meta, indent=2))
     table = _target_table(rows) if args.target else _table(rows)
     (out / f"kernels-{tag}.md").write_text(
@@ -317,8 +314,7 @@ def _write_tiles(args, rows, winners):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = results_tag(args.smoke)
-    meta = {"machine": machine_name(), "torch": torch.__version__, "triton": triton_version(),
-            "commit": commit(), "rows": rows, "winners": winners}
+    meta = {**provenance(), "rows": rows, "winners": winners}
     (out / f"kernel-tiles-{tag}.json").write_text(json.dumps(meta, indent=2))
     (out / f"kernel-tiles-{tag}.md").write_text(
         f"# Tile sweep\n\nMachine: {meta['machine']}, commit {meta['commit']}.\n\n"
