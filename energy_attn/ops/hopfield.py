@@ -333,9 +333,9 @@ def hopfield_descent(
         optimizer: ``"gd" | "momentum" | "nesterov" | "newton_2nd1st" | "newton_light"``.
         momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).
         backend: ``"auto" | "reference" | "autograd" | "triton"``. ``auto`` runs the fused
-            kernel only where it was measured faster than the reference (today, on CUDA: the
-            kernel's short-memory path, M <= 256; M <= 2048 keys when no gradient is recorded
-            or the call is causal; see :func:`auto_picks_triton`), else the reference;
+            kernel only where it was measured faster than the reference (today, on CUDA: up to
+            M = 2048 keys, with or without gradients; up to M = 8192 at D <= 64 when no
+            gradient is recorded; see :func:`auto_picks_triton`), else the reference;
             ``triton`` forces the kernel.
         tol: masked tolerance stop (``0`` = off): a query whose next step would move it less
             than ``tol`` (Euclidean norm) stops there for the remaining steps. The step count
