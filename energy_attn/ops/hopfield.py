@@ -222,18 +222,21 @@ class TritonWin(NamedTuple):
     with_grad: bool  # also when gradients are recorded (forward+backward), not only inference
     causal_only: bool  # only for is_causal calls
     note: str  # the measurement: device, commit, speed-ups over the reference
-    max_head_dim: int = 256  # largest head dim D it covers (256: every D the kernel takes)
+    head_dims: tuple[int, ...] = (64, 128)  # the head dims D measured (no others: D = 96 pads
+    # to the kernel's 128-wide tile while the reference runs 96 natively)
+    dtypes: tuple[torch.dtype, ...] = (torch.bfloat16,)  # the input dtypes measured
 
 
 #: Where ``backend="auto"`` runs the fused Triton kernel instead of the reference backend: the
 #: regions where it was *measured* faster, and nothing else. Measurement: NVIDIA H200, bf16,
-#: benchmarks/results/h200-ff95511/ (``benchmarks/kernels.py --target``, the kernels and this
-#: rule as they are). Forward+backward with M = 8192 ran at 0.80–0.86x the reference (the
-#: backward does 14·N·M·D FLOPs per step to its 10, docs/kernels.md), the forward alone at
-#: 0.97x with D = 128: those have no row. To widen the rule once new figures exist, add a row
-#: naming its measurement.
+#: D = 64 and 128, benchmarks/results/h200-ff95511/ (``benchmarks/kernels.py --target``, the
+#: kernels and this rule as they are). Forward+backward with M = 8192 ran at 0.80–0.86x the
+#: reference (the backward does 14·N·M·D FLOPs per step to its 10, docs/kernels.md), the
+#: forward alone at 0.97x with D = 128: those have no row. Never timed, so never picked: other
+#: head dims, float16 and float32 (whose kernels take true float32 dots, not TF32). To widen
+#: the rule once new figures exist, add a row naming its measurement.
 AUTO_TRITON_WINS = (
-    TritonWin(short_path=True, max_keys=64, with_grad=True, causal_only=False,
+    TritonWin(short_path=True, max_keys=64, with_grad=True, causal_only=False, head_dims=(64,),
               note="H200, ff95511, D=64, N=8192, M=64, T=8: forward 9.5x (17.3x at 2fccd59), "
                    "forward+backward 3.6x"),
     TritonWin(short_path=False, max_keys=2048, with_grad=True, causal_only=False,
@@ -241,7 +244,7 @@ AUTO_TRITON_WINS = (
                    "(D=128), 1.37x (D=128, causal); D=64, N=8192, M=256, T=8: 2.46x; "
                    "forward 1.56-4.95x"),
     TritonWin(short_path=False, max_keys=8192, with_grad=False, causal_only=False,
-              max_head_dim=64,
+              head_dims=(64,),
               note="H200, ff95511, forward, D=64, N=M=8192, T=4: 1.01x (1.06x at 2fccd59); "
                    "D=128: 0.97x (0.95x), no row"),
 )
@@ -261,12 +264,12 @@ def _auto_backend(q, k, m, key_bias, is_causal, optimizer, num_steps, device_typ
     with_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, key_bias, m.bias))
     short = kmod.takes_short_path(M, D, q.dtype)
-    return ("triton" if auto_picks_triton(device_type, M, short, with_grad, is_causal, D)
-            else "reference")
+    return ("triton" if auto_picks_triton(device_type, M, short, with_grad, is_causal, D,
+                                          q.dtype) else "reference")
 
 
 def auto_picks_triton(device_type: str, M: int, short_path: bool, with_grad: bool,
-                      is_causal: bool, head_dim: int) -> bool:
+                      is_causal: bool, head_dim: int, dtype: torch.dtype) -> bool:
     """The ``backend="auto"`` rule: True when a call the kernel supports should run it.
 
     Args:
@@ -277,13 +280,15 @@ def auto_picks_triton(device_type: str, M: int, short_path: bool, with_grad: boo
         with_grad: whether the call records gradients (its backward will run too).
         is_causal: whether the call is causal.
         head_dim: the head dim D.
+        dtype: the input dtype of ``q`` and ``k``.
 
     Returns True inside a region of :data:`AUTO_TRITON_WINS`, else False (reference).
     """
     if device_type != "cuda":
         return False
-    return any(short_path == w.short_path and M <= w.max_keys and head_dim <= w.max_head_dim
-               and (w.with_grad or not with_grad) and (is_causal or not w.causal_only)
+    return any(short_path == w.short_path and M <= w.max_keys and head_dim in w.head_dims
+               and dtype in w.dtypes and (w.with_grad or not with_grad)
+               and (is_causal or not w.causal_only)
                for w in AUTO_TRITON_WINS)
 
 
@@ -333,9 +338,10 @@ def hopfield_descent(
         optimizer: ``"gd" | "momentum" | "nesterov" | "newton_2nd1st" | "newton_light"``.
         momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).
         backend: ``"auto" | "reference" | "autograd" | "triton"``. ``auto`` runs the fused
-            kernel only where it was measured faster than the reference (today, on CUDA: up to
-            M = 2048 keys, with or without gradients; up to M = 8192 at D <= 64 when no
-            gradient is recorded; see :func:`auto_picks_triton`), else the reference;
+            kernel only where it was measured faster than the reference (today, on CUDA, bfloat16,
+            D = 64 or 128: up to M = 2048 keys, with or without gradients; up to M = 8192 at
+            D = 64 when no gradient is recorded; see :func:`auto_picks_triton`), else the
+            reference;
             ``triton`` forces the kernel.
         tol: masked tolerance stop (``0`` = off): a query whose next step would move it less
             than ``tol`` (Euclidean norm) stops there for the remaining steps. The step count

@@ -418,7 +418,8 @@ def test_benchmark_script_smoke_run(tmp_path):
             M, D = r["M"], r["D"]
             short = kmod.takes_short_path(M, D, getattr(torch, r["dtype"]))
             want = DEVICE == "cuda" and hop.auto_picks_triton(
-                "cuda", M, short, r["mode"] == "fwd+bwd", r["causal"], D)
+                "cuda", M, short, r["mode"] == "fwd+bwd", r["causal"], D,
+                getattr(torch, r["dtype"]))
             assert r["auto_picked"] == ("triton" if want else "reference"), r
     md = (tmp_path / "kernels-smoke-cpu-target.md").read_text()
     assert "flash×T ms" in md and "auto ÷ best" in md

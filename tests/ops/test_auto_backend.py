@@ -27,10 +27,23 @@ ROOT = Path(__file__).resolve().parents[2]
         ("cuda", 8192, False, True, True, 64, False),  # forward+backward 0.86x
         ("cuda", 16384, False, False, False, 64, False),  # beyond the measured region
         ("cpu", 64, True, False, False, 64, False),  # the interpreter is for tests, never picked
+        ("cuda", 64, True, True, False, 128, False),  # short path at D=128: never timed
+        ("cuda", 2048, False, True, False, 96, False),  # D=96 pads to 128-wide tiles: untimed
+        ("cuda", 2048, False, False, False, 32, False),  # D=32: untimed
     ],
 )
 def test_auto_rule(device, M, short, with_grad, causal, D, want):
-    assert hop.auto_picks_triton(device, M, short, with_grad, causal, D) is want
+    assert hop.auto_picks_triton(device, M, short, with_grad, causal, D, torch.bfloat16) is want
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("M,short,with_grad", [(64, True, True), (2048, False, True),
+                                               (8192, False, False)])
+def test_auto_rule_needs_a_measured_dtype(dtype, M, short, with_grad):
+    """Only bfloat16 was timed: float16 and float32 (true float32 dots, not TF32) are not picked,
+    not even where bfloat16 wins."""
+    assert hop.auto_picks_triton("cuda", M, short, with_grad, False, 64, torch.bfloat16)
+    assert not hop.auto_picks_triton("cuda", M, short, with_grad, False, 64, dtype)
 
 
 def test_rule_cites_measurements_in_the_repository():
@@ -45,11 +58,12 @@ def test_rule_cites_measurements_in_the_repository():
 
 
 def test_widening_the_rule_is_one_row(monkeypatch):
-    assert not hop.auto_picks_triton("cuda", 8192, False, True, False, 128)
+    f16 = torch.float16
+    assert not hop.auto_picks_triton("cuda", 8192, False, True, False, 128, f16)
     wide = hop.TritonWin(short_path=False, max_keys=1 << 30, with_grad=True, causal_only=False,
-                         note="hypothetical")
+                         dtypes=(f16,), note="hypothetical")
     monkeypatch.setattr(hop, "AUTO_TRITON_WINS", (*hop.AUTO_TRITON_WINS, wide))
-    assert hop.auto_picks_triton("cuda", 8192, False, True, False, 128)
+    assert hop.auto_picks_triton("cuda", 8192, False, True, False, 128, f16)
 
 
 def test_short_path_descriptor():
@@ -107,3 +121,17 @@ def test_auto_dispatch_on_a_cuda_device(monkeypatch, M, mask_kind, optimizer, gr
     if grad and want == "reference":  # under no_grad nothing is recorded: inference rows apply
         with torch.no_grad():
             assert hop._auto_backend(q, k, m, None, causal, optimizer, 2, "cuda") == "triton"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_auto_dispatch_of_an_untimed_dtype_is_the_reference(monkeypatch, dtype):
+    """The same call that runs the kernel in bfloat16 (streaming, inference, D=64) runs the
+    reference in a dtype that was never timed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("energy_attn.kernels.hopfield_descent")
+    from energy_attn import masks
+
+    for dt, want in ((torch.bfloat16, "triton"), (dtype, "reference")):
+        q = torch.randn(2, 2, 8, 64, dtype=dt)
+        k = torch.randn(2, 2, 512, 64, dtype=dt)
+        assert hop._auto_backend(q, k, masks.Masks(), None, False, "gd", 2, "cuda") == want
