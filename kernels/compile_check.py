@@ -76,7 +76,8 @@ def compile_launch(launch: hd.Launch, arch: int = 90) -> dict[str, Any]:
     """Compile one planned launch for ``sm_<arch>``; its registers, spills and shared memory."""
     signature, constexprs, attrs = _signature(launch)
     source = ASTSource(launch.kernel, signature, constexprs, attrs)
-    options = {"num_warps": launch.meta["num_warps"], "num_stages": launch.meta["num_stages"]}
+    options = {"num_warps": launch.meta["num_warps"], "num_stages": launch.meta["num_stages"],
+               **hd.COMPILE_OPTIONS}
     knobs = triton.knobs
     saved = knobs.nvidia.dump_ptxas_log, knobs.compilation.always_compile
     # ptxas -v prints registers and spills; a cached kernel would print nothing

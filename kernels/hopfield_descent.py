@@ -664,8 +664,16 @@ def _bwd_dk_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DMU, DELTA, Y, DK, D
 # --------------------------------------------------------------------------------------------
 
 
+#: Compiler options of every launch (and of ``compile_check``). FP fusion (``a*b + c`` as one
+#: FMA) is on: every kernel was timed with it, and the forward's unmasked logits are written
+#: for it. Triton 3.9 warns that its default turns it off in 3.10; pinning it here keeps the
+#: kernels that were measured.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
+
+
 class Launch(NamedTuple):
-    """One kernel call: ``kernel[grid](**args, **meta)``, or autotuned over ``candidates``.
+    """One kernel call: ``kernel[grid](**args, **meta, **COMPILE_OPTIONS)``, or autotuned over
+    ``candidates``.
 
     ``meta`` holds the constexprs and the default tile configuration (``TILE_KEYS``: the first
     candidate, the measured winner where one exists); ``grid(meta)`` is the launch grid for a
@@ -683,13 +691,17 @@ class Launch(NamedTuple):
 
     def __call__(self) -> None:
         tuner = _TUNERS.get(self.kernel)
-        on_gpu = not _interpreting() and any(
-            isinstance(a, torch.Tensor) and a.is_cuda for a in self.args.values())
-        if tuner is None or not on_gpu or len(self.candidates) < 2:
-            self.kernel[self.grid(self.meta)](**self.args, **self.meta)
+        if tuner is None or not _on_gpu(self.args) or len(self.candidates) < 2:
+            self.kernel[self.grid(self.meta)](**self.args, **self.meta, **COMPILE_OPTIONS)
             return
         fixed = {k: v for k, v in self.meta.items() if k not in TILE_KEYS}
-        tuner[self.grid](**self.args, **fixed)
+        tuner[self.grid](**self.args, **fixed, **COMPILE_OPTIONS)  # also what it benchmarks
+
+
+def _on_gpu(args: dict) -> bool:
+    """Whether a launch with these arguments runs compiled on a GPU (not the interpreter)."""
+    return not _interpreting() and any(
+        isinstance(a, torch.Tensor) and a.is_cuda for a in args.values())
 
 
 TILE_KEYS = ("BLOCK_N", "BLOCK_M", "num_warps", "num_stages")
@@ -857,7 +869,8 @@ def _prune(kernel: str):
             cfg = triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=warps,
                                 num_stages=stages)
             try:
-                compiled = jit.warmup(grid=(1,), **args, **cfg.all_kwargs())
+                compiled = jit.warmup(grid=(1,), **{**args, **COMPILE_OPTIONS},
+                                      **cfg.all_kwargs())
             except Exception:  # noqa: BLE001 - a config the compiler rejects is not a candidate
                 continue
             if compiled.metadata.shared <= limit:

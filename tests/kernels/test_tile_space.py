@@ -91,6 +91,7 @@ def test_prune_drops_candidates_over_shared_memory(monkeypatch):
         @staticmethod
         def warmup(grid, **kw):
             compiled.append((kw["BLOCK_N"], kw["BLOCK_M"], kw["num_warps"], kw["num_stages"]))
+            assert kw["enable_fp_fusion"] is True  # the candidates compile as they will run
             return SimpleNamespace(metadata=SimpleNamespace(shared=kw["BLOCK_M"] * 1024))
 
     monkeypatch.setitem(kmod._KERNELS, "fwd", FakeJit)
@@ -103,6 +104,34 @@ def test_prune_drops_candidates_over_shared_memory(monkeypatch):
     kept = [(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages) for c in kept]
     assert kept == [c for c in space if c[1] <= 100]  # the 128-key tile needs 128 KiB: dropped
     assert (128, 128, 8, 2) in space and (128, 128, 8, 2) not in kept
+
+
+@pytest.mark.parametrize("tuned", [False, True])
+def test_every_launch_pins_fp_fusion(monkeypatch, tuned):
+    """The kernels were timed with FP fusion on; Triton 3.10 turns its default off, so every
+    launch (direct or through the autotuner) passes ``enable_fp_fusion=True``, as does
+    ``compile_check``."""
+    monkeypatch.setattr(kmod, "FORCE_TILES", None)
+    seen = {}
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda **kw: seen.update(kw)
+
+    q = torch.empty(1, 2, 256, 64, dtype=torch.bfloat16)
+    launch, _ = kmod.plan_forward(q, q, None, None, 0.1, 0.8, 0.0, 2, False, "gd", False, False)
+    assert len(launch.candidates) > 1
+    if tuned:  # as on a GPU: through the kernel's autotuner
+        monkeypatch.setitem(kmod._TUNERS, launch.kernel, Spy())
+        monkeypatch.setattr(kmod, "_on_gpu", lambda args: True)
+    else:
+        launch = launch._replace(kernel=Spy())
+    launch()
+    assert seen["enable_fp_fusion"] is True
+    assert ("BLOCK_N" in seen) is not tuned  # the autotuner picks the tiles itself
+    assert kmod.COMPILE_OPTIONS == {"enable_fp_fusion": True}
+    src = (Path(kmod.__file__).parent / "compile_check.py").read_text()
+    assert "**hd.COMPILE_OPTIONS" in src
 
 
 def test_autotuners_key_and_reset():
