@@ -14,6 +14,7 @@ candidate: the measured winner where one exists), or with ``--space`` every cand
     python -m energy_attn.kernels.compile_check                   # sm_90, bf16, D = 64, 128
     python -m energy_attn.kernels.compile_check --arch 80 --dtype fp32 --head-dim 256
     python -m energy_attn.kernels.compile_check --space        # every autotuning candidate
+    python -m energy_attn.kernels.compile_check --fused tma    # the one-kernel backward
 
 It must run in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces the compiled
 kernels); :func:`main` refuses otherwise. Alignment is assumed as a GPU call would specialize
@@ -104,13 +105,15 @@ def compile_launch(launch: hd.Launch, arch: int = 90) -> dict[str, Any]:
         "num_stages": options["num_stages"],
         **{k: constexprs[k] for k in ("BLOCK_N", "BLOCK_M", "BLOCK_D")},
         "short": constexprs.get("SHORT"),
+        "fused": constexprs.get("FUSED", 0),
     }
 
 
 def plans(*, dtype=torch.bfloat16, head_dim=128, N=4096, M=4096, num_steps=4,
           optimizer="nesterov", key_bias=True, padding=True, is_causal=True, energies=True,
-          short_keys=None):
-    """The three launches (forward, dq, dk) a differentiable call with these options plans.
+          short_keys=None, fused=None):
+    """The launches (forward, dq, dk; or forward and the fused query kernel with ``fused``, a
+    ``FUSED_BACKWARD`` mode) a differentiable call with these options plans.
 
     Defaults are the heaviest flag set (most live registers). ``short_keys`` overrides ``M``:
     ``True`` takes the most keys the short-memory path holds (its largest tile; none where it
@@ -130,8 +133,12 @@ def plans(*, dtype=torch.bfloat16, head_dim=128, N=4096, M=4096, num_steps=4,
     hyper = (0.125, 0.9, 0.5 if optimizer != "gd" else 0.0, num_steps, is_causal, optimizer)
     fwd, (_, _, mu, lse, energy_lse) = hd.plan_forward(q, k, bias, pad, *hyper, energies, True)
     denergy = torch.empty(B, H, N, num_steps + 1, **meta) if energies else None
-    bwd, _ = hd.plan_backward(torch.empty_like(q), denergy, q, k, bias, pad, mu, lse,
-                              energy_lse, *hyper)
+    saved, hd.FUSED_BACKWARD = hd.FUSED_BACKWARD, fused
+    try:
+        bwd, _ = hd.plan_backward(torch.empty_like(q), denergy, q, k, bias, pad, mu, lse,
+                                  energy_lse, *hyper)
+    finally:
+        hd.FUSED_BACKWARD = saved
     return [fwd, *bwd]
 
 
@@ -141,11 +148,13 @@ def with_tiles(launch: hd.Launch, tiles) -> hd.Launch:
 
 
 def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=False,
-                    space=False):
+                    space=False, fused=None):
     """Compile every kernel for each (arch, dtype, head dim, key path); one row each.
 
     ``space``: compile every autotuning candidate of each launch, not only its default (the
-    first candidate, what runs without autotuning); rows say which is the default.
+    first candidate, what runs without autotuning); rows say which is the default. ``fused``:
+    plan the one-kernel backward (``FUSED_BACKWARD``; ``"tma"`` compiles as ``"red"`` below
+    sm_90, which has no TMA).
     """
     rows = []
     flags = {"optimizer": "gd", "energies": False} if light else {}
@@ -155,8 +164,9 @@ def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=Fa
                 for short in (False, True):
                     if short and not hd.short_path_keys(D, _DTYPES[dt]):
                         continue
+                    mode = "red" if fused == "tma" and arch < 90 else fused
                     for launch in plans(dtype=_DTYPES[dt], head_dim=D, short_keys=short,
-                                        **flags):
+                                        fused=mode, **flags):
                         if short and not launch.meta.get("SHORT"):
                             continue  # no short path here: the streaming rows cover it
                         for i, tiles in enumerate(launch.candidates if space else
@@ -175,7 +185,8 @@ def markdown_table(rows, tier: bool = False) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r["arch"], r["dtype"], r["BLOCK_D"], *([r["flags"]] if tier else []),
-                 r["kernel"], "short" if r["short"] else "stream",
+                 r["kernel"] + (f" (FUSED={r['fused']})" if r.get("fused") else ""),
+                 "short" if r["short"] else "stream",
                  f"{r['BLOCK_N']}×{r['BLOCK_M']}", r["num_warps"], r["num_stages"],
                  r["registers"], r["spill_bytes"], f"{r['shared_bytes'] / 1024:.1f}"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -194,13 +205,16 @@ def main(argv=None) -> int:
                    "heaviest flag set (Nesterov, energies)")
     p.add_argument("--space", action="store_true",
                    help="compile every autotuning candidate, not only the default tiles")
+    p.add_argument("--fused", choices=["red", "tma"],
+                   help="plan the experimental one-kernel backward (FUSED_BACKWARD)")
     p.add_argument("--no-spills", action="store_true",
                    help="fail on register spills too (always fails on shared memory overruns)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     args = p.parse_args(argv)
     if hd._interpreting():
         p.error("unset TRITON_INTERPRET: the interpreter replaces the compiled kernels")
-    rows = resource_report(args.arch, args.dtype, args.head_dim, args.light, args.space)
+    rows = resource_report(args.arch, args.dtype, args.head_dim, args.light, args.space,
+                           args.fused)
     print(markdown_table(rows))
     if args.json:
         with open(args.json, "w") as fh:

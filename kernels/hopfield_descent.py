@@ -26,6 +26,10 @@ Kernels (see ``docs/kernels.md`` for the design):
   query heads of its group, its query tiles and the steps: ``dK`` (score and value paths) and
   ``d key_bias`` accumulate in float32 registers, no atomics; with several query parts (few
   key tiles) their partial sums are added on the host in a fixed order.
+* Experimental, off by default and never timed (``FUSED_BACKWARD``): the whole backward in the
+  query kernel (``FUSED``), each key tile's ``dK`` / ``d key_bias`` terms formed from the same
+  ``P`` and ``dS`` and added across query tiles with relaxed float32 reductions or a TMA bulk
+  reduce-add: 10·N·M·D FLOPs per step instead of 14, key gradients not bitwise repeatable.
 
 All run on CPU tensors under ``TRITON_INTERPRET=1`` (bf16 dot operands upcast to float32
 there, through the ``UPCAST`` constexpr).
@@ -41,10 +45,11 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["DK_PARTS", "DQ_SHORT_MIN_HEAD_DIM", "FORCE_TILES", "SHORT_MAX_KEYS",
-           "SHORT_MEMORY_BYTES", "TILE_KEYS", "Launch", "candidates", "dk_parts",
-           "hopfield_descent_triton", "plan_backward", "plan_forward", "short_path_keys",
-           "takes_short_path", "unsupported_reason"]
+__all__ = ["COMPILE_OPTIONS", "DK_PARTS", "DQ_SHORT_MIN_HEAD_DIM", "FORCE_TILES",
+           "FUSED_BACKWARD", "SHORT_MAX_KEYS", "SHORT_MEMORY_BYTES", "TILE_KEYS", "Launch",
+           "candidates", "dk_parts", "fused_backward_mode", "hopfield_descent_triton",
+           "plan_backward", "plan_forward", "short_path_keys", "takes_short_path",
+           "unsupported_reason"]
 
 OPTIMIZERS = ("gd", "momentum", "nesterov")
 MIN_HEAD_DIM, MAX_HEAD_DIM = 16, 256
@@ -332,14 +337,33 @@ def _replay(xi, v, MU, mu_step, q_off, tile_ok, t, eta, rho, nest,
 
 
 @triton.jit
+def _add_key_grads(sink, DBIAS, dk, db, bhk, start_m, offs_d, M, D, HAS_BIAS: tl.constexpr,
+                   FUSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Add one query tile's terms ``dk [BLOCK_M, BLOCK_D]`` and ``db [BLOCK_M]`` of the key tile
+    at ``start_m`` into the float32 ``dK`` and ``d key_bias`` of key head ``bhk`` (other query
+    tiles, steps and grouped heads add into the same keys). ``FUSED == 1``: relaxed reductions
+    (``red.relaxed``: no ordering, no returned value); ``FUSED == 2``: ``dK`` through one TMA
+    bulk reduce-add (``sink`` is its tensor descriptor, keys past ``M`` dropped by the copy)."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    key_ok = offs_m < M
+    if FUSED == 2:
+        sink.atomic_add([bhk, start_m, 0], tl.reshape(dk, [1, BLOCK_M, BLOCK_D]))
+    else:
+        tl.atomic_add(sink + (bhk * M + offs_m)[:, None] * D + offs_d[None, :], dk,
+                      mask=key_ok[:, None] & (offs_d[None, :] < D), sem="relaxed")
+    if HAS_BIAS:
+        tl.atomic_add(DBIAS + bhk * M + offs_m, db, mask=key_ok, sem="relaxed")
+
+
+@triton.jit
 def _readout_tile(xh, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M, scale2,
                   HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                   PREC: tl.constexpr):
-    """One key tile's part of ``Σ_j p_ij k_j``, ``p`` recomputed from the saved lse."""
+    """One key tile's part of ``Σ_j p_ij k_j``, ``p`` recomputed from the saved lse; and ``p``."""
     s2 = _logits(xh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
                  HAS_BIAS, HAS_PAD, CAUSAL, PREC)
     p = tl.exp2(s2 - lse2[:, None])
-    return tl.dot(p.to(k.dtype), k, input_precision=PREC)
+    return tl.dot(p.to(k.dtype), k, input_precision=PREC), p
 
 
 @triton.jit
@@ -347,44 +371,86 @@ def _dq_tile(yh, dmu, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M
              HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
              PREC: tl.constexpr, MASK: tl.constexpr = True):
     """One key tile's part of ``Σ_j dS_ij k_j``, ``dS = P ⊙ (dμ Kᵀ − Δ)``, ``P`` recomputed
-    (``MASK=False``: a tile every row sees whole, see :func:`_logits`)."""
+    (``MASK=False``: a tile every row sees whole, see :func:`_logits`); and ``P``, ``dS``."""
     s2 = _logits(yh, k, BIAS, b_off, PAD, p_off, offs_n, offs_m, M, scale2,
                  HAS_BIAS, HAS_PAD, CAUSAL, PREC, MASK)
     p = tl.exp2(s2 - lse2[:, None])
     dp = tl.dot(dmu, tl.trans(k), input_precision=PREC)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, input_precision=PREC)
+    return tl.dot(ds.to(k.dtype), k, input_precision=PREC), p, ds
+
+
+@triton.jit
+def _dq_part(yh, dmu, delta, k, start_m, lse2, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D,
+             scale2, scale, sink, DBIAS, bhk, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+             CAUSAL: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+             BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, MASK: tl.constexpr = True):
+    """:func:`_dq_tile` of the key tile ``k`` at ``start_m``; with ``FUSED`` also its ``dK``
+    terms (score path ``β dSᵀŷ``, value path ``Pᵀdμ``) and ``d key_bias`` (``Σ_i dS``), added
+    by :func:`_add_key_grads` from the same ``P`` and ``dS``."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    part, p, ds = _dq_tile(yh, dmu, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M,
+                           scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC, MASK)
+    if FUSED:
+        dk = scale * tl.dot(tl.trans(ds.to(k.dtype)), yh, input_precision=PREC)
+        dk += tl.dot(tl.trans(p.to(k.dtype)), dmu, input_precision=PREC)
+        _add_key_grads(sink, DBIAS, dk, tl.sum(ds, 0), bhk, start_m, offs_d, M, D, HAS_BIAS,
+                       FUSED, BLOCK_M, BLOCK_D)
+    return part
 
 
 @triton.jit
 def _dq_streamed(yh, dmu, delta, K, k_off, start_m, lse2, BIAS, b_off, PAD, p_off, offs_n, offs_d,
-                 M, D, scale2, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-                 CAUSAL: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                 BLOCK_M: tl.constexpr, MASK: tl.constexpr = True):
-    """:func:`_dq_tile` of the streamed key tile at ``start_m`` (loaded here)."""
+                 M, D, scale2, scale, sink, DBIAS, bhk, HAS_BIAS: tl.constexpr,
+                 HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, UPCAST: tl.constexpr,
+                 PREC: tl.constexpr, FUSED: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_D: tl.constexpr, MASK: tl.constexpr = True):
+    """:func:`_dq_part` of the streamed key tile at ``start_m`` (loaded here)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-    return _dq_tile(yh, dmu, delta, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M, scale2,
-                    HAS_BIAS, HAS_PAD, CAUSAL, PREC, MASK)
+    return _dq_part(yh, dmu, delta, k, start_m, lse2, BIAS, b_off, PAD, p_off, offs_n, offs_d,
+                    M, D, scale2, scale, sink, DBIAS, bhk, HAS_BIAS, HAS_PAD, CAUSAL, PREC,
+                    FUSED, BLOCK_M, BLOCK_D, MASK)
 
 
 @triton.jit
-def _energy_readout(xh, lse2, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D,
-                    hi, scale2, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
-                    CAUSAL: tl.constexpr, SHORT: tl.constexpr, UPCAST: tl.constexpr,
-                    PREC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
-    """``μ̃ = Σ_j p̃_ij k_j`` at an energy point, ``p̃`` recomputed from its saved lse."""
+def _energy_part(xh, k, start_m, lse2, e, BIAS, b_off, PAD, p_off, offs_n, offs_d, M, D, scale2,
+                 scale, sink, DBIAS, bhk, HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr,
+                 CAUSAL: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key tile's part of ``μ̃``; with ``FUSED`` also the energy point's key terms
+    ``(−Σ_i e_i p̃_ij x̂_i, −Σ_i e_i p̃_ij / β)`` (``e = ∂L/∂E``), added."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    part, p = _readout_tile(xh, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M, scale2,
+                            HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+    if FUSED:
+        w = -p * e[:, None]
+        dk = tl.dot(tl.trans(w.to(k.dtype)), xh, input_precision=PREC)
+        _add_key_grads(sink, DBIAS, dk, tl.sum(w, 0) / scale, bhk, start_m, offs_d, M, D,
+                       HAS_BIAS, FUSED, BLOCK_M, BLOCK_D)
+    return part
+
+
+@triton.jit
+def _energy_readout(xh, lse2, e, k_all, K, k_off, BIAS, b_off, PAD, p_off, offs_n, offs_d, M,
+                    D, hi, scale2, scale, sink, DBIAS, bhk, HAS_BIAS: tl.constexpr,
+                    HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr, SHORT: tl.constexpr,
+                    UPCAST: tl.constexpr, PREC: tl.constexpr, FUSED: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``μ̃ = Σ_j p̃_ij k_j`` at an energy point, ``p̃`` recomputed from its saved lse (and, with
+    ``FUSED``, the point's key terms, see :func:`_energy_part`)."""
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     if SHORT:
-        acc += _readout_tile(xh, k_all, tl.arange(0, BLOCK_M), lse2, BIAS, b_off, PAD, p_off,
-                             offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+        acc += _energy_part(xh, k_all, 0, lse2, e, BIAS, b_off, PAD, p_off, offs_n, offs_d, M,
+                            D, scale2, scale, sink, DBIAS, bhk, HAS_BIAS, HAS_PAD, CAUSAL, PREC,
+                            FUSED, BLOCK_M, BLOCK_D)
     else:
         for start_m in range(0, hi, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             k = _load_keys(K, k_off, offs_m, offs_d, M, D, UPCAST)
-            acc += _readout_tile(xh, k, offs_m, lse2, BIAS, b_off, PAD, p_off, offs_n, M,
-                                 scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            acc += _energy_part(xh, k, start_m, lse2, e, BIAS, b_off, PAD, p_off, offs_n,
+                                offs_d, M, D, scale2, scale, sink, DBIAS, bhk, HAS_BIAS,
+                                HAS_PAD, CAUSAL, PREC, FUSED, BLOCK_M, BLOCK_D)
     return acc
 
 
@@ -398,22 +464,32 @@ def _energy_dk(k, xh, lse2, e, bias2, mask_t, scale2, PREC: tl.constexpr):
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA, Y,
+def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA, Y, DK, DBIAS,
                    N, M, D, H, HK, mu_step, lse_step, scale2, scale, eta, rho, nest, NB, MB,
                    T: tl.constexpr, VELOCITY: tl.constexpr, NESTEROV: tl.constexpr,
-                   EGRAD: tl.constexpr, KEEP_Y: tl.constexpr,
+                   EGRAD: tl.constexpr, KEEP_Y: tl.constexpr, FUSED: tl.constexpr,
                    HAS_BIAS: tl.constexpr, HAS_PAD: tl.constexpr, CAUSAL: tl.constexpr,
                    SHORT: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """Reverse chain of one query tile: adjoints ``a = ∂L/∂ξ_{t+1}``, ``w`` (of ``v_{t+1}``).
 
-    ``KEEP_Y``: also writes the rounded read-out points ``ŷ_t`` (and, with energies,
-    ``round(ξ_T)`` as entry ``T``) to ``Y`` for the key kernel, which then replays nothing.
+    ``FUSED == 0``: writes ``dμ_t``, ``Δ_t`` and (``KEEP_Y``) the rounded read-out points
+    ``ŷ_t`` (and, with energies, ``round(ξ_T)`` as entry ``T``) for the key kernel.
+    ``FUSED`` (experimental, see ``FUSED_BACKWARD``): the whole backward in this kernel, each
+    key tile's ``dK`` / ``d key_bias`` terms formed from the same ``P``, ``dS`` and added into
+    the zeroed float32 ``DK [B·HK, M, D]`` / ``DBIAS [B·HK, M]`` (1: relaxed reductions,
+    2: TMA bulk reduce-add), 10·N·M·D FLOPs per step; nothing else written.
     """
     DT: tl.constexpr = Q.dtype.element_ty
     bh, offs_n, offs_d, row_ok, tile_ok, q_off, k_off, b_off, p_off, full, hi, k_all = (
         _query_tile(K, N, M, D, H, HK, HAS_PAD, CAUSAL, SHORT, UPCAST, BLOCK_N, BLOCK_M,
                     BLOCK_D))
+    bhk = b_off // M  # the key head: b·HK + h // G
+    sink = DK
+    if FUSED == 2:
+        sink = tl.make_tensor_descriptor(DK, shape=[tl.num_programs(1) // H * HK, M, D],
+                                         strides=[M * D, D, 1],
+                                         block_shape=[1, BLOCK_M, BLOCK_D])
     a = tl.load(DOUT + q_off, mask=tile_ok, other=0.0).to(tl.float32)
     w = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     de_off = (bh * N + offs_n) * (T + 1)
@@ -424,11 +500,11 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
             xi, v = _replay(xi, v, MU, mu_step, q_off, tile_ok, s, eta, rho, nest, VELOCITY,
                             NESTEROV)
         e = tl.load(DENERGY + de_off + T, mask=row_ok, other=0.0)
-        lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
-        mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, k_all, K, k_off, BIAS, b_off,
-                               PAD, p_off, offs_n, offs_d, M, D, hi, scale2, HAS_BIAS,
-                               HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, BLOCK_N, BLOCK_M,
-                               BLOCK_D)
+        lse_e = tl.load(ELSE + T * lse_step + bh * N + offs_n, mask=row_ok, other=float("inf"))
+        mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off, BIAS, b_off,
+                               PAD, p_off, offs_n, offs_d, M, D, hi, scale2, scale, sink, DBIAS,
+                               bhk, HAS_BIAS, HAS_PAD, CAUSAL, SHORT, UPCAST, PREC, FUSED,
+                               BLOCK_N, BLOCK_M, BLOCK_D)
         a += e[:, None] * (xi - mu_e)
         if KEEP_Y:
             tl.store(Y + T * mu_step + q_off, _round(xi, DT, UPCAST).to(DT), mask=tile_ok)
@@ -449,7 +525,8 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
         if KEEP_Y:
             tl.store(Y + t * mu_step + q_off, yh.to(DT), mask=tile_ok)
         mu = tl.load(MU + t * mu_step + q_off, mask=tile_ok, other=0.0)
-        lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
+        # rows past N: lse = +inf, so p = 0 (their dK terms vanish)
+        lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=float("inf"))
         dv = w + a  # ∂L/∂v_{t+1}: ξ_{t+1} = ξ_t + v_{t+1}
         dmu = eta * dv  # v_{t+1} = ρ v_t − η (y_t − μ_t)
         delta = tl.sum(dmu * mu, 1)
@@ -457,30 +534,35 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
             e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
             if not NESTEROV:  # E(ξ_t) shares the read-out's logits: −lse/β adds e/β to Δ
                 delta += e / scale
-        tl.store(DMU + t * mu_step + q_off, dmu, mask=tile_ok)
-        tl.store(DELTA + t * lse_step + bh * N + offs_n, delta, mask=row_ok)
+        if not FUSED:
+            tl.store(DMU + t * mu_step + q_off, dmu, mask=tile_ok)
+            tl.store(DELTA + t * lse_step + bh * N + offs_n, delta, mask=row_ok)
         # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ): flash-style, recomputing P.
         dmu_c = dmu.to(DT)
         if UPCAST:
             dmu_c = dmu_c.to(tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if SHORT:
-            acc += _dq_tile(yh, dmu_c, delta, k_all, tl.arange(0, BLOCK_M), lse2, BIAS, b_off,
-                            PAD, p_off, offs_n, M, scale2, HAS_BIAS, HAS_PAD, CAUSAL, PREC)
+            acc += _dq_part(yh, dmu_c, delta, k_all, 0, lse2, BIAS, b_off, PAD, p_off, offs_n,
+                            offs_d, M, D, scale2, scale, sink, DBIAS, bhk, HAS_BIAS, HAS_PAD,
+                            CAUSAL, PREC, FUSED, BLOCK_M, BLOCK_D)
         elif HAS_PAD:  # every tile masked, one pipelined loop
             for start_m in range(0, hi, BLOCK_M):
                 acc += _dq_streamed(yh, dmu_c, delta, K, k_off, start_m, lse2, BIAS, b_off, PAD,
-                                    p_off, offs_n, offs_d, M, D, scale2, HAS_BIAS, HAS_PAD,
-                                    CAUSAL, UPCAST, PREC, BLOCK_M)
+                                    p_off, offs_n, offs_d, M, D, scale2, scale, sink, DBIAS, bhk,
+                                    HAS_BIAS, HAS_PAD, CAUSAL, UPCAST, PREC, FUSED, BLOCK_M,
+                                    BLOCK_D)
         else:  # unmasked tiles, then the edge (one or two tiles) masked, not pipelined
             for start_m in range(0, full, BLOCK_M):
                 acc += _dq_streamed(yh, dmu_c, delta, K, k_off, start_m, lse2, BIAS, b_off, PAD,
-                                    p_off, offs_n, offs_d, M, D, scale2, HAS_BIAS, HAS_PAD,
-                                    CAUSAL, UPCAST, PREC, BLOCK_M, False)
+                                    p_off, offs_n, offs_d, M, D, scale2, scale, sink, DBIAS, bhk,
+                                    HAS_BIAS, HAS_PAD, CAUSAL, UPCAST, PREC, FUSED, BLOCK_M,
+                                    BLOCK_D, False)
             for start_m in tl.range(full, hi, BLOCK_M, num_stages=1):
                 acc += _dq_streamed(yh, dmu_c, delta, K, k_off, start_m, lse2, BIAS, b_off, PAD,
-                                    p_off, offs_n, offs_d, M, D, scale2, HAS_BIAS, HAS_PAD,
-                                    CAUSAL, UPCAST, PREC, BLOCK_M)
+                                    p_off, offs_n, offs_d, M, D, scale2, scale, sink, DBIAS, bhk,
+                                    HAS_BIAS, HAS_PAD, CAUSAL, UPCAST, PREC, FUSED, BLOCK_M,
+                                    BLOCK_D)
         # dμ and ∂L/∂v_{t+1} are recomputed from (w, a) rather than held across the key loop
         # (register pressure); g_t = y_t − μ_t, v_{t+1} = ρ v_t − η g_t.
         dy = scale * acc - (eta * w + eta * a)
@@ -491,11 +573,12 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
         a = a + dy  # y_t = ξ_t + c v_t
         if EGRAD:
             if NESTEROV:  # E(ξ_t) at its own point
-                lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=0.0)
-                mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, k_all, K, k_off, BIAS,
+                lse_e = tl.load(ELSE + t * lse_step + bh * N + offs_n, mask=row_ok,
+                                other=float("inf"))
+                mu_e = _energy_readout(_round(xi, DT, UPCAST), lse_e, e, k_all, K, k_off, BIAS,
                                        b_off, PAD, p_off, offs_n, offs_d, M, D, hi, scale2,
-                                       HAS_BIAS, HAS_PAD, CAUSAL, SHORT, UPCAST, PREC,
-                                       BLOCK_N, BLOCK_M, BLOCK_D)
+                                       scale, sink, DBIAS, bhk, HAS_BIAS, HAS_PAD, CAUSAL,
+                                       SHORT, UPCAST, PREC, FUSED, BLOCK_N, BLOCK_M, BLOCK_D)
                 a += e[:, None] * (xi - mu_e)
             else:
                 a += e[:, None] * xi  # the kinetic term (the potential went through Δ)
@@ -713,6 +796,16 @@ FORCE_TILES: dict | None = None
 #: Tests and benchmarks set this to force the number of query parts of the dK kernel.
 DK_PARTS: int | None = None
 
+#: Experimental, never timed: the backward as one kernel at 10·N·M·D FLOPs per step (the query
+#: kernel also forms each key tile's dK and d key_bias terms from the same P and dS, and adds
+#: them across query tiles in float32), instead of the default two kernels at 14·N·M·D.
+#: ``None``: the two kernels (deterministic). ``"red"``: relaxed float32 reductions (the
+#: one-kernel backward measured at commit f7d6df6 used Triton's default ``acq_rel`` atomics, a
+#: returning ``atom.acq_rel`` per element). ``"tma"``: one TMA bulk reduce-add per key tile
+#: (sm_90+ and D % 4 == 0, else ``"red"``; ``"red"`` under the interpreter, which lacks it).
+#: Key gradients then differ in the last bits from run to run. Benchmarks set this to time it.
+FUSED_BACKWARD: str | None = None
+
 #: The dK kernel splits its queries into parts until about this many programs per SM run.
 #: Measured on the H200 (benchmarks/results/h200-ff95511/, D=64, N=8192, T=8, dK ms by
 #: parts): M=64: 1 part 2.65, 8 0.77, 33 0.78, 64 0.82; M=256: 1 2.66, 8 1.50, 17 1.57, 32
@@ -746,6 +839,13 @@ _SPACE = {
     ("dk", 2, True, 128): ((32, 128, 8, 3), (64, 128, 8, 2)),
     ("dk", 2, False, 64): ((32, 128, 4, 2), (64, 128, 8, 2)),
     ("dk", 2, True, 64): ((32, 128, 4, 2), (64, 128, 8, 2)),
+    # the one-kernel backward (FUSED_BACKWARD), never timed with reductions: the best tiles
+    # swept with acq_rel atomics at f7d6df6 (D=128: 90.0 ms fwd+bwd; D=64: 38.2 ms) lead,
+    # then the two-kernel query kernel's
+    ("dqk", 2, False, 128): ((128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)),
+    ("dqk", 2, True, 128): ((128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)),
+    ("dqk", 2, False, 64): ((128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)),
+    ("dqk", 2, True, 64): ((128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)),
     # compile-time (never timed): D <= 32 and D = 256 in 16 bits, every float32 class
     ("fwd", 2, False, 32): ((128, 64, 8, 3),), ("fwd", 2, True, 32): ((128, 64, 8, 3),),
     ("dq", 2, False, 32): ((128, 64, 8, 3),), ("dq", 2, True, 32): ((128, 64, 8, 3),),
@@ -776,7 +876,8 @@ def candidates(kernel: str, itemsize: int, heavy: bool, block_d: int, short: boo
                block_m_all: int = 0) -> tuple:
     """The tile configurations autotuning picks from for one kernel and call class.
 
-    ``kernel``: ``"fwd" | "dq" | "dk"``. On the short-memory path (``short``) ``BLOCK_M`` is
+    ``kernel``: ``"fwd" | "dq" | "dk" | "dqk"`` (the one-kernel backward). On the short-memory
+    path (``short``) ``BLOCK_M`` is
     ``block_m_all`` (every key, padded) and the query tile shrinks so that the logits tile
     ``BLOCK_N × BLOCK_M`` is no larger than the streaming candidate's.
     """
@@ -784,6 +885,8 @@ def candidates(kernel: str, itemsize: int, heavy: bool, block_d: int, short: boo
         space = (tuple(FORCE_TILES[kernel]),)
     else:
         key = _space_key(kernel, itemsize, heavy, block_d)
+        if key not in _SPACE and kernel == "dqk":  # untimed classes: the query kernel's
+            key = _space_key("dq", itemsize, heavy, block_d)
         space = _SPACE[key]
         if short and key in _SHORT_MEASURED:
             space = (_SHORT_MEASURED[key], *space)
@@ -806,14 +909,16 @@ def _padded(n: int) -> int:
 
 
 def takes_short_path(M: int, D: int, dtype: torch.dtype, kernel: str = "fwd") -> bool:
-    """Whether ``kernel`` (``"fwd" | "dq" | "dk"``) of a call with ``M`` keys of head dim ``D``
-    in ``dtype`` runs the short-memory path: every key of one (batch, head), padded to powers
-    of two, is at most ``SHORT_MAX_KEYS`` keys and ``SHORT_MEMORY_BYTES`` bytes; the query
-    kernel also needs ``D >= DQ_SHORT_MIN_HEAD_DIM`` (padded); the key kernel always streams."""
+    """Whether ``kernel`` (``"fwd" | "dq" | "dk" | "dqk"``) of a call with ``M`` keys of head
+    dim ``D`` in ``dtype`` runs the short-memory path: every key of one (batch, head), padded to
+    powers of two, is at most ``SHORT_MAX_KEYS`` keys and ``SHORT_MEMORY_BYTES`` bytes; the query
+    kernel (and the one-kernel backward) also needs ``D >= DQ_SHORT_MIN_HEAD_DIM`` (padded); the
+    key kernel always streams."""
     block_d, block_m_all = _padded(D), _padded(M)
     fits = (block_m_all <= SHORT_MAX_KEYS
             and block_m_all * block_d * dtype.itemsize <= SHORT_MEMORY_BYTES)
-    return fits and (kernel == "fwd" or kernel == "dq" and block_d >= DQ_SHORT_MIN_HEAD_DIM)
+    return fits and (kernel == "fwd"
+                     or kernel in ("dq", "dqk") and block_d >= DQ_SHORT_MIN_HEAD_DIM)
 
 
 def short_path_keys(D: int, dtype: torch.dtype) -> int:
@@ -860,7 +965,8 @@ def _prune(kernel: str):
         args = {**named_args, **kwargs}
         q = args["Q"]
         heavy = bool(args["VELOCITY"] or args.get("ENERGIES") or args.get("EGRAD"))
-        space = candidates(kernel, q.dtype.itemsize, heavy, args["BLOCK_D"],
+        name = "dqk" if args.get("FUSED") else kernel
+        space = candidates(name, q.dtype.itemsize, heavy, args["BLOCK_D"],
                            args.get("SHORT", False), args["MB"])
         limit = _shared_memory_limit(q.device)
         kept = []
@@ -890,11 +996,12 @@ def _autotuner(kernel: str, reset_to_zero=None):
     """``triton.autotune`` over ``kernel``'s space, keyed on head dim, dtype (the tensors'
     dtypes are always part of Triton's key), tier, key path and length buckets."""
     jit = _KERNELS[kernel]
-    space = sorted({c for k, v in _SPACE.items() if k[0] == kernel for c in v})
+    names = (kernel, "dqk") if kernel == "dq" else (kernel,)  # "dqk": the fused form of dq
+    space = sorted({c for k, v in _SPACE.items() if k[0] in names for c in v})
     configs = [triton.Config({"BLOCK_N": bn, "BLOCK_M": bm}, num_warps=w, num_stages=s)
                for bn, bm, w, s in space]
     key = [name for name in ("BLOCK_D", "SHORT", "VELOCITY", "NESTEROV", "ENERGIES", "EGRAD",
-                             "CAUSAL", "KEEP_Y", "SPLIT", "NB", "MB")
+                             "CAUSAL", "KEEP_Y", "FUSED", "SPLIT", "NB", "MB")
            if name in jit.arg_names]
     return triton.autotune(configs=configs, key=key, prune_configs_by={
         "early_config_prune": _prune(kernel)}, reset_to_zero=reset_to_zero,
@@ -902,14 +1009,16 @@ def _autotuner(kernel: str, reset_to_zero=None):
 
 
 _KERNELS = {"fwd": _fwd_kernel, "dq": _bwd_dq_kernel, "dk": _bwd_dk_kernel}
-_TUNERS = {_fwd_kernel: _autotuner("fwd"), _bwd_dq_kernel: _autotuner("dq"),
+# The fused query kernel adds into DK / DBIAS (empty unless FUSED): zeroed before each timing.
+_TUNERS = {_fwd_kernel: _autotuner("fwd"),
+           _bwd_dq_kernel: _autotuner("dq", reset_to_zero=["DK", "DBIAS"]),
            _bwd_dk_kernel: _autotuner("dk")}
 
 
 def _common(q, k, key_bias, pad, step_size, momentum, num_steps, is_causal, optimizer,
             energies, kernels):
-    """Inputs made contiguous, the run-time arguments and flags the three kernels share, and
-    the tile configurations of ``kernels`` (names of ``_KERNELS``)."""
+    """Inputs made contiguous, the run-time arguments and flags the kernels share, and the tile
+    configurations of ``kernels`` (``"fwd" | "dq" | "dk" | "dqk"``, see :func:`candidates`)."""
     B, H, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
     # The interpreter runs CPU tensors; meta tensors are being planned for a GPU.
@@ -991,43 +1100,85 @@ def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_
     return launch, (out, energy.view(-1, H, N, T + 1), mu, lse, energy_lse)
 
 
+def fused_backward_mode(q: torch.Tensor) -> int:
+    """The ``FUSED`` constexpr of a backward for ``q`` under ``FUSED_BACKWARD``: 0 (two kernels),
+    1 (one kernel, relaxed reductions) or 2 (one kernel, TMA reduce-add: CUDA sm_90+ or a meta
+    tensor planned for it, and rows of 16-byte multiples, D % 4 == 0)."""
+    mode = FUSED_BACKWARD
+    if mode is None:
+        return 0
+    if mode not in ("red", "tma"):
+        raise ValueError(f"FUSED_BACKWARD must be None, 'red' or 'tma', got {mode!r}")
+    D = q.shape[-1]
+    tma = mode == "tma" and D % 4 == 0 and (
+        q.device.type == "meta"
+        or q.is_cuda and not _interpreting() and torch.cuda.get_device_capability(q.device)[0] >= 9)
+    return 2 if tma else 1
+
+
+def _scratch(size: int, alignment: int, stream):
+    """Global scratch for device-side tensor descriptors (the TMA reduce-add's)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def _ensure_allocator() -> None:
+    """Device-side TMA descriptors need a Triton allocator; install one if none is set (Triton
+    keeps it per thread: autograd's backward may run on its own)."""
+    from triton.runtime import _allocation
+
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
                   momentum, num_steps, is_causal, optimizer):
-    """The two backward launches (query kernel, then key kernel) and ``(dq, dk, d key_bias)``
-    in float32: ``dk`` and ``d key_bias`` with a leading dimension of the key kernel's query
-    parts (:func:`dk_parts`), to be summed; ``d key_bias`` empty without a bias."""
+    """The backward launches (query kernel, then key kernel; or the one fused query kernel, see
+    ``FUSED_BACKWARD``) and ``(dq, dk, d key_bias)`` in float32: ``dk`` and ``d key_bias`` with a
+    leading dimension of the key kernel's query parts (:func:`dk_parts`; 1 when fused), to be
+    summed; ``d key_bias`` empty without a bias."""
     B, H, N, D = q.shape
     Hk, M = k.shape[1], k.shape[2]
     T = num_steps
     egrad = denergy is not None
+    fused = fused_backward_mode(q)
     args, flags, configs = _common(q, k, key_bias, pad, step_size, momentum, num_steps,
-                                   is_causal, optimizer, egrad, ("dq", "dk"))
+                                   is_causal, optimizer, egrad, ("dqk",) if fused else ("dq", "dk"))
     f32 = {"device": q.device, "dtype": torch.float32}
+    none = torch.empty(0, **f32)
     dq = torch.empty(B, H, N, D, **f32)
-    # dμ_t only feeds the key kernel's dots, which take it in the input dtype: store it so.
-    dmu = torch.empty(T, B * H, N, D, device=q.device, dtype=q.dtype)
-    delta = torch.empty(T, B * H, N, **f32)
-    # The read-out points ŷ_t for the key kernel, written by the query kernel (a transient
-    # T·N·D buffer in the input dtype); Nesterov with energies needs ξ_t as well: it replays
-    # the iterates from q and μ_t instead.
-    keep_y = not (optimizer == "nesterov" and egrad)
-    y = torch.empty(T + egrad if keep_y else 0, B * H, N, D, device=q.device, dtype=q.dtype)
-    parts = dk_parts(B * Hk, M, N, q.device)
-    dk = torch.empty(parts, B, Hk, M, D, **f32)
-    dbias = (torch.empty(parts, B, Hk, M, **f32) if key_bias is not None
-             else torch.empty(0, **f32))
+    if fused:  # the query kernel adds every key tile's terms into these
+        dmu = delta = y = none
+        parts = 1
+        dk = torch.zeros(1, B, Hk, M, D, **f32)
+        dbias = torch.zeros(1, B, Hk, M, **f32) if key_bias is not None else none
+        keep_y = False
+    else:
+        # dμ_t only feeds the key kernel's dots, which take it in the input dtype: store it so.
+        dmu = torch.empty(T, B * H, N, D, device=q.device, dtype=q.dtype)
+        delta = torch.empty(T, B * H, N, **f32)
+        # The read-out points ŷ_t for the key kernel, written by the query kernel (a transient
+        # T·N·D buffer in the input dtype); Nesterov with energies needs ξ_t as well: it
+        # replays the iterates from q and μ_t instead.
+        keep_y = not (optimizer == "nesterov" and egrad)
+        y = torch.empty(T + egrad if keep_y else 0, B * H, N, D, device=q.device,
+                        dtype=q.dtype)
+        parts = dk_parts(B * Hk, M, N, q.device)
+        dk = torch.empty(parts, B, Hk, M, D, **f32)
+        dbias = torch.empty(parts, B, Hk, M, **f32) if key_bias is not None else none
     args.update(MU=mu, LSE=lse, ELSE=energy_lse,
                 DENERGY=denergy.float().contiguous() if egrad else args["Q"],
                 DMU=dmu, DELTA=delta, Y=y, scale2=scale * LOG2E_F, scale=scale,
                 part_step=B * Hk * M * D)
     flags.update(EGRAD=egrad, KEEP_Y=keep_y)
-    launches = (
-        _launch(_bwd_dq_kernel, N, B * H, dict(args, DOUT=dout.contiguous(), DQ=dq), flags,
-                configs["dq"]),
-        _launch(_bwd_dk_kernel, M, B * Hk, dict(args, DK=dk, DBIAS=dbias),
-                dict(flags, SPLIT=parts > 1), configs["dk"], parts),
-    )
-    return launches, (dq, dk, dbias)
+    query = _launch(_bwd_dq_kernel, N, B * H,
+                    dict(args, DOUT=dout.contiguous(), DQ=dq,
+                         DK=dk if fused else none, DBIAS=dbias if fused else none),
+                    dict(flags, FUSED=fused), configs["dqk" if fused else "dq"])
+    if fused:
+        return (query,), (dq, dk, dbias)
+    key = _launch(_bwd_dk_kernel, M, B * Hk, dict(args, DK=dk, DBIAS=dbias),
+                  dict(flags, SPLIT=parts > 1), configs["dk"], parts)
+    return (query, key), (dq, dk, dbias)
 
 
 def _forward(*inputs):
@@ -1038,6 +1189,8 @@ def _forward(*inputs):
 
 def _backward(dout, denergy, q, k, key_bias, *rest):
     launches, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest)
+    if launches[0].meta["FUSED"] == 2:
+        _ensure_allocator()
     for launch in launches:
         launch()
     dk = dk[0] if dk.shape[0] == 1 else dk.sum(0)  # the key kernel's query parts

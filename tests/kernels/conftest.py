@@ -34,7 +34,7 @@ def key_path(request, monkeypatch):
 #: Under the interpreter, small tiles so that small test sizes cross tile boundaries (the
 #: configuration space itself is exercised in test_tile_space.py). On a GPU the kernels run
 #: as users get them: autotuned over the space.
-SMALL_TILES = {name: (32, 32, 4, 1) for name in ("fwd", "dq", "dk")}
+SMALL_TILES = {name: (32, 32, 4, 1) for name in ("fwd", "dq", "dk", "dqk")}
 
 
 @pytest.fixture(autouse=True)

@@ -438,16 +438,21 @@ def test_breakdown_script_smoke_run(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_breakdown", path)
     bd = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bd)
-    names = ("SHORT_MAX_KEYS", "DQ_SHORT_MIN_HEAD_DIM", "DK_PARTS")
+    names = ("SHORT_MAX_KEYS", "DQ_SHORT_MIN_HEAD_DIM", "DK_PARTS", "FUSED_BACKWARD")
     knobs = [getattr(kmod, name) for name in names]
     rows = bd.main(["--smoke", "--out", str(tmp_path)])
     assert [getattr(kmod, name) for name in names] == knobs
-    assert {r["variant"] for r in rows} == {"default", "dq-short", "parts=2", "streaming"}
-    assert all(r[f"{n}_ms"] > 0 for r in rows for n in ("fwd", "dq", "dk"))
+    assert {r["variant"] for r in rows} == {"default", "dq-short", "parts=2", "streaming",
+                                            "fused-red", "fused-tma"}
+    for r in rows:  # the fused backward is one launch: its time is in the dq column
+        fused = r["variant"].startswith("fused-")
+        assert r["fused"] == (1 if fused else 0)  # no TMA under the interpreter
+        assert r["fwd_ms"] > 0 and r["dq_ms"] > 0 and (r["dk_ms"] == 0) is fused
     assert {r["dk_parts"] for r in rows if r["variant"] == "parts=2"} == {2}
     paths = {r["variant"]: (r["paths"]["fwd"], r["paths"]["dq"]) for r in rows if r["M"] == 40}
     assert paths == {"default": ("short", "stream"), "dq-short": ("short", "short"),
-                     "parts=2": ("short", "stream"), "streaming": ("stream", "stream")}
+                     "parts=2": ("short", "stream"), "streaming": ("stream", "stream"),
+                     "fused-red": ("short", "stream")}
     data = json.loads((tmp_path / "kernel-breakdown-smoke-cpu.json").read_text())
     assert len(data["rows"]) == len(rows)
 
@@ -466,6 +471,11 @@ def test_accuracy_script_smoke_run(tmp_path):
     assert all(r["finite"] and r["triton"] < 1e-5 for r in meta["accuracy"])  # float32
     assert meta["determinism"]["bitwise_repeatable"]
     assert meta["determinism"]["max_run_spread"] == 0
+    # the one-kernel backward: as accurate, its file tagged, the module knob restored
+    fused = acc.main(["--smoke", "--fused", "red", "--out", str(tmp_path)])
+    assert (tmp_path / "kernel-accuracy-smoke-cpu-fused-red.json").exists()
+    assert fused["fused_backward"] == "red" and kmod.FUSED_BACKWARD is None
+    assert all(r["finite"] and r["triton"] < 1e-5 for r in fused["accuracy"])
 
 
 def bench_kernels(kmod):

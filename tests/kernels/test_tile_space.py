@@ -55,8 +55,23 @@ def test_space_contains_every_measured_winner_first():
     in_space = {c for space in kmod._SPACE.values() for c in space}
     assert bold and bold <= in_space, bold - in_space
     defaults = {space[0] for key, space in kmod._SPACE.items() if key[1] == 2
-                and key[3] in (64, 128)}
+                and key[3] in (64, 128) and key[0] != "dqk"}
     assert defaults <= bold
+
+
+def test_fused_backward_space_leads_with_its_swept_winners():
+    """The experimental one-kernel backward's space ("dqk") leads with the tiles that won the
+    sweep of its atomic predecessor (h200-f7d6df6), then holds the query kernel's defaults."""
+    text = (ROOT / "benchmarks" / "results" / "h200-f7d6df6" / "kernel-tiles-nvidia-h200.md"
+            ).read_text()
+    won = {int(d): tuple(int(x) for x in t.split(", ")) for d, t in
+           re.findall(r"\| bwd \| gd \| (\d+) \| 8192 \| 8192 \| 4 \| \((\d+, \d+, \d+, \d+)\)",
+                      text)}
+    assert set(won) == {64, 128}
+    for (kern, itemsize, heavy, d), space in kmod._SPACE.items():
+        if kern == "dqk":
+            assert itemsize == 2 and space[0] == won[d], (heavy, d)
+            assert kmod._SPACE["dq", 2, heavy, d][0] in space
 
 
 def test_candidates_are_few_and_short_path_holds_every_key(monkeypatch):
@@ -136,13 +151,17 @@ def test_every_launch_pins_fp_fusion(monkeypatch, tuned):
 
 def test_autotuners_key_and_reset():
     """Keyed on head dim, key path, tier flags and length buckets (dtypes are always in
-    Triton's key); no kernel accumulates into its outputs (no atomics), so none needs zeroing
-    between timed runs."""
+    Triton's key); only the query kernel's fused form accumulates into its outputs (DK, DBIAS,
+    empty otherwise), so only those are zeroed between timed runs."""
     fwd, dq, dk = (kmod._TUNERS[k] for k in (kmod._fwd_kernel, kmod._bwd_dq_kernel,
                                               kmod._bwd_dk_kernel))
     for tuner in (fwd, dq, dk):
         assert {"BLOCK_D", "VELOCITY", "NESTEROV", "NB", "MB"} <= set(tuner.keys)
         assert len(tuner.configs) > 1
-        assert not tuner.reset_to_zero
+    assert not fwd.reset_to_zero and not dk.reset_to_zero
+    assert dq.reset_to_zero == ["DK", "DBIAS"] and "FUSED" in dq.keys
+    dq_tiles = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_M"], c.num_warps, c.num_stages)
+                for c in dq.configs}
+    assert {c for key, v in kmod._SPACE.items() if key[0] in ("dq", "dqk") for c in v} <= dq_tiles
     assert "SHORT" in fwd.keys and "SHORT" in dq.keys  # the dK kernel always streams
     assert "ENERGIES" in fwd.keys and "EGRAD" in dq.keys and "EGRAD" in dk.keys
