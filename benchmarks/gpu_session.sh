@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One prepared GPU session (a CUDA machine, repository root): the kernel tests on CUDA, the
 # kernels' accuracy and determinism at realistic sizes, the issue's target table, the
-# per-kernel breakdown and the tile sweep, each under its own time limit. $STAGES names the
-# stages to run, in order (default: target accuracy tests breakdown tiles). Results go to $OUT
+# per-kernel breakdown (with the experimental one-kernel backward), that backward's accuracy
+# (fused) and the tile sweep, each under its own time limit. $STAGES names the stages to run,
+# in order (default: target accuracy tests breakdown fused tiles). Results go to $OUT
 # (default benchmarks/results); every stage's output also goes to $OUT/session.log.
 #
 #   OUT=/tmp/gpu BENCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
@@ -30,16 +31,17 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c "import energy_attn.kernels.hopfield_descent as k; print('kernels from', k.__file__)" 2>&1 | tee -a "$LOG"
-for name in ${STAGES:-target accuracy tests breakdown tiles}; do
+for name in ${STAGES:-target accuracy tests breakdown fused tiles}; do
     case $name in
         target) stage 150 target python3 benchmarks/kernels.py --target --out "$OUT" ;;
         accuracy) stage 45 accuracy python3 benchmarks/kernel_accuracy.py --out "$OUT" ;;
         # -v: one line per test as it finishes (an xdist run once hung after its last test;
         # the log still says which passed). The offline compile checks need no GPU: CI runs them.
-        tests) stage 120 tests python3 -m pytest tests/kernels tests/ops/test_auto_backend.py \
+        tests) stage 200 tests python3 -m pytest tests/kernels tests/ops/test_auto_backend.py \
             --deselect tests/kernels/test_compile_check.py -v -rfE -n 8 -p no:cacheprovider \
             -p no:benchmark -W ignore::DeprecationWarning ;;
         breakdown) stage 200 breakdown python3 benchmarks/kernel_breakdown.py --out "$OUT" ;;
+        fused) stage 60 fused python3 benchmarks/kernel_accuracy.py --fused tma --out "$OUT" ;;
         tiles) stage 80 tiles python3 benchmarks/kernels.py --tiles --reps 10 --out "$OUT" ;;
         *) echo "unknown stage $name" | tee -a "$LOG" ;;
     esac

@@ -7,9 +7,13 @@ error in the same dtype (the kernel tests assert that at small sizes).
 
 Determinism: the backward sums every key gradient inside one program per key tile (no
 atomics), so three runs on the same inputs must agree bit for bit; also the time of one run.
+With ``--fused red|tma`` the experimental one-kernel backward (``FUSED_BACKWARD``) runs
+instead: its key gradients add up in float32 in arrival order, so the runs' spread is what is
+reported.
 
     python benchmarks/kernel_accuracy.py            # GPU sizes (needs a CUDA GPU)
     python benchmarks/kernel_accuracy.py --smoke    # tiny sizes; CPU through the interpreter
+    python benchmarks/kernel_accuracy.py --fused tma
 
 Prints two tables and writes ``kernel-accuracy-<tag>.json`` to ``--out``.
 """
@@ -134,9 +138,17 @@ def determinism(smoke, device, reps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fused", choices=["red", "tma"],
+                    help="the experimental one-kernel backward (FUSED_BACKWARD)")
     args, device = gpu_script_args(ap, argv)
-    acc = accuracy(args.smoke, device)
-    det = determinism(args.smoke, device, args.reps or (1 if args.smoke else 20))
+    from energy_attn.kernels import hopfield_descent as kmod  # noqa: PLC0415
+
+    saved, kmod.FUSED_BACKWARD = kmod.FUSED_BACKWARD, args.fused
+    try:
+        acc = accuracy(args.smoke, device)
+        det = determinism(args.smoke, device, args.reps or (1 if args.smoke else 20))
+    finally:
+        kmod.FUSED_BACKWARD = saved
 
     head = ("| case | dtype | tensor | triton rel. error | reference rel. error |\n"
             "|---|---|---|---|---|")
@@ -147,10 +159,10 @@ def main(argv=None):
               f"{det['fwd_bwd_ms']:.3f} |"]
     text = "\n".join(table)
     print("\n" + text)
-    tag = results_tag(args.smoke)
+    tag = results_tag(args.smoke) + (f"-fused-{args.fused}" if args.fused else "")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {**provenance(), "accuracy": acc, "determinism": det}
+    meta = {**provenance(), "fused_backward": args.fused, "accuracy": acc, "determinism": det}
     (out / f"kernel-accuracy-{tag}.json").write_text(json.dumps(meta, indent=2))
     return meta
 

@@ -12,6 +12,9 @@ query parts), each autotuned as users get it, under these variants:
                 (``SHORT_MAX_KEYS = 0``)
     parts=P     the dK kernel's queries split into P parts (``DK_PARTS``); ``default`` is
                 ``dk_parts``' rule
+    fused-red   the experimental one-kernel backward (``FUSED_BACKWARD = "red"``: relaxed
+                float32 reductions of dK); its time is in the dq column (with zeroing dK)
+    fused-tma   the same with one TMA bulk reduce-add per key tile (sm_90+)
 
     python benchmarks/kernel_breakdown.py            # the cases below (needs a CUDA GPU)
     python benchmarks/kernel_breakdown.py --smoke    # tiny sizes; CPU via the interpreter
@@ -47,11 +50,13 @@ CASES = [
     (64, 8192, 128, 8, 64, False, ("default", "dq-short", "streaming")),
     (128, 8192, 64, 8, 64, False, ("default", "dq-short", "streaming")),
     (64, 8192, 256, 8, 64, False, ("default", "parts=8", "parts=32", "parts=64")),
-    (128, 8192, 8192, 4, 32, False, ("default", "parts=1")),
-    (64, 2048, 2048, 4, 128, False, ("default", "parts=1")),
+    (128, 8192, 8192, 4, 32, False, ("default", "parts=1", "fused-red", "fused-tma")),
+    (64, 8192, 8192, 4, 32, False, ("default", "fused-red", "fused-tma")),
+    (64, 2048, 2048, 4, 128, False, ("default", "parts=1", "fused-red", "fused-tma")),
+    (128, 2048, 2048, 4, 128, False, ("default", "fused-red", "fused-tma")),
 ]
-SMOKE = [(16, 64, 40, 2, 2, False, ("default", "dq-short", "parts=2", "streaming")),
-         (16, 64, 64, 2, 2, True, ("default",))]
+SMOKE = [(16, 64, 40, 2, 2, False, ("default", "dq-short", "parts=2", "streaming", "fused-red")),
+         (16, 64, 64, 2, 2, True, ("default", "fused-tma"))]
 
 
 class _Variant:
@@ -62,18 +67,20 @@ class _Variant:
 
     def __enter__(self):
         k = self.kmod
-        self.saved = (k.DQ_SHORT_MIN_HEAD_DIM, k.DK_PARTS, k.SHORT_MAX_KEYS)
+        self.saved = (k.DQ_SHORT_MIN_HEAD_DIM, k.DK_PARTS, k.SHORT_MAX_KEYS, k.FUSED_BACKWARD)
         if self.name == "dq-short":
             k.DQ_SHORT_MIN_HEAD_DIM = 0
         elif self.name.startswith("parts="):
             k.DK_PARTS = int(self.name.split("=")[1])
         elif self.name == "streaming":
             k.SHORT_MAX_KEYS = 0
+        elif self.name.startswith("fused-"):
+            k.FUSED_BACKWARD = self.name.removeprefix("fused-")
         return self
 
     def __exit__(self, *exc):
         k = self.kmod
-        k.DQ_SHORT_MIN_HEAD_DIM, k.DK_PARTS, k.SHORT_MAX_KEYS = self.saved
+        k.DQ_SHORT_MIN_HEAD_DIM, k.DK_PARTS, k.SHORT_MAX_KEYS, k.FUSED_BACKWARD = self.saved
 
 
 def _best(kmod, kernel) -> str:
@@ -94,18 +101,27 @@ def time_case(kmod, D, N, M, T, bh, causal, variant, reps, device):
         fwd, (_, _, mu, lse, else_) = kmod.plan_forward(q, k, None, None, *hyper, False, True)
         fwd()
         dout = torch.randn_like(q)
-        (dq_launch, dk_launch), (_, dk_parts, _) = kmod.plan_backward(
+        launches, (_, dk_parts, _) = kmod.plan_backward(
             dout, None, q, k, None, None, mu, lse, else_, *hyper)
+        dq_launch = launches[0]
+        fused = dq_launch.meta["FUSED"]
+        if fused == 2:
+            kmod._ensure_allocator()
+
+        def dq_all():  # fused: the whole backward, zeroing the dK it adds into included
+            if fused:
+                dk_parts.zero_()
+            dq_launch()
 
         def dk_and_sum():
-            dk_launch()
+            launches[1]()
             if dk_parts.shape[0] > 1:
                 dk_parts.sum(0)
 
-        times, tiles = {}, {}
+        times, tiles = {"dk": 0.0}, {"dk": ""}
         for name, fn, kern in (("fwd", fwd, kmod._fwd_kernel),
-                               ("dq", dq_launch, kmod._bwd_dq_kernel),
-                               ("dk", dk_and_sum, kmod._bwd_dk_kernel)):
+                               ("dq", dq_all, kmod._bwd_dq_kernel),
+                               ("dk", dk_and_sum, kmod._bwd_dk_kernel))[:3 - bool(fused)]:
             fn()  # compile and autotune outside the timing
             tiles[name] = _best(kmod, kern)
             times[name] = median_ms(fn, reps, device)
@@ -114,7 +130,8 @@ def time_case(kmod, D, N, M, T, bh, causal, variant, reps, device):
                  for name, launch in (("fwd", fwd), ("dq", dq_launch))}
     flop = 4 * N * M * D * T * bh * (0.5 if causal else 1.0)
     return {"D": D, "N": N, "M": M, "T": T, "BH": bh, "causal": causal, "variant": variant,
-            "paths": paths, "dk_parts": parts, **{f"{n}_ms": t for n, t in times.items()},
+            "paths": paths, "dk_parts": parts, "fused": fused,
+            **{f"{n}_ms": t for n, t in times.items()},
             "bwd_ms": times["dq"] + times["dk"],
             "fwd_tflops": flop / times["fwd"] / 1e9,
             "bwd_tflops": 2.5 * flop / (times["dq"] + times["dk"]) / 1e9,

@@ -261,7 +261,8 @@ def tile_sweep(args, dtype, reps, device):
             block_m_all = max(16, 1 << (M - 1).bit_length())
             for optimizer in ("gd", "nesterov"):
                 heavy = optimizer != "gd"
-                for kernel, mode in (("fwd", "fwd"), ("dq", "fwd+bwd"), ("dk", "fwd+bwd")):
+                for kernel, mode in (("fwd", "fwd"), ("dq", "fwd+bwd"), ("dk", "fwd+bwd"),
+                                     ("dqk", "fwd+bwd")):
                     on_short = kmod.takes_short_path(M, D, dtype, kernel)
                     space = kmod.candidates(kernel, dtype.itemsize, heavy, block_d, on_short,
                                             block_m_all)
@@ -289,6 +290,8 @@ def tile_sweep(args, dtype, reps, device):
 def _time_tiles(kmod, kernel, mode, cfg, optimizer, D, N, M, T, bh, causal, dtype, reps,
                 device):
     kmod.FORCE_TILES = {kernel: cfg}
+    if kernel == "dqk":  # the experimental one-kernel backward, TMA form where it runs
+        kmod.FUSED_BACKWARD = "tma"
     try:
         res = run_case("triton", mode, D, N, M, T, bh, causal, dtype, reps, device,
                        optimizer=optimizer)
@@ -296,6 +299,7 @@ def _time_tiles(kmod, kernel, mode, cfg, optimizer, D, N, M, T, bh, causal, dtyp
         res = {"ms": None, "note": f"{type(e).__name__}"}
     finally:
         kmod.FORCE_TILES = None
+        kmod.FUSED_BACKWARD = None
     print(f"{kernel:>4} {optimizer:>8} D={D} N={N} M={M} tiles={cfg}: "
           f"{_fmt(res.get('ms'), '.3f')} ms", flush=True)
     return {"kernel": kernel, "mode": mode, "D": D, "N": N, "M": M, "T": T, "BH": bh,
