@@ -37,6 +37,7 @@ there, through the ``UPCAST`` constexpr).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -1181,18 +1182,26 @@ def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale
     return (query, key), (dq, dk, dbias)
 
 
+def _on_device(t: torch.Tensor):
+    """Triton launches (and autotunes, and allocates its scratch) on the *current* CUDA device:
+    make that ``t``'s for the launches (a layer on ``cuda:1`` while ``cuda:0`` is current)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _forward(*inputs):
     launch, outputs = plan_forward(*inputs)
-    launch()
+    with _on_device(inputs[0]):
+        launch()
     return outputs
 
 
 def _backward(dout, denergy, q, k, key_bias, *rest):
     launches, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest)
-    if launches[0].meta["FUSED"] == 2:
-        _ensure_allocator()
-    for launch in launches:
-        launch()
+    with _on_device(q):
+        if launches[0].meta["FUSED"] == 2:
+            _ensure_allocator()
+        for launch in launches:
+            launch()
     dk = dk[0] if dk.shape[0] == 1 else dk.sum(0)  # the key kernel's query parts
     if key_bias is not None:
         dbias = (dbias[0] if dbias.shape[0] == 1 else dbias.sum(0)).to(key_bias.dtype)

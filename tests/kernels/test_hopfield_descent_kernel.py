@@ -367,6 +367,35 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
     torch.testing.assert_close(hopfield_descent(q, q), hopfield_descent(q, q, backend="reference"))
 
 
+def test_launches_run_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, which need not be the tensors' (a layer on
+    cuda:1): every forward and backward launch runs inside ``torch.cuda.device(q.device)``."""
+    from types import SimpleNamespace
+
+    guard = kmod._on_device(SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    inside, ran = [], []
+
+    class Guard:
+        def __enter__(self):
+            inside.append(True)
+
+        def __exit__(self, *exc):
+            inside.pop()
+
+    def on_device(t):
+        assert t.device == q.device
+        return Guard()
+
+    call = kmod.Launch.__call__
+    monkeypatch.setattr(kmod, "_on_device", on_device)
+    monkeypatch.setattr(kmod.Launch, "__call__",
+                        lambda self: (ran.append(bool(inside)), call(self))[1])
+    q = torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True)
+    hopfield_descent(q, q.detach(), num_steps=2, backend="triton").sum().backward()
+    assert ran == [True, True, True]  # forward, query kernel, key kernel
+
+
 def test_supported_key_padding_shapes():
     q = torch.randn(2, 2, 8, 16, device=DEVICE)
     for shape in [(2, 1, 1, 8), (1, 1, 1, 8), (8,), (1, 8), (2, 1, 1, 1)]:
