@@ -2,8 +2,10 @@
 # One prepared GPU session (a CUDA machine, repository root): the kernel tests on CUDA, the
 # kernels' accuracy and determinism at realistic sizes, the issue's target table, the
 # per-kernel breakdown (with the experimental one-kernel backward), that backward's accuracy
-# (fused) and the tile sweep, each under its own time limit. $STAGES names the stages to run,
-# in order (default: target accuracy tests breakdown fused tiles). Results go to $OUT
+# (fused), the target table in float16 and at head dims 32, 96, 256 (what auto needs to run
+# those; target-fp32 on request) and the tile sweep, each under its own time limit. $STAGES
+# names the stages to run, in order (default: target breakdown fused tests accuracy
+# target-fp16 target-dims tiles). Results go to $OUT
 # (default benchmarks/results); every stage's output also goes to $OUT/session.log.
 #
 #   OUT=/tmp/gpu BENCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
@@ -31,9 +33,15 @@ if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c "import energy_attn.kernels.hopfield_descent as k; print('kernels from', k.__file__)" 2>&1 | tee -a "$LOG"
-for name in ${STAGES:-target accuracy tests breakdown fused tiles}; do
+for name in ${STAGES:-target breakdown fused tests accuracy target-fp16 target-dims tiles}; do
     case $name in
         target) stage 150 target python3 benchmarks/kernels.py --target --out "$OUT" ;;
+        target-fp16) stage 120 target-fp16 python3 benchmarks/kernels.py --target --dtype fp16 \
+            --out "$OUT" ;;
+        target-fp32) stage 240 target-fp32 python3 benchmarks/kernels.py --target --dtype fp32 \
+            --out "$OUT" ;;
+        target-dims) stage 150 target-dims python3 benchmarks/kernels.py --target \
+            --head-dims 32 96 256 --out "$OUT" ;;
         accuracy) stage 45 accuracy python3 benchmarks/kernel_accuracy.py --out "$OUT" ;;
         # -v: one line per test as it finishes (an xdist run once hung after its last test;
         # the log still says which passed). The offline compile checks need no GPU: CI runs them.

@@ -19,6 +19,8 @@ is ``torch.cuda.max_memory_allocated`` above the inputs.
     python benchmarks/kernels.py                 # the full grid, bf16 (needs a CUDA GPU)
     python benchmarks/kernels.py --quick         # a few sizes on the GPU
     python benchmarks/kernels.py --tiles         # time every autotuning candidate, print winners
+    python benchmarks/kernels.py --target --dtype fp16           # the table in another dtype
+    python benchmarks/kernels.py --target --head-dims 32 96 256  # ... at other head dims
     python benchmarks/kernels.py --smoke         # tiny sizes; runs on CPU via the interpreter
 
 Prints a markdown table and writes ``benchmarks/results/kernels-<tag>.json`` and ``.md``
@@ -55,14 +57,17 @@ TARGET_PROVIDERS = ("triton", "reference", "flash", "auto")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def target_grid():
+def target_grid(head_dims=None):
     """The issue's targets: bf16, D ∈ {64, 128}, N = M ∈ {2048, 8192}, T = 4 (B·H as measured
     on the H200: 128 at N = 2048, 32 at N = 8192), few keys (M = 64 on the short-memory path,
-    M = 256 streaming), T = 8, and one causal case."""
+    M = 256 streaming), T = 8, and one causal case. ``head_dims``: the same cases at these head
+    dims instead (what ``backend="auto"`` needs before it may run other head dims)."""
     cases = [(D, N, N, 4, 128 if N == 2048 else 32, False) for D in (64, 128)
              for N in (2048, 8192)]
     cases += [(64, 8192, M, 8, 64, False) for M in (64, 256)]
     cases.append((128, 2048, 2048, 4, 128, True))  # causal: does the forward's lead hold?
+    if head_dims:
+        cases = list(dict.fromkeys((D, *case[1:]) for case in cases for D in head_dims))
     return cases
 
 
@@ -71,7 +76,7 @@ def grid(args):
     if args.smoke:
         return [(16, 64, 64, 2, 2, False), (16, 64, 64, 2, 2, True), (32, 48, 200, 1, 2, False)]
     if args.target:
-        return target_grid()
+        return target_grid(args.head_dims)
     if args.quick:
         return [(128, 2048, 2048, 4, 64, False), (64, 8192, 256, 8, 32, False)]
     cases = []
@@ -164,6 +169,8 @@ def main(argv=None):
     ap.add_argument("--tiles", action="store_true",
                     help="time every autotuning candidate of the target classes; print winners")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
+    ap.add_argument("--head-dims", type=int, nargs="+",
+                    help="with --target: its cases at these head dims instead of 64 and 128")
     ap.add_argument("--providers", default=",".join(PROVIDERS))
     args, device = gpu_script_args(ap, argv)
     dtype = DTYPES[args.dtype]
@@ -229,8 +236,15 @@ def _write(args, rows):
 
 
 def _tag(args):
+    """``<machine>[-target][-<dtype> unless bf16][-d<head dims> if given]``."""
     name = results_tag(args.smoke)
-    return f"{name}-target" if args.target else name
+    if args.target:
+        name += "-target"
+    if args.dtype != "bf16" and not args.smoke:
+        name += f"-{args.dtype}"
+    if args.head_dims:
+        name += "-d" + "-".join(map(str, args.head_dims))
+    return name
 
 
 #: Tiles the sweep times besides the autotuning candidates, (kernel, padded D) -> configs:

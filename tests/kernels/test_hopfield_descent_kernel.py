@@ -450,6 +450,10 @@ def test_benchmark_script_smoke_run(tmp_path):
                 "cuda", M, short, r["mode"] == "fwd+bwd", r["causal"], D,
                 getattr(torch, r["dtype"]))
             assert r["auto_picked"] == ("triton" if want else "reference"), r
+    # the same target cases at other head dims (to widen auto), each case once
+    base_cases, wide = bench.target_grid(), bench.target_grid([32, 96, 256])
+    assert {c[0] for c in wide} == {32, 96, 256} and len(set(wide)) == len(wide)
+    assert {c[1:] for c in wide} == {c[1:] for c in base_cases}
     md = (tmp_path / "kernels-smoke-cpu-target.md").read_text()
     assert "flash×T ms" in md and "auto ÷ best" in md
     assert ("(triton)" if DEVICE == "cuda" else "(reference)") in md
