@@ -29,7 +29,7 @@ stage() {  # stage <seconds> <name> <command...>
 } 2>&1 | tee -a "$LOG"
 if ! python3 -m pip install -q --no-deps --no-build-isolation -e . >>"$LOG" 2>&1; then
     echo "pip install failed: importing from the tree" | tee -a "$LOG"
-    ln -sfn ../kernels energy_attn/kernels  # pyproject maps kernels/ to energy_attn.kernels
+    ln -sfn ../energy_attn_kernels energy_attn/kernels  # pyproject maps it to energy_attn.kernels
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 python3 -c "import energy_attn.kernels.hopfield_descent as k; print('kernels from', k.__file__)" 2>&1 | tee -a "$LOG"

@@ -249,7 +249,7 @@ def _tag(args):
 
 #: Tiles the sweep times besides the autotuning candidates, (kernel, padded D) -> configs:
 #: neighbours of the measured winners. A winner from here belongs in ``_SPACE``
-#: (kernels/hopfield_descent.py).
+#: (energy_attn_kernels/hopfield_descent.py).
 EXPLORE = {
     ("dq", 128): ((128, 64, 8, 2), (128, 32, 4, 2)),
     ("dk", 128): ((64, 64, 4, 2), (64, 128, 4, 2)),

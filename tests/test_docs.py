@@ -11,7 +11,7 @@ MATH = ROOT / "docs" / "math.md"
 SUFFIXES = {".py", ".md", ".ipynb", ".toml", ".cfg", ".txt", ".yml", ".yaml", ".sh", ".rst"}
 # Where a citation may appear: the README, docs, the package, kernels, benchmarks, notebooks,
 # tests, the CI scripts and the project file.
-PLACES = ("README.md", "pyproject.toml", "docs", "energy_attn", "kernels", "benchmarks",
+PLACES = ("README.md", "pyproject.toml", "docs", "energy_attn", "energy_attn_kernels", "benchmarks",
           "notebooks", "tests", ".ci")
 # docs/zoo.md says once that its bare section numbers (§N) are docs/math.md's.
 BARE_SECTIONS_ARE_MATH = {ROOT / "docs" / "zoo.md", MATH}

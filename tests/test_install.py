@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ("pyproject.toml", "README.md", "LICENSE", "energy_attn", "kernels")
+SOURCES = ("pyproject.toml", "README.md", "LICENSE", "energy_attn", "energy_attn_kernels")
 
 
 def run(*cmd, **kw):

@@ -105,7 +105,7 @@ def test_sdpa_mask_materialises_the_last_dim_and_casts_without_overflow():
 
 def test_only_masks_py_calls_scaled_dot_product_attention():
     offenders = []
-    for path in list((ROOT / "energy_attn").rglob("*.py")) + list((ROOT / "kernels").rglob("*.py")):
+    for path in list((ROOT / "energy_attn").rglob("*.py")) + list((ROOT / "energy_attn_kernels").rglob("*.py")):
         if path.name == "masks.py" and path.parent.name == "energy_attn":
             continue
         for node in ast.walk(ast.parse(path.read_text())):

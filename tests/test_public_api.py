@@ -1,5 +1,8 @@
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import energy_attn
 
@@ -53,10 +56,18 @@ def test_import_is_light():
     assert res.returncode == 0, res.stdout + res.stderr
 
 
-def test_kernels_only_importable_under_package(tmp_path):
-    # Run outside the repository so the source tree itself is not on sys.path.
-    code = ("import importlib.util as u, sys; "
-            "sys.exit(0 if u.find_spec('energy_attn.kernels') and not u.find_spec('kernels') "
-            "else 1)")
-    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True)
-    assert res.returncode == 0
+@pytest.mark.parametrize("where", ["outside", "repository root"])
+def test_kernels_only_importable_under_package(tmp_path, where):
+    """The kernels import as ``energy_attn.kernels`` only. The top-level import name ``kernels``
+    belongs to a PyPI distribution (Hugging Face's kernel hub, which transformers imports):
+    whether or not it is installed, it must never resolve to this repository, not even from the
+    repository root, whose directory ``python -m``/``python -c`` put first on sys.path."""
+    root = Path(__file__).resolve().parents[1]
+    code = ("import importlib.util as u, sys; s = u.find_spec('kernels'); "
+            "print(s and (s.origin or list(s.submodule_search_locations)[0])); "
+            "sys.exit(0 if u.find_spec('energy_attn.kernels') else 1)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=tmp_path if where == "outside" else root)
+    assert res.returncode == 0, res.stderr
+    found = res.stdout.strip()
+    assert found == "None" or not Path(found).resolve().is_relative_to(root), found
