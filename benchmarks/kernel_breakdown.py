@@ -26,6 +26,7 @@ Prints a markdown table and writes ``benchmarks/results/kernel-breakdown-<tag>.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -105,13 +106,12 @@ def time_case(kmod, D, N, M, T, bh, causal, variant, reps, device):
             dout, None, q, k, None, None, mu, lse, else_, *hyper)
         dq_launch = launches[0]
         fused = dq_launch.meta["FUSED"]
-        if fused == 2:
-            kmod._ensure_allocator()
 
         def dq_all():  # fused: the whole backward, zeroing the dK it adds into included
             if fused:
                 dk_parts.zero_()
-            dq_launch()
+            with kmod._tma_scratch() if fused == 2 else contextlib.nullcontext():
+                dq_launch()
 
         def dk_and_sum():
             launches[1]()

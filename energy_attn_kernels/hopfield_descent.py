@@ -1118,17 +1118,26 @@ def fused_backward_mode(q: torch.Tensor) -> int:
 
 
 def _scratch(size: int, alignment: int, stream):
-    """Global scratch for device-side tensor descriptors (the TMA reduce-add's)."""
+    """Global scratch for device-side tensor descriptors (the TMA reduce-add's), on the current
+    device (the launches run under :func:`_on_device`)."""
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-def _ensure_allocator() -> None:
-    """Device-side TMA descriptors need a Triton allocator; install one if none is set (Triton
-    keeps it per thread: autograd's backward may run on its own)."""
+@contextlib.contextmanager
+def _tma_scratch():
+    """Device-side TMA descriptors need a Triton allocator for their scratch: lend one for the
+    launches inside, unless the caller has set their own; Triton's setting is restored after
+    (a context variable: nothing global is left behind)."""
     from triton.runtime import _allocation
 
-    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
-        triton.set_allocator(_scratch)
+    if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        yield
+        return
+    token = _allocation._allocator.set(_scratch)
+    try:
+        yield
+    finally:
+        _allocation._allocator.reset(token)
 
 
 def plan_backward(dout, denergy, q, k, key_bias, pad, mu, lse, energy_lse, scale, step_size,
@@ -1197,9 +1206,8 @@ def _forward(*inputs):
 
 def _backward(dout, denergy, q, k, key_bias, *rest):
     launches, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest)
-    with _on_device(q):
-        if launches[0].meta["FUSED"] == 2:
-            _ensure_allocator()
+    tma = launches[0].meta["FUSED"] == 2
+    with _on_device(q), _tma_scratch() if tma else contextlib.nullcontext():
         for launch in launches:
             launch()
     dk = dk[0] if dk.shape[0] == 1 else dk.sum(0)  # the key kernel's query parts

@@ -126,3 +126,26 @@ def test_cpu_tensors_reduce_and_a_bad_mode_is_named(monkeypatch):
     x = torch.randn(1, 1, 8, 16, requires_grad=True)
     with pytest.raises(ValueError, match="FUSED_BACKWARD"):
         hopfield_descent(x, x.detach(), backend="triton").sum().backward()
+
+
+def test_tma_scratch_is_lent_for_the_launches_only():
+    """The TMA form's descriptors need a Triton allocator: the backward lends one for its own
+    launches and restores Triton's setting after; an allocator the caller set is kept."""
+    from triton.runtime import _allocation
+
+    before = _allocation._allocator.get()
+    assert isinstance(before, _allocation.NullAllocator)  # nobody set one in this process
+    with kmod._tma_scratch():
+        assert _allocation._allocator.get() is kmod._scratch
+    assert _allocation._allocator.get() is before
+
+    def mine(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    token = _allocation._allocator.set(mine)
+    try:
+        with kmod._tma_scratch():
+            assert _allocation._allocator.get() is mine
+        assert _allocation._allocator.get() is mine
+    finally:
+        _allocation._allocator.reset(token)
