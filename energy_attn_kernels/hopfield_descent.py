@@ -842,11 +842,13 @@ _SPACE = {
     ("dk", 2, True, 64): ((32, 128, 4, 2), (64, 128, 8, 2)),
     # the one-kernel backward (FUSED_BACKWARD), never timed with reductions: the best tiles
     # swept with acq_rel atomics at f7d6df6 (D=128: 90.0 ms fwd+bwd; D=64: 38.2 ms) lead,
-    # then the two-kernel query kernel's
-    ("dqk", 2, False, 128): ((128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)),
-    ("dqk", 2, True, 128): ((128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)),
-    ("dqk", 2, False, 64): ((128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)),
-    ("dqk", 2, True, 64): ((128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2)),
+    # then the two-kernel query kernel's, then the one tile of a few tried that compiles for
+    # sm_90 without spills (GD, no masks; the others spill 100-2160 bytes): for autotuning to
+    # weigh, not a default
+    ("dqk", 2, False, 128): ((128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 8, 2)),
+    ("dqk", 2, True, 128): ((128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 8, 2)),
+    ("dqk", 2, False, 64): ((128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2), (128, 32, 8, 2)),
+    ("dqk", 2, True, 64): ((128, 128, 8, 2), (64, 128, 4, 2), (128, 64, 4, 2), (128, 32, 8, 2)),
     # compile-time (never timed): D <= 32 and D = 256 in 16 bits, every float32 class
     ("fwd", 2, False, 32): ((128, 64, 8, 3),), ("fwd", 2, True, 32): ((128, 64, 8, 3),),
     ("dq", 2, False, 32): ((128, 64, 8, 3),), ("dq", 2, True, 32): ((128, 64, 8, 3),),
