@@ -10,6 +10,12 @@
 #
 #   OUT=/tmp/gpu BENCH_COMMIT=$(git rev-parse --short HEAD) bash benchmarks/gpu_session.sh
 #   STAGES="breakdown target" bash benchmarks/gpu_session.sh
+#
+# All stages take about 10-11 minutes on an H200 (estimated from earlier runs: target ~60 s,
+# breakdown ~100 s with the fused variants, tests ~150 s, accuracy and fused ~45 s each, each
+# extra target table ~60-70 s, tiles 80 s): where one command may run at most 10 minutes,
+# split them, e.g. STAGES="target breakdown fused tests", then
+# STAGES="accuracy target-fp16 target-dims tiles".
 set -u
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
