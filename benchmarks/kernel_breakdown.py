@@ -26,7 +26,6 @@ Prints a markdown table and writes ``benchmarks/results/kernel-breakdown-<tag>.j
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -110,8 +109,7 @@ def time_case(kmod, D, N, M, T, bh, causal, variant, reps, device):
         def dq_all():  # fused: the whole backward, zeroing the dK it adds into included
             if fused:
                 dk_parts.zero_()
-            with kmod._tma_scratch() if fused == 2 else contextlib.nullcontext():
-                dq_launch()
+            dq_launch()
 
         def dk_and_sum():
             launches[1]()

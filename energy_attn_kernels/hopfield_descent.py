@@ -774,6 +774,13 @@ class Launch(NamedTuple):
     candidates: tuple  # ((BLOCK_N, BLOCK_M, num_warps, num_stages), ...)
 
     def __call__(self) -> None:
+        """Run it on the tensors' device (:func:`_on_device`), with the scratch allocator the
+        fused TMA backward's descriptors need (:func:`_tma_scratch`)."""
+        tma = self.meta.get("FUSED") == 2
+        with _on_device(self.args["Q"]), _tma_scratch() if tma else contextlib.nullcontext():
+            self._run()
+
+    def _run(self) -> None:
         tuner = _TUNERS.get(self.kernel)
         if tuner is None or not _on_gpu(self.args) or len(self.candidates) < 2:
             self.kernel[self.grid(self.meta)](**self.args, **self.meta, **COMPILE_OPTIONS)
@@ -1201,17 +1208,14 @@ def _on_device(t: torch.Tensor):
 
 def _forward(*inputs):
     launch, outputs = plan_forward(*inputs)
-    with _on_device(inputs[0]):
-        launch()
+    launch()
     return outputs
 
 
 def _backward(dout, denergy, q, k, key_bias, *rest):
     launches, (dq, dk, dbias) = plan_backward(dout, denergy, q, k, key_bias, *rest)
-    tma = launches[0].meta["FUSED"] == 2
-    with _on_device(q), _tma_scratch() if tma else contextlib.nullcontext():
-        for launch in launches:
-            launch()
+    for launch in launches:
+        launch()
     dk = dk[0] if dk.shape[0] == 1 else dk.sum(0)  # the key kernel's query parts
     if key_bias is not None:
         dbias = (dbias[0] if dbias.shape[0] == 1 else dbias.sum(0)).to(key_bias.dtype)

@@ -387,10 +387,10 @@ def test_launches_run_on_the_tensors_device(monkeypatch):
         assert t.device == q.device
         return Guard()
 
-    call = kmod.Launch.__call__
+    run = kmod.Launch._run
     monkeypatch.setattr(kmod, "_on_device", on_device)
-    monkeypatch.setattr(kmod.Launch, "__call__",
-                        lambda self: (ran.append(bool(inside)), call(self))[1])
+    monkeypatch.setattr(kmod.Launch, "_run",
+                        lambda self: (ran.append(bool(inside)), run(self))[1])
     q = torch.randn(1, 2, 40, 16, device=DEVICE, requires_grad=True)
     hopfield_descent(q, q.detach(), num_steps=2, backend="triton").sum().backward()
     assert ran == [True, True, True]  # forward, query kernel, key kernel
