@@ -811,7 +811,9 @@ DK_PARTS: int | None = None
 #: one-kernel backward measured at commit f7d6df6 used Triton's default ``acq_rel`` atomics, a
 #: returning ``atom.acq_rel`` per element). ``"tma"``: one TMA bulk reduce-add per key tile
 #: (sm_90+ and D % 4 == 0, else ``"red"``; ``"red"`` under the interpreter, which lacks it).
-#: Key gradients then differ in the last bits from run to run. Benchmarks set this to time it.
+#: Key gradients then differ in the last bits from run to run, so under
+#: ``torch.use_deterministic_algorithms(True)`` the two kernels run whatever this says.
+#: Benchmarks set this to time it.
 FUSED_BACKWARD: str | None = None
 
 #: The dK kernel splits its queries into parts until about this many programs per SM run.
@@ -1113,12 +1115,14 @@ def plan_forward(q, k, key_bias, pad, scale, step_size, momentum, num_steps, is_
 def fused_backward_mode(q: torch.Tensor) -> int:
     """The ``FUSED`` constexpr of a backward for ``q`` under ``FUSED_BACKWARD``: 0 (two kernels),
     1 (one kernel, relaxed reductions) or 2 (one kernel, TMA reduce-add: CUDA sm_90+ or a meta
-    tensor planned for it, and rows of 16-byte multiples, D % 4 == 0)."""
+    tensor planned for it, and rows of 16-byte multiples, D % 4 == 0). Under
+    ``torch.use_deterministic_algorithms(True)`` always 0: the two kernels compute the same
+    gradients in a fixed order, so the user's request for repeatable runs costs speed only."""
     mode = FUSED_BACKWARD
-    if mode is None:
-        return 0
-    if mode not in ("red", "tma"):
+    if mode is not None and mode not in ("red", "tma"):
         raise ValueError(f"FUSED_BACKWARD must be None, 'red' or 'tma', got {mode!r}")
+    if mode is None or torch.are_deterministic_algorithms_enabled():
+        return 0
     D = q.shape[-1]
     tma = mode == "tma" and D % 4 == 0 and (
         q.device.type == "meta"

@@ -128,6 +128,18 @@ def test_cpu_tensors_reduce_and_a_bad_mode_is_named(monkeypatch):
         hopfield_descent(x, x.detach(), backend="triton").sum().backward()
 
 
+def test_deterministic_algorithms_keep_the_two_kernels(fused):
+    q = torch.empty(1, 1, 8, 16)
+    assert kmod.fused_backward_mode(q) == 1
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert kmod.fused_backward_mode(q) == 0
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert kmod.fused_backward_mode(q) == 1
+
+
 def test_tma_scratch_is_lent_for_the_launches_only():
     """The TMA form's descriptors need a Triton allocator: the backward lends one for its own
     launches and restores Triton's setting after; an allocator the caller set is kept."""
