@@ -178,3 +178,17 @@ def test_energy_attention_options_reach_the_model():
                                   d_model=16, context=16))
     one.load_state_dict(model.state_dict())
     assert not torch.allclose(model(x)[0], one(x)[0])  # the descent steps change the output
+
+
+@pytest.mark.parametrize("field, value", [
+    ("grad_clip", -1.0), ("grad_clip", float("nan")), ("min_lr_ratio", -0.1),
+    ("min_lr_ratio", 1.5), ("weight_decay", -0.1), ("beta1", 1.0), ("beta2", -0.5),
+    ("beta1", float("nan")), ("lr", float("inf"))])
+def test_config_rejects_out_of_range_optimizer_settings(field, value, tmp_path, capsys):
+    # grad_clip=-1 used to pass (it is truthy) and clip_grad_norm_ flipped the gradient.
+    with pytest.raises(ValueError, match=field):
+        TrainConfig(**{field: value})
+    flag = "--" + field.replace("_", "-")
+    assert main(["train", flag, str(value), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {field} must" in err and not (tmp_path / "run").exists()
