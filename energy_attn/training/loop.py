@@ -184,7 +184,8 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
         return cfg.lr * (step + 1) / cfg.warmup
     span = max(cfg.steps - cfg.warmup, 1)
     progress = min(max(step - cfg.warmup, 0) / span, 1.0)
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
 
 
 def get_batch(data: torch.Tensor, cfg: TrainConfig, step: int, rank: int, device):
