@@ -52,6 +52,15 @@ def _logits(state, stored, scale, mask=None, key_bias=None):
     return masks.logits_mask(logits, mask)  # blocked: −inf; fully masked rows: 0, valid False
 
 
+def _logsumexp(logits):
+    """``lse_j logits_j`` shifted by the detached row maximum (docs/math.md §1.1): the value is
+    the same, but autograd's ``p = exp(logits − lse)`` then subtracts two small numbers instead
+    of two large ones, so ``p`` stays accurate when the logits are large (an elastic key bias,
+    keys far from the origin), and with it every autograd gradient and Hessian-vector product."""
+    top = logits.amax(dim=-1, keepdim=True).detach()
+    return top.squeeze(-1) + torch.logsumexp(logits - top, dim=-1)
+
+
 def _readout(logits, valid, stored):
     """``p = softmax(logits)``, ``μ = p K`` (zero on fully masked rows)."""
     p = logits.softmax(dim=-1)
@@ -83,7 +92,7 @@ def hopfield_energy(state_patterns, stored_patterns, scale=None, mask=None, key_
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
     kinetic = 0.5 * state_patterns.to(logits.dtype).pow(2).sum(dim=-1)
-    lse = torch.logsumexp(logits, dim=-1)
+    lse = _logsumexp(logits)
     if exists(valid):
         lse = lse * valid.squeeze(-1)
     return kinetic - lse / scale

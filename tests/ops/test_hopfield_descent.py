@@ -68,6 +68,27 @@ def test_reference_equals_autograd_backend(mask_kind, optimizer, rho):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("optimizer", ["gd", "newton_2nd1st"])
+def test_autograd_backend_float32_with_large_logits(optimizer):
+    """Keys far from the origin and the elastic key bias give logits near −10³: the autograd
+    backend's lse must be shifted (docs/math.md §1.1) or float32 rounding of lse alone scales every
+    p by 1 ± 1e-3 (without the shift: errors 84x (gd) and 1e5x (newton_2nd1st) the reference's)."""
+    from energy_attn.energies import elastic_key_bias
+
+    g = torch.Generator().manual_seed(0)
+    D = 16
+    centre = torch.randn(D, generator=g).abs() * 100
+    k = centre + torch.randn(1, 1, 9, D, generator=g)
+    q = centre + torch.randn(1, 1, 8, D, generator=g)
+    bias = elastic_key_bias(k, D ** -0.5)
+    kw = dict(step_size=0.7, num_steps=3, optimizer=optimizer)
+    truth = hopfield_descent(q.double(), k.double(), key_bias=bias.double(), **kw)
+    step = (truth - q.double()).norm()
+    for backend in ("reference", "autograd"):
+        out = hopfield_descent(q, k, key_bias=bias, backend=backend, **kw)
+        assert (out.double() - truth).norm() / step < 3e-3, backend
+
+
 @pytest.mark.parametrize("T", [1, 2, 3])
 @pytest.mark.parametrize("optimizer,rho", OPTS)
 def test_gradcheck(T, optimizer, rho):
