@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 
 from .. import masks
-from .._moments import acc_dtype, centred, key_rows
+from .._moments import acc_dtype, centred, key_rows, no_autocast
 from .._utils import exists
 
 
@@ -46,7 +46,8 @@ def _logits(state, stored, scale, mask=None, key_bias=None):
     callers zero their read-out and potential.
     """
     dt = acc_dtype(state, stored)
-    logits = torch.einsum("...id,...jd->...ij", state.to(dt), stored.to(dt)) * scale
+    with no_autocast(state):  # autocast would run the einsum in 16 bits again
+        logits = torch.einsum("...id,...jd->...ij", state.to(dt), stored.to(dt)) * scale
     if exists(key_bias):
         logits = logits + key_bias.to(dt).unsqueeze(-2)
     return masks.logits_mask(logits, mask)  # blocked: −inf; fully masked rows: 0, valid False
@@ -66,7 +67,8 @@ def _readout(logits, valid, stored):
     p = logits.softmax(dim=-1)
     if exists(valid):
         p = p * valid
-    return p, p @ stored.to(p.dtype)
+    with no_autocast(p):
+        return p, p @ stored.to(p.dtype)
 
 
 def hopfield_energy(state_patterns, stored_patterns, scale=None, mask=None, key_bias=None):
@@ -127,7 +129,8 @@ def hopfield_energy_self_grad(state_patterns, stored_patterns, scale=None, mask=
     logits, valid = _logits(state_patterns, state_patterns, scale, mask, key_bias)
     p, mu = _readout(logits, valid, state_patterns)
     xi = state_patterns.to(p.dtype)
-    return (xi - mu - p.transpose(-1, -2) @ xi).to(state_patterns.dtype)
+    with no_autocast(p):
+        return (xi - mu - p.transpose(-1, -2) @ xi).to(state_patterns.dtype)
 
 
 def elastic_energy_self_grad(state_patterns, stored_patterns, scale=None, mask=None):
@@ -143,7 +146,8 @@ def elastic_energy_self_grad(state_patterns, stored_patterns, scale=None, mask=N
     p, mu = _readout(logits, valid, state_patterns)
     xi = state_patterns.to(p.dtype)
     pt = p.transpose(-1, -2)  # pt[i, j] = p_ji: pattern i read as a key by query j
-    return (xi - mu - pt @ xi + pt.sum(-1, keepdim=True) * xi).to(state_patterns.dtype)
+    with no_autocast(p):
+        return (xi - mu - pt @ xi + pt.sum(-1, keepdim=True) * xi).to(state_patterns.dtype)
 
 
 def hopfield_newton_direction(
@@ -169,21 +173,22 @@ def hopfield_newton_direction(
     allowed = None if mask is None else masks.full_allowed(masks.as_masks(mask), *p.shape[-2:],
                                                              p.device)
     kc, c = centred(stored_patterns.to(p.dtype), *key_rows(allowed))
-    mc = p @ kc  # μ − c (0 on fully masked rows, where μ = 0)
-    mu = mc + (c if valid is None else c * valid)
-    g = state_patterns.to(p.dtype) - mu
-    if kind == "2nd1st":
-        # Σ g = Σ_j p_ij ((k_j − μ_i)·g_i)(k_j − μ_i): about c, and with the μ_i − c part
-        # subtracted explicitly (Σ_j p_ij s_ij is 0 in exact arithmetic).
-        s = torch.einsum("...jd,...id->...ij", kc, g) - (mc * g).sum(-1, keepdim=True)
-        ps = p * s
-        sigma_g = ps @ kc - mc * ps.sum(-1, keepdim=True)
-        d = g + scale * sigma_g
-    elif kind == "light":
-        diag = (p @ kc.square() - mc.square()).clamp_min(0)
-        d = (1.0 + scale * diag) * g
-    else:
-        raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
+    with no_autocast(p):
+        mc = p @ kc  # μ − c (0 on fully masked rows, where μ = 0)
+        mu = mc + (c if valid is None else c * valid)
+        g = state_patterns.to(p.dtype) - mu
+        if kind == "2nd1st":
+            # Σ g = Σ_j p_ij ((k_j − μ_i)·g_i)(k_j − μ_i): about c, and with the μ_i − c part
+            # subtracted explicitly (Σ_j p_ij s_ij is 0 in exact arithmetic).
+            s = torch.einsum("...jd,...id->...ij", kc, g) - (mc * g).sum(-1, keepdim=True)
+            ps = p * s
+            sigma_g = ps @ kc - mc * ps.sum(-1, keepdim=True)
+            d = g + scale * sigma_g
+        elif kind == "light":
+            diag = (p @ kc.square() - mc.square()).clamp_min(0)
+            d = (1.0 + scale * diag) * g
+        else:
+            raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
     return d.to(state_patterns.dtype)
 
 

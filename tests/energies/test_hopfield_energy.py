@@ -88,6 +88,22 @@ def test_low_precision_inputs_accumulate_in_float32(dtype):
     torch.testing.assert_close(e.double(), e64, atol=1e-4, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["energy", "gradient", "2nd1st", "light"])
+def test_autocast_keeps_the_float32_accumulation(kind):
+    """Under bf16 autocast every matmul of the energy module must still run in float32: on
+    bf16-exact inputs the result equals the float64 one up to float32 rounding."""
+    xi, k = _data(d=64, dtype=torch.bfloat16)
+    xi, k = xi + 3, k + 3  # an offset: 16-bit logits would be off by their ulp (≈ 0.06)
+    fn = {"energy": hopfield_energy, "gradient": hopfield_energy_grad,
+          "2nd1st": hopfield_newton_direction,
+          "light": lambda *a: hopfield_newton_direction(*a, kind="light")}[kind]
+    truth = fn(xi.double(), k.double(), 64**-0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(xi.float(), k.float(), 64**-0.5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), truth, atol=1e-4, rtol=1e-5)
+
+
 def test_newton_directions_vs_dense_covariance():
     xi, k = _data(b=1, n=3, m=6, d=4)
     beta = 1.1
