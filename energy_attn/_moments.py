@@ -16,9 +16,15 @@ shift-invariant, so the callers
   exposes whenever a query attends a key far from ``c``.
 
 ``c`` is detached: the moments are exact identities in it. See docs/math.md §4.
+
+Under ``torch.autocast`` a matmul, einsum or SDPA call runs in the autocast dtype whatever its
+inputs' dtype, which would undo the upcast: the callers run the products they upcast inside
+:func:`no_autocast`.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -26,6 +32,15 @@ import torch
 def acc_dtype(*tensors: torch.Tensor) -> torch.dtype:
     """The accumulation dtype: float64 if any input is float64, else float32."""
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def no_autocast(t: torch.Tensor):
+    """A context in which ``torch.autocast`` is off on ``t``'s device (a no-op where it is off
+    already): matmuls of operands upcast to :func:`acc_dtype` then really run in that dtype."""
+    device_type = t.device.type
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
 
 
 def key_rows(allowed: torch.Tensor | None, is_causal: bool = False, m: int = 0, device=None):

@@ -18,15 +18,16 @@ then they do not influence the others at all.
 
 Shapes: ``tokens [..., N, D]``, ``w_q``/``w_k`` ``[H, Y, D]`` (heads, head size, token size:
 ``nn.Linear``'s ``(out, in)`` order per head), ``mask`` broadcastable to ``[..., N, N]``.
-Energies per token ``[..., N]`` (summed over heads), accumulated in float32 (float64 stays).
+Energies per token ``[..., N]`` (summed over heads), accumulated in float32 (float64 stays),
+under ``torch.autocast`` too.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._moments import acc_dtype, no_autocast
 from .._utils import check_bool_mask, check_finite_number, check_float_tensor, exists
-from .._moments import acc_dtype
 
 
 def _check(tokens, w_q, w_k, scale, mask):
@@ -55,9 +56,10 @@ def _attention(tokens, w_q, w_k, scale, mask):
     """Queries, keys ``[..., H, N, Y]``, attention ``P [..., H, N, N]``, row validity, logits."""
     dt = acc_dtype(tokens, w_q, w_k)
     g = tokens.to(dt)
-    q = torch.einsum("...nd,hyd->...hny", g, w_q.to(dt))
-    k = torch.einsum("...nd,hyd->...hny", g, w_k.to(dt))
-    logits = scale * q @ k.transpose(-1, -2)  # [..., H, N(query C), N(key B)]
+    with no_autocast(g):  # autocast would run the upcast products in 16 bits
+        q = torch.einsum("...nd,hyd->...hny", g, w_q.to(dt))
+        k = torch.einsum("...nd,hyd->...hny", g, w_k.to(dt))
+        logits = scale * q @ k.transpose(-1, -2)  # [..., H, N(query C), N(key B)]
     N = tokens.shape[-2]
     allowed = ~torch.eye(N, dtype=torch.bool, device=tokens.device)
     if exists(mask):
@@ -102,10 +104,11 @@ def _grad(tokens, w_q, w_k, scale, mask=None):
     """:func:`energy_transformer_energy_grad` without input checks (for descent loops)."""
     q, k, logits, valid = _attention(tokens, w_q, w_k, scale, mask)
     p = logits.softmax(dim=-1) * valid  # [..., H, N, N]
-    d_q = -(p @ k)  # ∂E/∂Q_C = −Σ_B P_CB K_B
-    d_k = -(p.transpose(-1, -2) @ q)  # ∂E/∂K_B = −Σ_C P_CB Q_C
-    grad = torch.einsum("...hny,hyd->...nd", d_q, w_q.to(p.dtype))
-    grad = grad + torch.einsum("...hny,hyd->...nd", d_k, w_k.to(p.dtype))
+    with no_autocast(p):
+        d_q = -(p @ k)  # ∂E/∂Q_C = −Σ_B P_CB K_B
+        d_k = -(p.transpose(-1, -2) @ q)  # ∂E/∂K_B = −Σ_C P_CB Q_C
+        grad = torch.einsum("...hny,hyd->...nd", d_q, w_q.to(p.dtype))
+        grad = grad + torch.einsum("...hny,hyd->...nd", d_k, w_k.to(p.dtype))
     return grad.to(tokens.dtype)
 
 

@@ -159,3 +159,30 @@ def test_normalized_dynamics_descend_and_move_at_a_bounded_rate():
     assert moved_normed <= bound < moved_raw
     with pytest.raises(TypeError, match="normalize"):
         EnergyTransformerAttention(8, normalize="yes")
+
+
+def test_energy_and_layer_accumulate_in_float32_under_autocast():
+    # torch.autocast runs einsum/matmul in bfloat16 whatever the inputs' dtype; the float32
+    # accumulation the docs promise must hold under it too (energies float32, near float64).
+    torch.manual_seed(0)
+    w_q, w_k = _weights(H=2, Y=16, D=32)
+    g = 3 * torch.randn(2, 24, 32, dtype=DT)
+    ref = energy_transformer_energy(g, w_q, w_k, 0.25)
+    args = (g.float(), w_q.float(), w_k.float(), 0.25)
+    plain = energy_transformer_energy(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = energy_transformer_energy(*args)
+        grad = energy_transformer_energy_grad(*args)
+    assert e.dtype == torch.float32
+    f32_err = (plain.double() - ref).abs().max()
+    assert (e.double() - ref).abs().max() <= 2 * f32_err + 1e-5 * ref.abs().max()
+    torch.testing.assert_close(grad, energy_transformer_energy_grad(*args))
+
+    layer = EnergyTransformerAttention(8, heads=2, dim_head=4, num_steps=3)
+    x = torch.randn(2, 6, 8)
+    out, energies = layer(x, return_energies=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac, energies_ac = layer(x, return_energies=True)
+    assert energies_ac.dtype == torch.float32 and out_ac.dtype == torch.float32
+    torch.testing.assert_close(energies_ac, energies)
+    torch.testing.assert_close(out_ac, out)
