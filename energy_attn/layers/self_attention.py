@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .. import masks
-from .._moments import acc_dtype, centred, key_rows, moment_values
+from .._moments import acc_dtype, centred, key_rows, moment_values, no_autocast
 from .._utils import (
     check_bool_mask,
     check_finite_number,
@@ -132,7 +132,8 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         d_model = check_num_steps(d_model, "d_model")
         n_head = check_num_steps(n_head, "n_head")
         if n_head < 1 or d_model < 1 or d_model % n_head:
-            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_head ({n_head})")
+            raise ValueError(
+                f"d_model ({d_model}) must be a positive multiple of n_head ({n_head})")
         dropout = check_finite_number("dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout}")
@@ -194,9 +195,10 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         allowed = None if mask is None else masks.full_allowed(m, n, n, q.device)
         vc, c = centred(v, *key_rows(allowed, is_causal, n, q.device))
         acc = vc.dtype
-        out = masks.sdpa(q.to(acc), k.to(acc), moment_values(vc, p_drop > 0),
-                         attn_mask=attn_mask, valid=valid, dropout_p=p_drop,
-                         is_causal=sdpa_causal)
+        with no_autocast(vc):  # autocast would run the upcast SDPA call in 16 bits
+            out = masks.sdpa(q.to(acc), k.to(acc), moment_values(vc, p_drop > 0),
+                             attn_mask=attn_mask, valid=valid, dropout_p=p_drop,
+                             is_causal=sdpa_causal)
         d = v.shape[-1]
         mc, m2 = out[..., :d], out[..., d:2 * d]  # Σ_j P_ij (v_j − c), Σ_j P_ij (v_j − c)²
         rho = out[..., 2 * d:] if p_drop > 0 else (1.0 if valid is None else valid.to(acc))
@@ -207,6 +209,10 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         return (mu + gamma * var * (mu - v.to(vc.dtype))).to(v.dtype)
 
     def _attend_2nd1st(self, q, k, v, mask, is_causal, p_drop):
+        with no_autocast(v):  # autocast would run the upcast matmuls below in 16 bits
+            return self._attend_2nd1st_acc(q, k, v, mask, is_causal, p_drop)
+
+    def _attend_2nd1st_acc(self, q, k, v, mask, is_causal, p_drop):
         acc = acc_dtype(v)
         n = q.shape[-2]
         # P in float32 (logits of large keys must not round to 16 bits): the one N×N matrix

@@ -116,6 +116,25 @@ def test_newton_attention_equals_dense_covariance(kind, mask_kind):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("kind", ["2nd1st", "light"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_newton_attention_accumulates_in_float32_under_autocast(kind, causal):
+    # torch.autocast runs matmul/SDPA in bfloat16 whatever the inputs' dtype: the float32
+    # products of the upcast q, k, v must run in float32 under it too (as outside it).
+    torch.manual_seed(0)
+    attn = MultiHeadSelfAttention(D, H, second_order=kind, gamma=0.3)
+    q, k, v = (torch.randn(B, H, 32, D // H) for _ in range(3))
+    k, v = 4 * k + 3, 2 * v + 20  # large logits and a value offset: 16-bit products lose them
+    q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    want = attn.attend(q, k, v, is_causal=causal)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attn.attend(q, k, v, is_causal=causal)
+    truth = attn.double().attend(q.double(), k.double(), v.double(), is_causal=causal)
+    assert got.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert (got.double() - truth).abs().max() <= (want.double() - truth).abs().max()
+
+
 @pytest.mark.parametrize("kind", [None, "2nd1st", "light"])
 def test_attention_gradcheck(kind):
     attn = MultiHeadSelfAttention(4, 2, second_order=kind).double()
