@@ -11,10 +11,15 @@ Attention modules record two things during the ordinary forward pass (no extra f
 
     α      = sigmoid(γ · Ē)                        Ē = mean of the modules' mean energies
     g_att  = ∂(Σ_modules F)/∂θ                     one extra backward through the same graph
-    update = α · m̂/(√v̂ + ε) + (1 − α) · g_att/(√v̂ + ε)
+    û      = bias-corrected EMA (β2) of g_att²      g_att's own second moment, like Adam's v̂
+    update = α · m̂/(√v̂ + ε) + (1 − α) · g_att/(√û + ε)
     θ      ← θ − lr · (update + wd · θ)
 
-Parameters the free energy does not reach take the plain AdamW step (α = 1).
+That is the default, ``attention_norm="own"``. The alternative ``attention_norm="loss"`` (the
+seed's literal form) divides the attention term by the loss gradient's moment instead,
+``(1 − α) · g_att/(√v̂ + ε)``, which is unbounded where the loss gradient is small (see
+:class:`AttentionInformedAdam`). Parameters the free energy does not reach take the plain
+AdamW step (α = 1).
 
 The protocol is :class:`EnergyRecorder`: any ``nn.Module`` that mixes it in and calls
 :meth:`EnergyRecorder.record_energy` with its per-head queries and keys takes part; the
@@ -187,9 +192,51 @@ def energy_modules(model: nn.Module) -> list[EnergyRecorder]:
 
 
 def _check_gamma(gamma):
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or math.isnan(gamma):
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real):
         raise TypeError(f"gamma must be a real number (±inf allowed), got {gamma!r}")
+    if math.isnan(gamma):
+        raise ValueError(f"gamma must be a number or ±inf, got {gamma!r}")
     return float(gamma)
+
+
+def _check_betas(betas):
+    if not isinstance(betas, (tuple, list)):
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    if len(betas) != 2:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    betas = tuple(check_finite_number(f"betas[{i}]", b) for i, b in enumerate(betas))
+    if not all(0.0 <= b < 1.0 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    return betas
+
+
+def _check_non_negative(name, value):
+    value = check_finite_number(name, value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_attention_norm(attention_norm):
+    if attention_norm not in ("loss", "own"):
+        raise ValueError(f"attention_norm must be 'loss' or 'own', got {attention_norm!r}")
+    return attention_norm
+
+
+_SETTING_CHECKS = {
+    "lr": lambda v: _check_non_negative("lr", v),
+    "betas": _check_betas,
+    "eps": lambda v: check_finite_number("eps", v, positive=True),
+    "weight_decay": lambda v: _check_non_negative("weight_decay", v),
+    "gamma": _check_gamma,
+    "attention_norm": _check_attention_norm,
+}
+
+
+def _check_settings(settings: dict) -> dict:
+    """The optimizer settings in ``settings`` checked (ValueError/TypeError naming the one
+    that is wrong) and normalised (floats, a tuple of betas)."""
+    return {k: _SETTING_CHECKS[k](v) for k, v in settings.items() if k in _SETTING_CHECKS}
 
 
 class AttentionInformedAdam(torch.optim.Optimizer):
@@ -236,28 +283,29 @@ class AttentionInformedAdam(torch.optim.Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
                  gamma=1.0, *, attention_norm="own", energy_source):
-        lr = check_finite_number("lr", lr)
-        if lr < 0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        eps = check_finite_number("eps", eps, positive=True)
-        weight_decay = check_finite_number("weight_decay", weight_decay)
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        gamma = _check_gamma(gamma)
-        if attention_norm not in ("loss", "own"):
-            raise ValueError(f"attention_norm must be 'loss' or 'own', got {attention_norm!r}")
+        defaults = _check_settings({"lr": lr, "betas": betas, "eps": eps,
+                                    "weight_decay": weight_decay, "gamma": gamma,
+                                    "attention_norm": attention_norm})
         self.recorders = energy_modules(energy_source)
         for rec in self.recorders:
             rec.record_mean_energy = True
             rec.record_free_energy = True
-        defaults = {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay,
-                    "gamma": gamma, "attention_norm": attention_norm}
         super().__init__(params, defaults)
         self._att_grads: dict[torch.Tensor, torch.Tensor] | None = None
         self._mean_energy: torch.Tensor | None = None
         self.last_alpha: dict[int, torch.Tensor] = {}
+
+    def add_param_group(self, param_group: dict) -> None:
+        """``torch.optim.Optimizer.add_param_group``, with the group's own settings checked like
+        the constructor's arguments, and complex parameters refused (the update is written for
+        real ones)."""
+        if isinstance(param_group, dict):
+            param_group.update(_check_settings(param_group))
+        super().add_param_group(param_group)
+        if any(p.is_complex() for p in self.param_groups[-1]["params"]):
+            self.param_groups.pop()
+            raise TypeError("params must be real: AttentionInformedAdam does not support complex "
+                            "parameters (view them as real ones with torch.view_as_real)")
 
     # ------------------------------------------------------------------ attention gradient
     def attention_backward(self, scaler=None) -> None:
@@ -271,9 +319,13 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         means = [r.mean_energy for r in self.recorders if r.mean_energy is not None]
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
         self._att_grads, self._mean_energy = None, None
+        for rec in self.recorders:
+            rec.free_energy = None  # release the graph reference (``free`` holds it below)
         if not frees or not means:
             return
         free = torch.stack([_acc(f) for f in frees]).sum()
+        if not free.requires_grad or not params:
+            return  # nothing trainable reaches F: every parameter takes the AdamW step
         scale = scaler.get_scale() if (scaler is not None and scaler.is_enabled()) else 1.0
         grads = torch.autograd.grad(free * scale, params, retain_graph=True, allow_unused=True)
         mean_energy = torch.stack(means).mean()
@@ -295,8 +347,6 @@ class AttentionInformedAdam(torch.optim.Optimizer):
             att = {}  # an AMP overflow: drop the attention term for this step
         self._att_grads = att or None
         self._mean_energy = mean_energy
-        for rec in self.recorders:
-            rec.free_energy = None  # release the graph reference
 
     def backward(self, loss, scaler=None) -> None:
         """``attention_backward(scaler)`` then the (scaled) loss backward."""
@@ -349,11 +399,14 @@ class AttentionInformedAdam(torch.optim.Optimizer):
                     g_att = g_att.to(p.dtype)
                     if group["attention_norm"] == "own":
                         if "att_sq" not in state:
-                            state["att_step"] = torch.zeros((), dtype=torch.float32)
+                            state["att_step"] = 0
                             state["att_sq"] = torch.zeros_like(p)
-                        state["att_step"] += 1
+                        # a Python int: load_state_dict casts every state tensor but "step" to
+                        # p's dtype, and a bf16 counter stops at 256. int() reads older
+                        # checkpoints' tensor counters.
+                        state["att_step"] = int(state["att_step"]) + 1
                         state["att_sq"].mul_(beta2).addcmul_(g_att, g_att, value=1 - beta2)
-                        bc = 1 - beta2 ** state["att_step"].item()
+                        bc = 1 - beta2 ** state["att_step"]
                         att_denom = (state["att_sq"].sqrt() / math.sqrt(bc)).add_(eps)
                         p.addcdiv_(exp_avg * alpha, denom, value=-step_size)
                         p.addcdiv_(g_att * (1 - alpha), att_denom, value=-lr)

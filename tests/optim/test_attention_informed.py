@@ -119,7 +119,10 @@ def test_single_step_by_hand(attention_norm):
     # By hand: loss gradient, free-energy gradient and Ē from explicit scores.
     attn = model.attn
     emb = model.emb(x)
-    split = lambda t: t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
+    def split(t):
+        return t.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+
     q, k = split(attn.to_q(emb)), split(attn.to_k(emb))
     mean_e, free = brute_stats(q, k, q.shape[-1] ** -0.5, causal=True)
     names = [n for n, _ in model.named_parameters()]
@@ -200,6 +203,84 @@ def test_state_dict_round_trip():
         torch.testing.assert_close(p, r, atol=0, rtol=0)
 
 
+def test_bf16_state_dict_round_trip_keeps_counting_attention_steps():
+    # load_state_dict casts every state tensor but "step" to the parameter's dtype; a bf16
+    # attention step counter stopped at 256 (256 + 1 == 256 in bf16).
+    torch.manual_seed(3)
+    model = TinyModel().to(torch.bfloat16)
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, energy_source=model)
+    _run(model, opt, 1)
+    for state in opt.state.values():
+        if "att_step" in state:
+            state["att_step"] = state["att_step"] * 0 + 256
+    clone = copy.deepcopy(model)
+    clone_opt = AttentionInformedAdam(clone.parameters(), lr=1e-2, energy_source=clone)
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    clone_opt.load_state_dict(torch.load(buf, weights_only=True))
+    _run(model, opt, 3, seed=10)
+    _run(clone, clone_opt, 3, seed=10)
+    counts = [s["att_step"] for s in clone_opt.state.values() if "att_step" in s]
+    assert counts and all(c == 259 for c in counts)
+    for p, r in zip(model.parameters(), clone.parameters()):
+        torch.testing.assert_close(p, r, atol=0, rtol=0)
+
+
+def test_backward_when_the_free_energy_reaches_no_trainable_parameter():
+    # Only the head trains: F does not require grad, and backward used to raise.
+    torch.manual_seed(6)
+    model = TinyModel()
+    ref = copy.deepcopy(model)
+    for m in (model, ref):
+        for name, p in m.named_parameters():
+            p.requires_grad_(name.startswith("head"))
+    opt = AttentionInformedAdam(model.head.parameters(), lr=1e-2, energy_source=model)
+    ref_opt = torch.optim.AdamW(ref.head.parameters(), lr=1e-2, foreach=False)
+    _run(model, opt, 2)
+    _run(ref, ref_opt, 2)
+    assert opt.last_alpha == {}
+    for p, r in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p, r, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("setting, error, named", [
+    ({"attention_norm": "Own"}, ValueError, "attention_norm"),
+    ({"betas": (2.0, 0.9)}, ValueError, "betas"),
+    ({"betas": 0.9}, TypeError, "betas"),
+    ({"betas": ("a", "b")}, TypeError, "betas"),
+    ({"eps": -1.0}, ValueError, "eps"),
+    ({"gamma": float("nan")}, ValueError, "gamma"),
+    ({"gamma": "x"}, TypeError, "gamma"),
+    ({"lr": -1.0}, ValueError, "lr"),
+    ({"weight_decay": -0.1}, ValueError, "weight_decay"),
+])
+def test_each_parameter_group_is_checked_like_the_constructor(setting, error, named):
+    lin = torch.nn.Linear(3, 1)
+    with pytest.raises(error, match=named):
+        AttentionInformedAdam(lin.parameters(), energy_source=lin, **setting)
+    with pytest.raises(error, match=named):
+        AttentionInformedAdam([{"params": lin.parameters(), **setting}], energy_source=lin)
+    opt = AttentionInformedAdam([lin.weight], energy_source=lin)
+    with pytest.raises(error, match=named):
+        opt.add_param_group({"params": [lin.bias], **setting})
+    assert len(opt.param_groups) == 1
+    group = AttentionInformedAdam([{"params": [lin.weight], "betas": [0.5, 0.6], "gamma": 2}],
+                                  energy_source=lin).param_groups[0]
+    assert group["betas"] == (0.5, 0.6) and group["gamma"] == 2.0
+
+
+def test_complex_parameters_are_refused():
+    z = torch.nn.Parameter(torch.zeros(3, dtype=torch.complex64))
+    lin = torch.nn.Linear(3, 1)
+    with pytest.raises(TypeError, match="params must be real"):
+        AttentionInformedAdam([lin.weight, z], energy_source=lin)
+    opt = AttentionInformedAdam(lin.parameters(), energy_source=lin)
+    with pytest.raises(TypeError, match="params must be real"):
+        opt.add_param_group({"params": [z]})
+    assert len(opt.param_groups) == 1
+
+
 def test_parameter_groups_use_their_own_gamma_and_lr():
     torch.manual_seed(4)
     model = TinyModel()
@@ -235,7 +316,7 @@ def test_no_recorders_is_adamw_and_bad_arguments():
     opt.step()
     with pytest.raises(TypeError, match="energy_source"):
         AttentionInformedAdam(lin.parameters(), energy_source=None)
-    with pytest.raises(TypeError, match="gamma"):
+    with pytest.raises(ValueError, match="gamma"):  # ValueError: what the CLI reports
         AttentionInformedAdam(lin.parameters(), gamma=float("nan"), energy_source=lin)
     with pytest.raises(ValueError, match="betas"):
         AttentionInformedAdam(lin.parameters(), betas=(0.9, 1.0), energy_source=lin)
