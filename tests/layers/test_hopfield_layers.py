@@ -1,5 +1,7 @@
 """Hopfield, HopfieldPooling, HopfieldLayer: hopfield-layers semantics on the shared core."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -124,6 +126,21 @@ def test_energy_and_trace(eps):
     # step 1 on the Hopfield energy is a CCCP step: the energy never increases
     atol, _ = tol(DT)
     assert torch.all(trace.diff(dim=-1) <= atol * trace.abs().max())
+
+
+@pytest.mark.parametrize("return_trace", [False, True])
+def test_energy_under_autocast_accumulates_in_float32(return_trace):
+    # torch.autocast runs the energy's matmuls in bfloat16 unless they turn it off: the energy
+    # must stay float32 and as accurate as a bfloat16 module's (float32 accumulation).
+    torch.manual_seed(0)
+    h = Hopfield(64, num_heads=1, update_steps_max=2, scaling=1.0)
+    x = torch.randn(2, 32, 64)
+    ref = copy.deepcopy(h).double().energy(x.double(), return_trace=return_trace)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e = h.energy(x, return_trace=return_trace)
+    low = copy.deepcopy(h).bfloat16().energy(x.bfloat16(), return_trace=return_trace)
+    assert e.dtype == low.dtype == torch.float32
+    assert (e.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max()
 
 
 def test_tolerance_stop_is_hflayers_rule_masked_per_head():
