@@ -23,6 +23,7 @@ from .._utils import (
     check_float_tensor,
     check_module_input,
     check_num_steps,
+    check_positive_int,
     check_step_size,
     exists,
 )
@@ -40,7 +41,8 @@ def _keep_energy_forward(module, args):
 def _check_energy_options(num_steps=2, step_size=1.0, optimizer="gd", momentum=0.0, scale=None):
     num_steps = check_num_steps(num_steps)
     if num_steps < 1:
-        raise ValueError(f"num_steps must be >= 1 (num_steps=1 is standard attention), got {num_steps}")
+        raise ValueError(
+            f"num_steps must be >= 1 (num_steps=1 is standard attention), got {num_steps}")
     step_size = check_step_size(step_size)
     momentum = check_optimizer(optimizer, momentum)
     scale = check_finite_number("scale", scale, positive=True) if exists(scale) else None
@@ -90,6 +92,11 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
                  add_zero_attn=False, kdim=None, vdim=None, batch_first=False, device=None,
                  dtype=None, *, num_steps=2, step_size=1.0, optimizer="gd", momentum=0.0,
                  scale=None):
+        embed_dim = check_positive_int("embed_dim", embed_dim)
+        num_heads = check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads "
+                             f"({num_heads})")
         opts = _check_energy_options(num_steps, step_size, optimizer, momentum, scale)
         super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias,
                          add_bias_kv=add_bias_kv, add_zero_attn=add_zero_attn, kdim=kdim,
@@ -196,6 +203,9 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True,
                 attn_mask=None, average_attn_weights=True, is_causal=False):
         self._check_inputs(query, key, value)
+        for name, t in (("key_padding_mask", key_padding_mask), ("attn_mask", attn_mask)):
+            if exists(t):
+                masks._require_tensor(name, t)
         packed = self._qkv_same_embed_dim and query is key and key is value
         batched = query.dim() == 3
         if not batched:  # [L, E] -> [1, L, E]

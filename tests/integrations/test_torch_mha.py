@@ -83,7 +83,8 @@ def test_unbatched_and_causal_flag_match_nn_multihead_attention():
     x = torch.randn(B, L, E)
     causal = nn.Transformer.generate_square_subsequent_mask(L)
     expected, _ = ref(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)
-    torch.testing.assert_close(energy(x, x, x, is_causal=True, need_weights=False)[0], expected, **TOL)
+    torch.testing.assert_close(energy(x, x, x, is_causal=True, need_weights=False)[0], expected,
+                               **TOL)
     torch.testing.assert_close(energy(x, x, x, is_causal=True)[0], expected, **TOL)
 
 
@@ -191,12 +192,25 @@ def test_bad_arguments_raise_clear_errors():
         energy(q.long(), k, v)
     with pytest.raises(ValueError, match="is_causal"):
         energy(q, k, v, is_causal=True)  # L != S and no mask
+    with pytest.raises(TypeError, match="attn_mask"):
+        energy(q, k, v, attn_mask=[[0]])
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        energy(q, k, v, key_padding_mask=[[False] * S] * B)
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        energy(q[0], k[0], v[0], key_padding_mask=[False] * S)  # unbatched
+    with pytest.raises(ValueError, match="embed_dim.*num_heads"):
+        EnergyMultiheadAttention(10, 3)
+    with pytest.raises(ValueError, match="num_heads"):
+        EnergyMultiheadAttention(8, 0)
+    with pytest.raises(TypeError, match="embed_dim"):
+        EnergyMultiheadAttention(8.0, 2)
 
 
 # --- swap_attention -------------------------------------------------------------------------
 
 def encoder(batch_first=True):
-    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dropout=0.0, batch_first=batch_first)
+    layer = nn.TransformerEncoderLayer(E, H, dim_feedforward=16, dropout=0.0,
+                                       batch_first=batch_first)
     return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False)
 
 
