@@ -83,10 +83,11 @@ def from_additive(mask: torch.Tensor, is_causal: bool = False) -> Masks:
 
     ``−inf``, ``finfo(mask.dtype).min`` and anything below it block the key (so does a NaN
     entry: it is never read); the remaining entries are kept as a finite logit bias (0 where
-    blocked).
+    blocked; ``+inf``, the limit of a key that outweighs all others, is the largest finite value).
     """
     allowed = mask > torch.finfo(mask.dtype).min
-    return Masks(allowed, mask.masked_fill(~allowed, 0.0), is_causal)
+    bias = mask.masked_fill(~allowed, 0.0).clamp(max=torch.finfo(mask.dtype).max)
+    return Masks(allowed, bias, is_causal)
 
 
 def from_tokens(mask: torch.Tensor) -> Masks:
@@ -238,14 +239,14 @@ def readout_args(m: Masks, n: int, k: int, device):
 
 
 def _cast_bias(bias: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A float bias in ``dtype``; finite entries below its range become its lowest value
-    (``−1e9`` in float16 would otherwise overflow to ``−inf`` and block the key), ``−inf``
-    stays ``−inf``."""
+    """A float bias in ``dtype``: entries outside its range become its lowest or largest value
+    (in float16 ``−1e9`` would otherwise overflow to ``−inf`` and block the key, ``1e5`` to
+    ``+inf`` and make the row NaN; ``+inf`` too becomes the largest value); ``−inf`` stays."""
     if bias.dtype == dtype:
         return bias
-    low = torch.finfo(dtype).min
-    if torch.finfo(bias.dtype).min < low:
-        bias = torch.where(bias.isinf(), bias, bias.clamp(min=low))
+    info = torch.finfo(dtype)
+    if torch.finfo(bias.dtype).max > info.max:
+        bias = torch.where(bias.isneginf(), bias, bias.clamp(info.min, info.max))
     return bias.to(dtype)
 
 
@@ -258,9 +259,10 @@ def sdpa_mask(attn_mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.T
       (``[B, 1, 1, 1]``, ``[B, 1, N, 1]``, or any expanded view) makes the memory-efficient
       kernel fail with "(*bias): last dimension must be contiguous". Other dims may broadcast
       (they stay broadcast: only one row per distinct mask row is materialised).
-    * a float mask has the query's dtype; finite entries below that dtype's range are clamped
-      to its lowest value instead of overflowing to ``−inf`` (``−1e9`` in float16), so a row
-      whose every key is weighed down (not blocked) stays finite.
+    * a float mask has the query's dtype; finite entries outside that dtype's range are clamped
+      to its lowest or largest value instead of overflowing to ``∓inf`` (``−1e9``, ``1e5`` in
+      float16), so a row whose every key is weighed down (not blocked) stays finite, and so
+      does a row with a key weighed up.
     * a boolean mask stays boolean. (The memory-efficient kernel's alignment of the other
       strides is done by PyTorch itself: it pads a misaligned mask; broadcast strides are 0.)
     """

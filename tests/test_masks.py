@@ -204,3 +204,18 @@ def test_hugging_face_attention_function_passes_a_cuda_ready_mask(sdpa_calls):
         out, _ = attend(None, q, k, v, mask[:, :1].expand(B, 1, N, N))
         assert out.isfinite().all()
     assert any(sdpa_calls)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_a_key_weighed_up_beyond_the_dtype_range_is_read_not_nan(dtype):
+    """A float32 additive entry above the query dtype's range (``1e5`` in float16) or ``+inf``
+    is clamped to the largest finite value, not cast to ``+inf`` (which made the row NaN)."""
+    cast = masks.sdpa_mask(torch.tensor([0.0, 1e5, float("inf"), float("-inf")]), dtype, 4)
+    assert cast[:3].isfinite().all() and cast[3] == float("-inf")
+    assert masks.from_additive(torch.tensor([0.0, float("inf")])).bias.isfinite().all()
+    q, k = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4)
+    for big in (1e5, float("inf")):
+        mask = torch.zeros(1, 1, 2, 3)
+        mask[..., 0, 1] = big
+        out = hopfield_descent(q.to(dtype), k.to(dtype), mask=mask, step_size=1.0)
+        torch.testing.assert_close(out[0, 0, 0], k.to(dtype)[0, 0, 1])  # reads key 1 only

@@ -84,16 +84,21 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
     k = expand_heads(k, H)
     bias = expand_heads(key_bias, H) if exists(key_bias) else None
 
+    # SDPA takes a float mask in the query's dtype: a key bias of −650 in bfloat16 would be off
+    # by 2 in every logit. With a key bias, 16-bit inputs read out in float32 (on the rounded
+    # iterate, as the kernel does); other float masks follow SDPA (docs/math.md §4.7).
+    half = q.dtype in (torch.float16, torch.bfloat16)
+    read = torch.float32 if exists(bias) and half else q.dtype
+    k_read = k.to(read)
     # One SDPA call per step, its mask built (and laid out for SDPA) once.
-    attn_mask, valid, sdpa_causal = masks.readout_args(masks.with_key_bias(m, bias), N, M,
-                                                       q.device)
-    if exists(attn_mask):
-        attn_mask = masks.sdpa_mask(attn_mask, q.dtype, M)
+    raw_mask, valid, sdpa_causal = masks.readout_args(masks.with_key_bias(m, bias), N, M,
+                                                      q.device)
+    attn_mask = masks.sdpa_mask(raw_mask, read, M) if exists(raw_mask) else None
     # Explicit-logit paths (2nd-order Newton, energies): causality folded in once, not per step.
     m = masks.Masks(masks.full_allowed(m, N, M, q.device), m.bias)
 
     def readout(xi32, values):
-        return masks.sdpa(xi32.to(q.dtype), k, values, attn_mask=attn_mask, valid=valid,
+        return masks.sdpa(xi32.to(q.dtype).to(read), k_read, values, attn_mask=attn_mask, valid=valid,
                           is_causal=sdpa_causal, scale=scale)
 
     if optimizer in _NEWTON_KIND:
@@ -106,10 +111,11 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
             # gives μ − c and Σ_j p_ij (k_j−c)⊙(k_j−c); masked-out keys are zeroed.
             kc, c = centred(k, *key_rows(m.allowed))
             values, k_acc = moment_values(kc), k.to(kc.dtype)
+            acc_mask = masks.sdpa_mask(raw_mask, kc.dtype, M) if exists(raw_mask) else None
 
         def direction(xi32):
             if kind == "light":
-                both = masks.sdpa(xi32.to(kc.dtype), k_acc, values, attn_mask=attn_mask,
+                both = masks.sdpa(xi32.to(kc.dtype), k_acc, values, attn_mask=acc_mask,
                                   valid=valid, is_causal=sdpa_causal, scale=scale).to(xi32.dtype)
                 mc = both[..., :D]  # μ − c
                 var = (both[..., D:] - mc.square()).clamp_min(0)  # diag Σ
@@ -120,7 +126,7 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
     else:
 
         def direction(xi32):
-            return xi32 - readout(xi32, k).to(xi32.dtype)
+            return xi32 - readout(xi32, k_read).to(xi32.dtype)
 
     if tol > 0:
         unmasked = direction
@@ -131,7 +137,7 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
             d = unmasked(xi32)
             return d * ((step_size * d).norm(dim=-1, keepdim=True) >= tol)
 
-    master = q.float() if q.dtype in (torch.float16, torch.bfloat16) else q
+    master = q.float() if half else q
     traj = defaultdict(list) if return_energies else None
     out = descend(
         direction,
@@ -333,7 +339,8 @@ def hopfield_descent(
             raises ``ValueError``).
         is_causal: query ``i`` attends keys ``j <= i`` (needs ``N == M``); combines with ``mask``.
         key_bias: per-key logit bias ``[B, Hk, M]`` (float32 recommended): ``b_ij = b_j``,
-            added to a float ``mask``.
+            added to a float ``mask``. Used in its own precision by every backend: with 16-bit
+            ``q`` the reference backend's read-outs then run in float32 (docs/math.md §4.7).
         return_energies: also return the energy of every iterate, ``[B, H, N, T+1]`` float32.
         optimizer: ``"gd" | "momentum" | "nesterov" | "newton_2nd1st" | "newton_light"``.
         momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).

@@ -100,3 +100,26 @@ def test_fuzz_16bit_error_within_a_factor_of_softmax(N, M, D, offset, spread, pa
     q, k, mask = inputs(dtype, B=2, H=2, N=N, M=M, D=D, offset=offset, spread=spread,
                         padded=padded)
     check(q, k, mask, *opt)
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("optimizer, rho", OPTS)
+def test_key_bias_stays_float32_in_the_reference_backend(dtype, optimizer, rho):
+    """The elastic key bias −½β‖k‖² of keys near 20 per coordinate is about −650: rounded to
+    bfloat16 (SDPA's mask dtype) it is off by 2 per logit, 15x the output's own rounding error."""
+    from energy_attn.energies import elastic_key_bias
+
+    g = torch.Generator().manual_seed(0)
+    D = 16
+    centre = torch.randn(D, generator=g, dtype=torch.float64).abs() * 20
+    k = (centre + torch.randn(2, 2, 8, D, generator=g, dtype=torch.float64)).to(dtype)
+    q = (centre + torch.randn(2, 2, 8, D, generator=g, dtype=torch.float64)).to(dtype)
+    bias = elastic_key_bias(k, D**-0.5)
+    assert bias.dtype == torch.float32 and bias.max() < -300
+    kw = dict(key_bias=bias, num_steps=2, step_size=0.5, optimizer=optimizer, momentum=rho,
+              backend="reference")
+    out = hopfield_descent(q, k, **kw)
+    kw["key_bias"] = bias.double()
+    truth = hopfield_descent(q.double(), k.double(), **kw)
+    floor = rel_err(truth.to(dtype), truth) + torch.finfo(dtype).eps / 2
+    assert rel_err(out, truth) <= FACTOR * floor
