@@ -21,7 +21,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._utils import check_finite_number, check_float_tensor, check_module_input
+from .._utils import (
+    check_finite_number,
+    check_float_tensor,
+    check_module_input,
+    check_positive_int,
+)
 from .self_attention import ConstrainedScalars, MultiHeadSelfAttention
 
 VARIANTS = ("mha", "momen", "nag", "2nd1st", "light2nd1st")
@@ -32,6 +37,7 @@ class FeedForward(nn.Sequential):
     """``Linear(d, ratio·d) → GELU → Linear(ratio·d, d) → Dropout``."""
 
     def __init__(self, d_model: int, mlp_ratio: int = 4, dropout: float = 0.0, bias: bool = True):
+        mlp_ratio = check_positive_int("mlp_ratio", mlp_ratio)
         super().__init__(
             nn.Linear(d_model, mlp_ratio * d_model, bias=bias),
             nn.GELU(),
@@ -92,6 +98,8 @@ class OptimizerBlock(nn.Module):
         if x.shape[-1] != self.attn.d_model:
             raise ValueError(f"x must have last dim d_model={self.attn.d_model}, got "
                              f"{tuple(x.shape)}")
+        if state is not None:
+            check_float_tensor("state", state, ndim=3)
         check_module_input(self, x=x, state=state)
         if self.rho is None:
             x = x + self.step(x, mask, is_causal)

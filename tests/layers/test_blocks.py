@@ -225,6 +225,8 @@ def test_rho_and_gamma_are_learnable_and_positive():
         (dict(attention="energy", optimizer="momentum", momentum=1.5), ValueError, "momentum"),
         (dict(attention="linear"), ValueError, "attention"),
         (dict(dropout=1.0), ValueError, "dropout"),
+        (dict(mlp_ratio=0), ValueError, "mlp_ratio"),  # was a silent zero-width FFN
+        (dict(mlp_ratio=1.5), TypeError, "mlp_ratio"),
     ],
 )
 def test_bad_construction(kw, exc, match):
@@ -240,6 +242,12 @@ def test_bad_forward_inputs():
         blk(torch.randn(B, N, D + 1))
     with pytest.raises(ValueError, match="state"):
         blk(x, torch.randn(B, N + 1, D))
+    with pytest.raises(TypeError, match="state"):
+        blk(x, [1.0])
+    with pytest.raises(ValueError, match="state"):
+        blk(x, torch.randn(N, D))
+    with pytest.raises(TypeError, match="state"):
+        MHA(D, H)(x, torch.ones(B, N, D, dtype=torch.long))
     with pytest.raises(TypeError, match="mask"):
         blk(x, mask=torch.ones(B, 1, N, N))
     with pytest.raises(ValueError, match="mask"):
