@@ -98,8 +98,8 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
     m = masks.Masks(masks.full_allowed(m, N, M, q.device), m.bias)
 
     def readout(xi32, values):
-        return masks.sdpa(xi32.to(q.dtype).to(read), k_read, values, attn_mask=attn_mask, valid=valid,
-                          is_causal=sdpa_causal, scale=scale)
+        return masks.sdpa(xi32.to(q.dtype).to(read), k_read, values, attn_mask=attn_mask,
+                          valid=valid, is_causal=sdpa_causal, scale=scale)
 
     if optimizer in _NEWTON_KIND:
         # Newton-like steps need the covariance; see hopfield_newton_direction (explicit P).
