@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 
 from .. import masks
-from .._utils import check_float_tensor, exists
 from .._moments import acc_dtype
+from .._utils import check_bool_mask, check_float_tensor, exists
 
 
 def gate_weights(gates: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -58,10 +58,13 @@ def linear_weights(n: int, m: int, mask=None, causal: bool = False, gates=None,
     return w
 
 
-def _check(state, stored, gates, causal):
+def _check(state, stored, mask, gates, causal):
     n, m = state.shape[-2], stored.shape[-2]
     if (causal or exists(gates)) and n != m:
         raise ValueError(f"causal or gated linear energies need n == m, got n={n}, m={m}")
+    if exists(mask):  # a weight of 0 or 1: an additive float mask has no meaning here
+        batch = torch.broadcast_shapes(state.shape[:-2], stored.shape[:-2])
+        check_bool_mask("mask", mask, (*batch, n, m))
     if exists(gates):
         check_float_tensor("gates", gates)
         if gates.shape[-1] != n:
@@ -70,7 +73,7 @@ def _check(state, stored, gates, causal):
 
 def _scores(state, stored, scale, mask, causal, gates):
     """``(w ⊙ ξKᵀ)`` in the accumulation dtype, plus the keys in that dtype."""
-    _check(state, stored, gates, causal)
+    _check(state, stored, mask, gates, causal)
     dt = acc_dtype(state, stored)
     keys = stored.to(dt)
     s = state.to(dt) @ keys.transpose(-1, -2)  # [..., n, m]

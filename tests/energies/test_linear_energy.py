@@ -168,3 +168,17 @@ def test_bad_inputs(kw, exc, match):
         linear_attention(args["q"], args["k"], args["v"], **kw)
     with pytest.raises(ValueError, match="gates"):
         gated_linear_energy(q, k, gates=None)
+
+
+def test_the_energy_takes_boolean_masks_only():
+    """A weight w_ij is 0 or 1: an additive float mask (0 / −inf) read as a weight gave ±inf
+    energies, and a mask of the wrong shape failed deep in torch."""
+    q, k, _ = qkv(B=1, H=1, N=4)
+    additive = torch.zeros(4, 4).masked_fill(torch.rand(4, 4) > 0.5, float("-inf"))
+    for fn in (linear_energy, linear_energy_grad):
+        with pytest.raises(TypeError, match="mask"):
+            fn(q, k, mask=additive)
+        with pytest.raises(ValueError, match="mask"):
+            fn(q, k, mask=torch.ones(3, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="mask"):
+        minimize_energy(linear_energy, q, k, mask=additive, step_size=0.1)
