@@ -191,6 +191,12 @@ def _hopfield_fixed_point(q, k, scale, step_size, num_steps, m, key_bias, anders
                           return_residual=False):
     """Internals of :func:`energy_attn.ops.hopfield.hopfield_fixed_point` (inputs validated;
     ``m`` the canonical :class:`energy_attn.masks.Masks`)."""
+    if exists(m.bias) and m.bias.requires_grad and torch.is_grad_enabled():
+        # The implicit backward differentiates k and key_bias only: say so, rather than
+        # returning a mask gradient of None (the unrolled solver differentiates the mask).
+        raise ValueError("solver='fixed_point' gives no gradient to a float mask that requires "
+                         "grad; use key_bias for a learnable per-key bias, a mask without "
+                         "grad, or solver='unrolled'")
     H = q.shape[1]
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     keys = expand_heads(k, H).to(work)  # [B, H, M, D]

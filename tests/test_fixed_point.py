@@ -234,3 +234,19 @@ def test_anderson_converges_where_plain_iteration_does(anderson, scale):
     _, accel = hopfield_fixed_point(q, k, scale=scale, num_steps=40, anderson=anderson,
                                     return_residual=True)
     assert plain.max() < 1e-10 and accel.max() < 1e-10
+
+
+def test_a_float_mask_that_requires_grad_is_refused_not_silently_dropped():
+    q = torch.randn(1, 1, 4, 3, dtype=torch.float64)
+    k = torch.randn(1, 1, 5, 3, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(1, 1, 4, 5, dtype=torch.float64, requires_grad=True)
+    kw = dict(num_steps=20, scale=0.3, step_size=0.8)
+    with pytest.raises(ValueError, match="float mask"):
+        hopfield_descent(q, k, mask=bias, solver="fixed_point", **kw)
+    with pytest.raises(ValueError, match="float mask"):
+        hopfield_fixed_point(q, k, mask=bias, **kw)
+    with torch.no_grad():  # nothing to differentiate: solved as usual
+        out = hopfield_fixed_point(q, k, mask=bias, **kw)
+    torch.testing.assert_close(out, hopfield_fixed_point(q, k, mask=bias.detach(), **kw))
+    hopfield_descent(q, k, mask=bias, **kw).sum().backward()  # unrolled: differentiates it
+    assert bias.grad.abs().sum() > 0

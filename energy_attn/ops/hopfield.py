@@ -444,7 +444,8 @@ def hopfield_fixed_point(
         ``(ξ*, residual)``. ``q`` gets no gradient; ``k`` and ``key_bias`` get implicit ones.
 
     Raises:
-        ValueError, TypeError: as :func:`hopfield_descent`; ``step_size == 0``.
+        ValueError, TypeError: as :func:`hopfield_descent`; ``step_size == 0``; a float
+            ``mask`` that requires grad (the implicit backward does not differentiate it).
     """
     scale, step_size, num_steps, _ = _check_inputs(
         q, k, scale, step_size, num_steps, mask, is_causal, key_bias, "gd", 0.0, "reference"
