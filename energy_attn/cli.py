@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from pathlib import Path
 
 # One module per subcommand, in help order.
 COMMAND_MODULES = [
@@ -18,6 +19,19 @@ COMMAND_MODULES = [
     "energy_attn.training.compare",
     "energy_attn.landscape_cli",
 ]
+
+
+def check_out_dir(path, name: str = "--out") -> None:
+    """``path`` can be (or already is) a directory: ValueError naming ``name`` if it, or the
+    nearest of its parents that exists, is a file. Subcommands call it before any work."""
+    path = Path(path)
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                where = "" if p == path else f": {str(p)!r}"
+                raise ValueError(f"{name} {str(path)!r}{where} is a file, not a directory; "
+                                 "choose another path")
+            return
 
 
 def build_parser() -> argparse.ArgumentParser:

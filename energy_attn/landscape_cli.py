@@ -23,12 +23,15 @@ def _progress_bar(stream=None, width=28):
 
 
 def _run(args) -> int:
+    from .cli import check_out_dir
+
     try:
+        check_out_dir(args.out)
         from .viz import write_gallery
         from .viz._mpl import require_matplotlib
 
         require_matplotlib()
-    except ImportError as err:
+    except (ImportError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     paths = write_gallery(args.out, full=args.full, seed=args.seed, progress=_progress_bar())

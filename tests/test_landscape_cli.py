@@ -27,3 +27,13 @@ def test_importing_the_package_never_imports_matplotlib():
         "assert 'matplotlib' not in sys.modules, 'matplotlib imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+
+def test_landscape_out_that_is_a_file_is_a_clean_error(tmp_path, capsys):
+    # used to draw first, then fail with a FileExistsError traceback
+    (tmp_path / "afile").write_text("")
+    for out in ("afile", "afile/figs"):
+        assert main(["landscape", "--out", str(tmp_path / out)]) == 2
+        err = capsys.readouterr().err
+        assert "error: --out" in err and "is a file, not a directory" in err

@@ -172,7 +172,8 @@ def markdown_table(rows, target=None) -> str:
         head.append("final val acc")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [r["variant"], str(r["seeds"]), str(r["diverged"]), _fmt(r["final_val_loss"], r["final_val_loss_std"]),
+        cells = [r["variant"], str(r["seeds"]), str(r["diverged"]),
+                 _fmt(r["final_val_loss"], r["final_val_loss_std"]),
                  _fmt(r["best_val_loss"], r["best_val_loss_std"]),
                  _fmt(r["median_step_ms"], r["median_step_ms_std"], 1),
                  _fmt(r["train_time"], r["train_time_std"], 1),
@@ -264,7 +265,8 @@ def write_summary(logs, rows, out: Path, target=None, command=None, plot=True):
     keys = list(rows[0])
     with open(out / "compare.csv", "w") as f:
         f.write(",".join(keys) + "\n")
-        f.writelines(",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + "\n" for r in rows)
+        f.writelines(",".join("" if r.get(k) is None else str(r.get(k)) for k in keys) + "\n"
+                     for r in rows)
     table = markdown_table(rows, target)
     (out / "compare.md").write_text(table + "\n")
     if plot:
@@ -273,6 +275,7 @@ def write_summary(logs, rows, out: Path, target=None, command=None, plot=True):
 
 
 def _run(args) -> int:
+    from ..cli import check_out_dir
     from .corpus import CorpusError
     from .loop import TrainConfig
     from .train import config_from_args
@@ -280,8 +283,13 @@ def _run(args) -> int:
     try:
         base = config_from_args(args)
         variants = parse_grid(args.grid, TrainConfig)
-        seeds = [int(s) for s in args.seeds.split(",")]
+        try:
+            seeds = [int(s) for s in args.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}"
+                             ) from None
         out = Path(getattr(args, "out", None) or "compare-out")
+        check_out_dir(out)
         base = replace(base, out=None)
         logs = run_grid(base, variants, seeds, out, progress=not args.quiet,
                         train_missing=not args.no_train)
@@ -306,7 +314,8 @@ def add_parser(subparsers) -> None:
         description="Runs every combination of the --grid values for each seed (the other "
                     "options as for `energy-attn train`), then writes OUT/compare.{json,csv,md,"
                     "png}: validation loss vs step and vs wall-clock, mean ± std over seeds.")
-    add_train_arguments(p)
+    add_train_arguments(p, {"out": "output directory: compare.{json,csv,md,png} and runs/ (one "
+                                   "run directory per variant and seed) (default: compare-out)"})
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2",
                    help="a TrainConfig field and its values (repeatable; product of all)")
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")

@@ -95,7 +95,8 @@ class TrainConfig:
         val_fraction: validation share of the corpus.
         log_interval: progress-line interval in steps when stderr is not a terminal.
         threads: CPU threads for this run (``torch.set_num_threads``; 0: torch's default,
-            e.g. from ``OMP_NUM_THREADS``).
+            e.g. from ``OMP_NUM_THREADS``); at most ``os.cpu_count()`` (checked by
+            :func:`check_config`).
     """
 
     data: str | None = None
@@ -224,9 +225,12 @@ def build_model(cfg: TrainConfig):
 
 def check_config(cfg: TrainConfig) -> None:
     """Everything about ``cfg`` that can be checked before training without data: the device
-    exists here, ``amp`` has CUDA, the GPT can be built (on the meta device: no memory).
-    ValueError if not."""
+    exists here, ``amp`` has CUDA, ``threads`` is at most the CPU count (more made OpenMP
+    crash), the GPT can be built (on the meta device: no memory). ValueError if not."""
     device = check_device(cfg.device)
+    if cfg.threads > (os.cpu_count() or 1):
+        raise ValueError(f"threads must be at most this machine's CPU count "
+                         f"({os.cpu_count()}), got {cfg.threads}")
     if cfg.amp and device.type != "cuda":
         raise ValueError("amp=True needs a CUDA device (fp16 autocast with a GradScaler)")
     try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 HELP = {
     "data": "text file or folder (default: this Python's standard-library .py files)",
-    "out": "run directory: log.json, log.csv, loss.png, ckpt.pt (train's default: "
+    "out": "run directory: log.json, log.csv, loss.png, ckpt.pt (default: a new "
            "runs/train-DATE-TIME)",
     "block": "block variant: mha | momen | nag | 2nd1st | light2nd1st",
     "attn_steps": "energy attention: T steps (T-1 Hopfield descent steps, then the read-out)",
@@ -31,14 +31,16 @@ HELP = {
     "amp": "fp16 autocast with a GradScaler (CUDA only)",
     "ckpt_interval": "steps between checkpoints (0: at each validation)",
     "stability_batch": "sequences in the fixed attention-stability batch (0: off)",
-    "threads": "CPU threads (torch.set_num_threads; 0: torch's default). On a machine shared "
-               "with other busy jobs use 1 (or OMP_NUM_THREADS=1)",
+    "threads": "CPU threads (torch.set_num_threads; 0: torch's default; at most the CPU "
+               "count). On a machine shared with other busy jobs use 1 (or OMP_NUM_THREADS=1)",
 }
 
 
-def add_train_arguments(p) -> None:
+def add_train_arguments(p, help_overrides=None) -> None:
     """One ``--option`` per :class:`TrainConfig` field. Unset options stay out of the parsed
-    args (``argparse.SUPPRESS``): see :func:`given_options`."""
+    args (``argparse.SUPPRESS``): see :func:`given_options`. ``help_overrides`` replaces
+    entries of :data:`HELP` (a subcommand whose option means something else)."""
+    helps = {**HELP, **(help_overrides or {})}
     from dataclasses import MISSING, fields
 
     from .loop import CHOICES, TrainConfig
@@ -48,11 +50,14 @@ def add_train_arguments(p) -> None:
         default = f.default if f.default is not MISSING else None
         if f.type in ("bool", bool):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
-                           help=HELP.get(f.name))
+                           help=helps.get(f.name))
             continue
         typ = {"int": int, "float": float}.get(str(f.type), str)
+        text = helps.get(f.name, f.name.replace("_", " "))
+        if default is not None:  # None defaults are described in the help text itself
+            text += f" (default {default})"
         p.add_argument(flag, type=typ, default=argparse.SUPPRESS, choices=CHOICES.get(f.name),
-                       help=f"{HELP.get(f.name, f.name.replace('_', ' '))} (default {default})")
+                       help=text)
 
 
 def given_options(args) -> dict:
@@ -106,11 +111,13 @@ def resolve_config(args):
 
 
 def _run(args) -> int:
+    from ..cli import check_out_dir
     from .corpus import CorpusError
     from .loop import train
 
     try:
         cfg = resolve_config(args)
+        check_out_dir(cfg.out)
         log = train(cfg, resume=args.resume, stop_at=args.stop_at)
     except (CorpusError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

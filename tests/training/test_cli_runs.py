@@ -94,7 +94,8 @@ def test_train_without_out_saves_to_a_printed_run_directory(corpus, tmp_path):
               cwd=tmp_path, hide_matplotlib=True)
     assert res.returncode == 0, res.stderr
     (run,) = (tmp_path / "runs").iterdir()
-    assert f"run directory: runs/{run.name}" in res.stderr and f"wrote runs/{run.name}" in res.stdout
+    assert f"run directory: runs/{run.name}" in res.stderr
+    assert f"wrote runs/{run.name}" in res.stdout
     assert {p.name for p in run.iterdir()} == {"ckpt.pt", "log.json", "log.csv"}
     assert "loss.png skipped: matplotlib is not installed" in res.stderr
 
@@ -120,3 +121,33 @@ def test_check_with_a_bad_device_is_a_clean_error(tmp_path):
     res = cli("check", "--device", "gpu", cwd=tmp_path)
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert "--device 'gpu' is not a torch device" in res.stderr
+
+
+def test_out_paths_threads_and_seeds_are_checked_before_any_work(corpus, tmp_path, capsys):
+    # --out naming a file failed (FileExistsError traceback) only at the first checkpoint,
+    # after the training; --threads 99999 crashed OpenMP; --seeds a,b did not name --seeds.
+    (tmp_path / "afile").write_text("")
+    for out in ("afile", "afile/run"):
+        for cmd, extra in (("train", []), ("compare", ["--quiet"])):
+            assert main([cmd, "--data", corpus, *TINY, "--steps", "2", *extra,
+                         "--out", str(tmp_path / out)]) == 2
+            err = capsys.readouterr().err
+            assert "error: --out" in err and "is a file, not a directory" in err, err
+    assert main(["train", "--data", corpus, *TINY, "--steps", "2", "--threads", "99999",
+                 "--out", str(tmp_path / "run")]) == 2
+    assert "threads must be at most" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+    assert main(["compare", "--data", corpus, *TINY, "--seeds", "a,b",
+                 "--out", str(tmp_path / "cmp")]) == 2
+    assert "--seeds must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_compare_help_describes_its_own_out(capsys):
+    with pytest.raises(SystemExit):
+        main(["compare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: compare-out" in text and "runs/train-DATE-TIME" not in text
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "runs/train-DATE-TIME" in text and "(default None)" not in text
