@@ -15,8 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._utils import check_finite_number, check_module_input, check_num_steps
+from .._utils import (
+    check_finite_number,
+    check_module_input,
+    check_num_steps,
+    check_positive_int,
+    check_step_size,
+)
+from ..descent import check_optimizer
 from ..layers.blocks import VARIANTS, OptimizerBlock
+from ..layers.self_attention import ATTENTIONS
 
 
 @dataclass
@@ -58,19 +66,26 @@ class GPTConfig:
     bias: bool = True
 
     def __post_init__(self):
-        for name in ("vocab_size", "n_layer", "n_head", "d_model", "context", "mlp_ratio"):
-            if check_num_steps(getattr(self, name), name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("vocab_size", "n_layer", "n_head", "d_model", "context", "mlp_ratio",
+                     "num_steps"):
+            check_positive_int(name, getattr(self, name))
         if self.block not in VARIANTS:
             raise ValueError(f"block must be one of {VARIANTS}, got {self.block!r}")
-        check_finite_number("dropout", self.dropout)
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+        if not 0.0 <= check_finite_number("dropout", self.dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        check_step_size(self.step_size)
+        check_optimizer(self.optimizer, self.momentum)
 
 
 class GPT(nn.Module):
     """Causal language model of :class:`GPTConfig`.
 
     ``forward(idx [B, N] long, targets [B, N] long | None) -> (logits [B, N, vocab], loss)``,
-    ``loss`` the mean cross-entropy (targets ``-1`` ignored) or None.
+    ``loss`` the mean cross-entropy (targets ``-1`` ignored) or None. Token ids out of
+    ``[0, vocab_size)`` raise ``ValueError`` for CPU tensors; on a GPU they are not checked (that
+    would sync with the host at every call) and fail inside the embedding or the loss.
     """
 
     def __init__(self, config: GPTConfig):
@@ -114,16 +129,33 @@ class GPT(nn.Module):
             n -= self.wte.weight.numel() + self.wpe.weight.numel()
         return n
 
+    def _check_tokens(self, name: str, t, lowest: int = 0) -> None:
+        """``t`` is a ``[B, N]`` ``torch.long`` tensor on the model's device, with values in
+        ``[lowest, vocab_size)``. The values are checked on CPU only and not while compiling:
+        on a GPU the check would sync with the host at every call (there an index out of range
+        fails inside the embedding or the loss instead)."""
+        if not isinstance(t, torch.Tensor) or t.dtype != torch.long or t.dim() != 2:
+            raise TypeError(f"{name} must be a [B, N] torch.long tensor, got "
+                            f"{getattr(t, 'dtype', type(t).__name__)} "
+                            f"{tuple(getattr(t, 'shape', ()))}")
+        check_module_input(self, **{name: t})
+        if t.device.type == "cpu" and t.numel() and not torch.compiler.is_compiling():
+            lo, hi = (v.item() for v in torch.aminmax(t))
+            if lo < lowest or hi >= self.config.vocab_size:
+                raise ValueError(f"{name} must hold token ids in [{lowest}, vocab_size="
+                                 f"{self.config.vocab_size}), got values in [{lo}, {hi}]")
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        if not isinstance(idx, torch.Tensor) or idx.dtype != torch.long or idx.dim() != 2:
-            raise TypeError(f"idx must be a [B, N] torch.long tensor, got "
-                            f"{getattr(idx, 'dtype', type(idx).__name__)} "
-                            f"{tuple(getattr(idx, 'shape', ()))}")
-        check_module_input(self, idx=idx)
+        self._check_tokens("idx", idx)
         N = idx.shape[1]
         if not 1 <= N <= self.config.context:
             raise ValueError(f"sequence length must be in [1, context={self.config.context}], "
                              f"got {N}")
+        if targets is not None:
+            if isinstance(targets, torch.Tensor) and targets.shape != idx.shape:
+                raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got "
+                                 f"{tuple(targets.shape)}")
+            self._check_tokens("targets", targets, lowest=-1)  # -1: ignored
         pos = torch.arange(N, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))  # [B, N, d_model]
         state = None  # momentum buffer m_{l−1} (momen / nag)
@@ -132,9 +164,6 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # [B, N, vocab]
         loss = None
         if targets is not None:
-            if targets.shape != idx.shape:
-                raise ValueError(f"targets must have idx's shape {tuple(idx.shape)}, got "
-                                 f"{tuple(targets.shape)}")
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
                                    ignore_index=-1)
         return logits, loss
@@ -147,6 +176,10 @@ class GPT(nn.Module):
         The context is cropped to the last ``config.context`` tokens. ``temperature > 0``;
         ``top_k`` keeps the k most likely tokens.
         """
+        self._check_tokens("idx", idx)
+        if idx.shape[1] < 1:
+            raise ValueError(f"idx must hold at least one token to continue, got shape "
+                             f"{tuple(idx.shape)}")
         max_new_tokens = check_num_steps(max_new_tokens, "max_new_tokens")
         temperature = check_finite_number("temperature", temperature, positive=True)
         if top_k is not None and check_num_steps(top_k, "top_k") < 1:

@@ -44,7 +44,8 @@ def test_init_loss_is_near_uniform_and_parameters_are_counted_once():
         model.num_parameters() - 97 * 32 - 12 * 32)
     # per layer: qkv + out + 2 LN + FFN (4x) with biases
     d = 32
-    per_layer = (3 * d * d + 3 * d) + (d * d + d) + 2 * 2 * d + (4 * d * d + 4 * d) + (4 * d * d + d)
+    per_layer = ((3 * d * d + 3 * d) + (d * d + d) + 2 * 2 * d + (4 * d * d + 4 * d)
+                 + (4 * d * d + d))
     assert model.num_parameters(non_embedding=True) == 3 * per_layer + 2 * d
 
 
@@ -106,6 +107,49 @@ def test_bad_inputs():
         model(torch.zeros(1, 4, dtype=torch.long), torch.zeros(1, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="temperature"):
         model.generate(torch.zeros(1, 4, dtype=torch.long), 2, temperature=0.0)
+
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(dropout=1.5), ValueError, "dropout"),
+        (dict(dropout=-0.1), ValueError, "dropout"),
+        (dict(attention="x"), ValueError, "attention"),
+        (dict(mlp_ratio=0), ValueError, "mlp_ratio"),
+        (dict(num_steps=0), ValueError, "num_steps"),
+        (dict(step_size=-1.0), ValueError, "step_size"),
+        (dict(optimizer="adam"), ValueError, "optimizer"),
+    ],
+)
+def test_bad_config_fails_at_construction(kw, exc, match):
+    with pytest.raises(exc, match=match):
+        GPTConfig(**kw)  # not only later, at GPT(config)
+
+
+def test_bad_tokens_and_targets_are_named():
+    model = tiny()
+    idx = torch.zeros(2, 4, dtype=torch.long)
+    with pytest.raises(TypeError, match="idx"):
+        model.generate(torch.zeros(2, dtype=torch.long), 2)  # was an IndexError
+    with pytest.raises(ValueError, match="idx"):
+        model.generate(torch.zeros(1, 0, dtype=torch.long), 2)
+    with pytest.raises(TypeError, match="targets"):
+        model(idx, torch.zeros(2, 4))  # was a RuntimeError from cross_entropy
+    with pytest.raises(TypeError, match="targets"):
+        model(idx, idx.int())
+    with pytest.raises(ValueError, match="targets"):
+        model(idx, idx.flatten())
+    V = model.config.vocab_size
+    with pytest.raises(ValueError, match="idx"):  # was an IndexError from the embedding
+        model(torch.full((2, 4), V, dtype=torch.long))
+    with pytest.raises(ValueError, match="idx"):
+        model(torch.full((2, 4), -1, dtype=torch.long))
+    with pytest.raises(ValueError, match="targets"):
+        model(idx, torch.full((2, 4), V, dtype=torch.long))
+    ignored = torch.full((2, 4), -1, dtype=torch.long)
+    ignored[:, 0] = V - 1
+    assert torch.isfinite(model(idx, ignored)[1])  # -1 = ignored, V - 1 is the last token
 
 
 @pytest.mark.parametrize("block", ["mha", "momen", "nag", "2nd1st", "light2nd1st"])
