@@ -226,7 +226,8 @@ def build_model(cfg: TrainConfig):
 def check_config(cfg: TrainConfig) -> None:
     """Everything about ``cfg`` that can be checked before training without data: the device
     exists here, ``amp`` has CUDA, ``threads`` is at most the CPU count (more made OpenMP
-    crash), the GPT can be built (on the meta device: no memory). ValueError if not."""
+    crash), the GPT and its optimizer can be built (on the meta device: no memory). ValueError
+    if not."""
     device = check_device(cfg.device)
     if cfg.threads > (os.cpu_count() or 1):
         raise ValueError(f"threads must be at most this machine's CPU count "
@@ -235,7 +236,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("amp=True needs a CUDA device (fp16 autocast with a GradScaler)")
     try:
         with torch.device("meta"):
-            build_model(cfg)
+            build_optimizer(cfg, build_model(cfg))  # the optimizer checks its settings
     except TypeError as err:
         raise ValueError(str(err)) from err
 

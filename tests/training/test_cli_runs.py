@@ -103,7 +103,9 @@ def test_train_without_out_saves_to_a_printed_run_directory(corpus, tmp_path):
 def test_compare_checks_the_whole_grid_first_and_reports_a_missing_figure(corpus, tmp_path,
                                                                           capsys):
     for grid, named in (("block=mha,nagg", "nagg"), ("n_layer=1,two", "two"),
-                        ("device=cpu,gpu", "gpu"), ("n_head:d_model=2:16,3:16", "d_model")):
+                        ("device=cpu,gpu", "gpu"), ("n_head:d_model=2:16,3:16", "d_model"),
+                        ("beta1=0.9,1.5", "beta1"),
+                        ("optimizer:gamma=aiadam:1,aiadam:nan", "gamma")):
         assert main(["compare", "--data", corpus, *TINY, "--steps", "2", "--grid", grid,
                      "--seeds", "0", "--quiet", "--out", str(tmp_path / "cmp")]) == 2
         assert named in capsys.readouterr().err
