@@ -25,6 +25,7 @@ from .. import masks
 from .._utils import (
     check_finite_number,
     check_float_tensor,
+    check_module_input,
     check_num_steps,
     check_step_size,
     default,
@@ -86,6 +87,7 @@ class EnergyTransformerAttention(nn.Module):
         check_float_tensor("x", x, ndim=3)
         if x.shape[-1] != self.dim:
             raise ValueError(f"x must have last dim dim={self.dim}, got {tuple(x.shape)}")
+        check_module_input(self, x=x)
         pair = None
         if exists(mask):
             if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:

@@ -132,6 +132,10 @@ def test_bad_inputs():
         layer(torch.randn(1, 3, 8), mask=torch.ones(1, 3))
     with pytest.raises(ValueError, match="dim=8"):
         layer(torch.randn(1, 3, 7))
+    with pytest.raises(TypeError, match="x has dtype torch.float64"):
+        layer(torch.randn(1, 3, 8, dtype=DT))  # as every other layer (was a float64 output)
+    with pytest.raises(ValueError, match="x is on meta"):
+        layer(torch.randn(1, 3, 8, device="meta"))
     with pytest.raises(ValueError, match="optimizer"):
         EnergyTransformerAttention(8, optimizer="newton_light")
 
