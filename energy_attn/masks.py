@@ -173,6 +173,22 @@ def with_key_bias(m: Masks, key_bias: torch.Tensor | None) -> Masks:
     return m if key_bias is None else combine(m, Masks(None, key_bias.unsqueeze(-2)))
 
 
+def zero_unseen_keys(m: Masks, k: torch.Tensor) -> torch.Tensor:
+    """``k [B, Hk, M, D]`` with every key that no query of its group may attend set to 0.
+
+    A blocked key gets probability 0, but ``0 · inf`` is NaN: without this, ``inf`` or NaN
+    behind a key padding mask reached every output through the read-out ``P K``. ``m.allowed``
+    broadcasts to ``[B, H, N, M]``; keys blocked for some queries only are left as they are.
+    """
+    if m.allowed is None:
+        return k
+    allowed = m.allowed.reshape((1,) * (4 - m.allowed.dim()) + tuple(m.allowed.shape))
+    used = allowed.any(dim=-2)  # [B|1, H|1, M]
+    if used.shape[-2] not in (1, k.shape[1]):  # grouped heads: used by any head of the group
+        used = used.unflatten(-2, (k.shape[1], -1)).any(dim=-2)
+    return k.masked_fill(~used.unsqueeze(-1), 0.0)
+
+
 def is_key_padding(mask: torch.Tensor | None) -> bool:
     """Whether ``mask`` broadcasts as ``[B, 1, 1, M]`` (a per-key mask)."""
     if mask is None:

@@ -368,6 +368,7 @@ def hopfield_descent(
     if exists(mask) and mask.dim() < 4:  # e.g. a [M] key mask: SDPA wants the 4-d layout
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
     m = masks.from_user("mask", mask, is_causal=is_causal)
+    k = masks.zero_unseen_keys(m, k)
     anderson = check_solver(solver, anderson)
     tol = check_finite_number("tol", tol)
     if tol < 0:
@@ -454,5 +455,5 @@ def hopfield_fixed_point(
     if step_size == 0.0:
         raise ValueError("step_size must be nonzero for solver='fixed_point'")
     m = masks.from_user("mask", mask, is_causal=is_causal)
-    return _hopfield_fixed_point(q, k, scale, step_size, num_steps, m, key_bias, anderson,
-                                 return_residual)
+    return _hopfield_fixed_point(q, masks.zero_unseen_keys(m, k), scale, step_size, num_steps, m,
+                                 key_bias, anderson, return_residual)

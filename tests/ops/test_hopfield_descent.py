@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from energy_attn import hopfield_descent, hopfield_energy
+from energy_attn.ops.hopfield import hopfield_fixed_point
 
 f64 = torch.float64
 OPTS = [("gd", 0.0), ("momentum", 0.6), ("nesterov", 0.6), ("newton_2nd1st", 0.0),
@@ -248,3 +249,31 @@ def test_masks_with_fewer_dims_broadcast_like_sdpa(shape):
     full = mask.reshape((1,) * (4 - mask.dim()) + shape).expand(2, 2, 7, 7)
     torch.testing.assert_close(hopfield_descent(q, k, mask=mask, num_steps=2, backend="reference"),
                                hopfield_descent(q, k, mask=full, num_steps=2, backend="reference"))
+
+
+@pytest.mark.parametrize("optimizer,rho", OPTS)
+@pytest.mark.parametrize("garbage", [float("inf"), float("nan"), 1e30])
+def test_non_finite_keys_behind_a_key_padding_mask_are_never_seen(optimizer, rho, garbage):
+    """Blocked keys have probability 0, but 0 · inf is NaN: what a user padded must not reach
+    the output or any gradient (grouped heads: a key blocked for its whole group)."""
+    q, k = data(B=2, H=4, Hk=2, N=5, M=6, D=3)
+    pad = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    pad[0, ..., 4:] = False
+    clean = k.detach().clone().requires_grad_()
+    dirty = k.detach().masked_fill(~pad.transpose(-1, -2), garbage).requires_grad_()
+    backends = ["reference"] + (["autograd"] if optimizer != "newton_light" else [])
+    for backend in backends:
+        kw = dict(mask=pad, num_steps=2, step_size=0.7, optimizer=optimizer, momentum=rho,
+                  backend=backend)
+        want = hopfield_descent(q, clean, **kw)
+        got = hopfield_descent(q, dirty, **kw)
+        torch.testing.assert_close(got, want)
+        w = torch.randn_like(want)
+        g_want = torch.autograd.grad((want * w).sum(), (q, clean))
+        g_got = torch.autograd.grad((got * w).sum(), (q, dirty))
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b)
+    if optimizer == "gd":
+        torch.testing.assert_close(
+            hopfield_fixed_point(q.detach(), dirty, mask=pad, num_steps=20, step_size=0.7),
+            hopfield_fixed_point(q.detach(), clean, mask=pad, num_steps=20, step_size=0.7))
