@@ -142,9 +142,11 @@ class Hopfield(nn.Module):
     ``forward(input, stored_pattern_padding_mask=None, association_mask=None)``:
         ``input`` is one tensor ``[B, L, input_size]`` (used as stored, state and projection) or
         a tuple ``(stored [B, M, .], state [B, N, .], pattern_projection [B, M, .])`` (sequence
-        first if not ``batch_first``), any float dtype. ``stored_pattern_padding_mask``:
-        ``[B, M]`` boolean, **True = padding (blocked)**. ``association_mask``: ``[N, M]`` or
-        ``[B * num_heads, N, M]`` boolean, **True = blocked**. Returns ``[B, N, out]``.
+        first if not ``batch_first``), of the parameters' float dtype (another dtype raises
+        ``TypeError``); under ``torch.autocast`` a float32 module also takes 16-bit input.
+        ``stored_pattern_padding_mask``: ``[B, M]`` boolean, **True = padding (blocked)**.
+        ``association_mask``: ``[N, M]`` or ``[B * num_heads, N, M]`` boolean, **True =
+        blocked**. Returns ``[B, N, out]``.
     """
 
     def __init__(self, input_size=None, hidden_size=None, output_size=None, pattern_size=None,

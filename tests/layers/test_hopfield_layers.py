@@ -143,6 +143,20 @@ def test_energy_under_autocast_accumulates_in_float32(return_trace):
     assert (e.double() - ref).abs().max() <= 2 * (low.double() - ref).abs().max()
 
 
+def test_input_dtype_is_the_parameters_outside_autocast():
+    # as documented: another float dtype raises TypeError naming input, autocast accepts it
+    hop = Hopfield(8, num_heads=2)
+    x = torch.randn(2, 3, 8)
+    with pytest.raises(TypeError, match="input"):
+        hop(x.double())
+    with pytest.raises(TypeError, match="input"):
+        hop(x.bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float16, torch.bfloat16, torch.float32):
+            assert torch.isfinite(hop(x.to(dtype))).all()
+    assert "of the parameters' float dtype" in " ".join(Hopfield.__doc__.split())
+
+
 def test_tolerance_stop_is_hflayers_rule_masked_per_head():
     x = torch.randn(2, 5, 6, dtype=DT)
     # hflayers keeps the update whose change is <= eps: with a huge eps exactly one step is taken
