@@ -54,6 +54,9 @@ def _check_inputs(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, 
         raise ValueError(f"q and k must share the batch size, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if Hk < 1 or H % Hk != 0:
         raise ValueError(f"k's head count ({Hk}) must divide q's ({H}) for grouped-query descent")
+    if D == 0 or M == 0:
+        raise ValueError(f"q and k need a head dim D >= 1 and k at least one key, got "
+                         f"q {tuple(q.shape)}, k {tuple(k.shape)} (to block every key, use a mask)")
     check_same_device(q=q, k=k, mask=mask, key_bias=key_bias)
     if exists(mask):
         masks.check("mask", mask, (B, H, N, M))
@@ -361,6 +364,14 @@ def hopfield_descent(
 
     Returns:
         ``ξ_T`` ``[B, H, N, D]`` in ``q``'s dtype, or ``(ξ_T, energies)``.
+
+    Raises:
+        TypeError: a non-tensor, non-float or mismatched-dtype ``q``/``k``/``key_bias``, a mask
+            that is neither boolean nor float, a non-bool ``is_causal``, a non-int ``num_steps``.
+        ValueError: mismatched shapes (batch, head dim, ``Hk`` not dividing ``H``, ``D == 0`` or
+            no keys, mask or ``key_bias`` shape), devices, a negative or non-finite
+            ``step_size``/``scale``/``tol``, ``momentum`` outside ``[0, 1)``, an unknown
+            ``optimizer``/``backend``/``solver``, options a backend or solver cannot run.
     """
     scale, step_size, num_steps, momentum = _check_inputs(
         q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum, backend

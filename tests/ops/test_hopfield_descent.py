@@ -235,6 +235,9 @@ def _bad(**over):
         (dict(is_causal=1), TypeError, "is_causal"),
         (dict(k=torch.randn(2, 2, 5, 5, dtype=f64), is_causal=True), ValueError, "N == M"),
         (dict(k=torch.randn(2, 2, 7, 5, dtype=f64, device="meta")), ValueError, "device"),
+        (dict(k=torch.randn(2, 2, 0, 5, dtype=f64)), ValueError, "at least one key"),
+        (dict(q=torch.randn(2, 2, 7, 0, dtype=f64), k=torch.randn(2, 2, 7, 0, dtype=f64)),
+         ValueError, "head dim D >= 1"),
     ],
 )
 def test_bad_inputs_name_the_argument(over, exc, match):
