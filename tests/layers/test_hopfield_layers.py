@@ -1,6 +1,7 @@
 """Hopfield, HopfieldPooling, HopfieldLayer: hopfield-layers semantics on the shared core."""
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from helpers import tol
 
 from energy_attn import Hopfield, HopfieldLayer, HopfieldPooling
 from energy_attn.energies import hopfield_energy
+from energy_attn.layers.hopfield import hflayers_state_dict
 
 DT = torch.float64
 
@@ -155,6 +157,27 @@ def test_input_dtype_is_the_parameters_outside_autocast():
         for dtype in (torch.float16, torch.bfloat16, torch.float32):
             assert torch.isfinite(hop(x.to(dtype))).all()
     assert "of the parameters' float dtype" in " ".join(Hopfield.__doc__.split())
+
+
+@pytest.mark.parametrize("pattern_size", [4, 2])
+def test_hflayers_bias_patterns_load_when_pattern_size_is_hidden_size(pattern_size):
+    # docs/zoo.md: hflayers sizes bias_k and bias_v num_heads·hidden_size, this package bias_v
+    # num_heads·pattern_size: they load with concat_bias_pattern=True iff the two sizes agree
+    kw = dict(input_size=8, hidden_size=4, pattern_size=pattern_size, num_heads=2)
+    theirs = hflayers_state_dict(Hopfield(**kw))
+    bias_k, bias_v = torch.randn(1, 1, 8), torch.randn(1, 1, 8)
+    theirs.update({"association_core.bias_k": bias_k, "association_core.bias_v": bias_v})
+    hop = Hopfield(**kw, concat_bias_pattern=True)
+    if pattern_size == 4:
+        hop.load_state_dict(theirs)
+        assert torch.equal(hop.bias_k, bias_k.flatten()) and torch.equal(hop.bias_v,
+                                                                          bias_v.flatten())
+    else:
+        with pytest.raises(RuntimeError, match="size mismatch for bias_v"):
+            hop.load_state_dict(theirs)
+    Hopfield(**kw).load_state_dict(theirs)  # without concat_bias_pattern: dropped
+    assert "`pattern_size` equals `hidden_size`" in (
+        Path(__file__).parents[2] / "docs" / "zoo.md").read_text()
 
 
 def test_tolerance_stop_is_hflayers_rule_masked_per_head():
