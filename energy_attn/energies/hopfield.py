@@ -22,7 +22,7 @@ import torch
 
 from .. import masks
 from .._moments import acc_dtype, centred, key_rows, no_autocast
-from .._utils import exists
+from .._utils import check_finite_number, check_float_tensor, exists
 
 
 def _resolve_scale(state, stored, scale):
@@ -36,7 +36,9 @@ def _resolve_scale(state, stored, scale):
             f"state_patterns and stored_patterns must share the last (pattern) dimension d, got "
             f"{tuple(state.shape)} and {tuple(stored.shape)}"
         )
-    return state.shape[-1] ** -0.5 if scale is None else scale
+    if scale is None:
+        return state.shape[-1] ** -0.5
+    return check_finite_number("scale", scale, positive=True, allow_tensor=True)
 
 
 def _logits(state, stored, scale, mask=None, key_bias=None):
@@ -45,6 +47,24 @@ def _logits(state, stored, scale, mask=None, key_bias=None):
     Fully masked rows get all-zero logits (so softmax/lse stay finite) and ``valid = False``;
     callers zero their read-out and potential.
     """
+    if isinstance(mask, torch.Tensor) or exists(key_bias):
+        try:
+            batch = torch.broadcast_shapes(state.shape[:-2], stored.shape[:-2])
+        except RuntimeError:
+            raise ValueError(f"state_patterns {tuple(state.shape)} and stored_patterns "
+                             f"{tuple(stored.shape)} have batch dims that do not broadcast")
+        n, m = state.shape[-2], stored.shape[-2]
+        if isinstance(mask, torch.Tensor):
+            masks.check("mask", mask, (*batch, n, m))
+        if exists(key_bias):
+            check_float_tensor("key_bias", key_bias)
+            try:
+                ok = torch.broadcast_shapes(key_bias.shape, (*batch, m)) == (*batch, m)
+            except RuntimeError:
+                ok = False
+            if not ok:
+                raise ValueError(f"key_bias of shape {tuple(key_bias.shape)} is not "
+                                 f"broadcastable to [..., m] = {(*batch, m)}")
     dt = acc_dtype(state, stored)
     with no_autocast(state):  # autocast would run the einsum in 16 bits again
         logits = torch.einsum("...id,...jd->...ij", state.to(dt), stored.to(dt)) * scale
@@ -83,8 +103,10 @@ def hopfield_energy(state_patterns, stored_patterns, scale=None, mask=None, key_
         key_bias: optional per-key logit bias ``[..., m]`` (see :func:`elastic_energy`).
 
     Raises:
-        TypeError: a pattern argument is not a tensor.
-        ValueError: the two pattern sets differ in their last dimension ``d``.
+        TypeError: a pattern argument is not a tensor; a mask neither boolean nor float; a
+            non-float ``key_bias``; a ``scale`` that is not a real number or float tensor.
+        ValueError: the two pattern sets differ in their last dimension ``d``; batch dims,
+            ``mask`` or ``key_bias`` do not broadcast; a non-finite or non-positive ``scale``.
 
     Returns:
         ``[..., n]`` energies ``½‖ξ‖² − (1/β) lse_j(β ξ·k_j + b_j)`` (float32 accumulation).

@@ -121,3 +121,22 @@ def test_newton_directions_vs_dense_covariance():
                 sigma = torch.diag(torch.diagonal(sigma))
             expected = (torch.eye(4, dtype=f64) + beta * sigma) @ g[0, i]
             torch.testing.assert_close(d[0, i], expected)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(scale=0.0), ValueError, "scale"),
+        (dict(scale=-1.0), ValueError, "scale"),
+        (dict(scale=float("nan")), ValueError, "scale"),
+        (dict(mask=torch.ones(5, 6, dtype=torch.bool)), ValueError, "mask"),
+        (dict(mask=torch.ones(5, 7, dtype=torch.long)), TypeError, "mask"),
+        (dict(key_bias=torch.randn(2, 6)), ValueError, "key_bias"),
+        (dict(key_bias=torch.ones(2, 7, dtype=torch.long)), TypeError, "key_bias"),
+    ],
+)
+def test_bad_arguments_are_named(kw, exc, match):
+    xi, k = _data(b=2, n=5, m=7)
+    for fn in (hopfield_energy, hopfield_energy_grad, hopfield_newton_direction):
+        with pytest.raises(exc, match=match):
+            fn(xi, k, **kw)
