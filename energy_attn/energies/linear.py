@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from .. import masks
-from .._moments import acc_dtype
+from .._moments import acc_dtype, no_autocast
 from .._utils import check_bool_mask, check_float_tensor, exists
 
 
@@ -76,7 +76,8 @@ def _scores(state, stored, scale, mask, causal, gates):
     _check(state, stored, mask, gates, causal)
     dt = acc_dtype(state, stored)
     keys = stored.to(dt)
-    s = state.to(dt) @ keys.transpose(-1, -2)  # [..., n, m]
+    with no_autocast(state):  # autocast would run it in 16 bits again
+        s = state.to(dt) @ keys.transpose(-1, -2)  # [..., n, m]
     w = linear_weights(s.shape[-2], s.shape[-1], mask, causal, gates, dt, s.device)
     return s, (s if w is None else s * w), keys
 
@@ -104,7 +105,8 @@ def linear_energy_grad(state_patterns, stored_patterns, scale=1.0, mask=None, *,
                        gates=None):
     """Closed-form ``∇F(ξ_i) = −β Σ_j w_ij (ξ_i·k_j) k_j``, ``[..., n, d]`` in ξ's dtype."""
     _, ws, keys = _scores(state_patterns, stored_patterns, scale, mask, causal, gates)
-    return (-scale * (ws @ keys)).to(state_patterns.dtype)
+    with no_autocast(ws):
+        return (-scale * (ws @ keys)).to(state_patterns.dtype)
 
 
 def gated_linear_energy(state_patterns, stored_patterns, scale=1.0, mask=None, *, gates,

@@ -182,3 +182,13 @@ def test_the_energy_takes_boolean_masks_only():
             fn(q, k, mask=torch.ones(3, 4, dtype=torch.bool))
     with pytest.raises(TypeError, match="mask"):
         minimize_energy(linear_energy, q, k, mask=additive, step_size=0.1)
+
+
+def test_float32_accumulation_holds_under_autocast():
+    q, k, _ = qkv(B=1, H=1, N=4)
+    q, k = q.float() + 3, k.float() + 3  # bf16 scores would be off by their ulp
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        e, g = linear_energy(q, k), linear_energy_grad(q, k)
+    assert e.dtype == g.dtype == torch.float32
+    torch.testing.assert_close(e, linear_energy(q, k))
+    torch.testing.assert_close(g, linear_energy_grad(q, k))
