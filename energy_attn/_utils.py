@@ -86,12 +86,15 @@ def check_positive_int(name: str, value) -> int:
 
 
 def check_module_input(module: torch.nn.Module, **tensors) -> None:
-    """Each given tensor lives on the device of ``module``'s parameters and, outside
-    ``torch.autocast``, has their dtype (the layer computes with them): otherwise a clear error
-    naming the argument instead of one from deep inside ``F.linear``/``layer_norm``."""
+    """Each given tensor lives on the device of ``module``'s parameters and has their dtype (the
+    layer computes with them), or, under ``torch.autocast``, is a 16-bit input to a float32
+    module: otherwise a clear error naming the argument instead of one from deep inside
+    ``F.linear``/``layer_norm`` (autocast casts neither float64 inputs nor a 16-bit module's
+    float32 input)."""
     ref = next((t for t in module.parameters() if t.is_floating_point()), None)
     if ref is None:
         return
+    half = (torch.float16, torch.bfloat16)
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             continue
@@ -100,8 +103,9 @@ def check_module_input(module: torch.nn.Module, **tensors) -> None:
                 f"{name} is on {t.device} but the module's parameters are on {ref.device}; "
                 f"move one to the other (e.g. module.to({str(t.device)!r}))"
             )
-        if (t.is_floating_point() and t.dtype != ref.dtype
-                and not torch.is_autocast_enabled(t.device.type)):
+        autocast_ok = (torch.is_autocast_enabled(t.device.type) and ref.dtype == torch.float32
+                       and t.dtype in half)
+        if t.is_floating_point() and t.dtype != ref.dtype and not autocast_ok:
             raise TypeError(
                 f"{name} has dtype {t.dtype} but the module's parameters are {ref.dtype}; cast "
                 f"one to the other (e.g. module.to({t.dtype})) or run under torch.autocast"

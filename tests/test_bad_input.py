@@ -179,6 +179,20 @@ def test_autocast_inputs_are_accepted():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_autocast_does_not_excuse_what_it_cannot_cast(name):
+    """Autocast casts neither float64 input nor a bf16 module's float32 input: both failed deep
+    inside layer_norm/linear; they get the same named TypeError as outside autocast."""
+    build, inputs = LAYERS[name]
+    layer = build()
+    expected = rf"{EXPECTED_NAME.get(name, 'x')} has dtype"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(TypeError, match=expected):
+            layer(**inputs(torch.float64))
+        with pytest.raises(TypeError, match=expected):
+            layer.to(torch.bfloat16)(**inputs(torch.float32))
+
+
 def test_energy_package_exports_the_checked_functions():
     # the checks live at the public names users call
     assert ea.hopfield_descent is hopfield_descent and ea.minimize_energy is minimize_energy
