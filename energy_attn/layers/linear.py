@@ -41,7 +41,8 @@ class LinearAttention(nn.Module):
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.d_model, self.n_head, self.form = d_model, n_head, form
         d_head = d_model // n_head
-        self.scale = d_head**-0.5 if scale is None else check_finite_number("scale", scale)
+        self.scale = (d_head**-0.5 if scale is None
+                      else check_finite_number("scale", scale, positive=True))
         self.to_qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.to_gates = nn.Linear(d_model, n_head) if gated else None
         self.to_out = nn.Linear(d_model, d_model, bias=bias)

@@ -27,7 +27,7 @@ FORMS = ("auto", "quadratic", "recurrent")
 
 def _recurrent(q, k, v, scale, causal, gates):
     N = q.shape[-2]
-    if not causal and gates is None:
+    if (not causal and gates is None) or N == 0:  # (no tokens: nothing to scan)
         return scale * (q @ (k.transpose(-1, -2) @ v))  # [.., N, D] @ [.., D, Dv]
 
     def scan(order, include_self):
@@ -56,7 +56,7 @@ def linear_attention(q, k, v, *, scale: float = 1.0, causal: bool = False, gates
     Args:
         q: queries ``[B, H, N, D]``.
         k: keys ``[B, H, M, D]``; v: values ``[B, H, M, Dv]``; one dtype.
-        scale: ``β`` (default 1).
+        scale: ``β > 0`` (default 1).
         causal: ``j <= i`` only (needs ``N == M``).
         gates: per-token gates ``[B, H, N]`` in ``[0, 1]`` (needs ``N == M``); a term is
             decayed by the gates between query and key (module docstring of
@@ -76,7 +76,7 @@ def linear_attention(q, k, v, *, scale: float = 1.0, causal: bool = False, gates
         raise ValueError(f"expected k [B, H, M, D] and v [B, H, M, Dv] matching q {tuple(q.shape)}, "
                          f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
     check_same_device(q=q, k=k, v=v, gates=gates, mask=mask)
-    scale = check_finite_number("scale", scale)
+    scale = check_finite_number("scale", scale, positive=True)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if (causal or gates is not None) and N != M:

@@ -155,6 +155,8 @@ def test_linear_attention_layer_is_causal_and_differentiable(gated):
         (dict(mask=torch.ones(6, 6)), TypeError, "mask"),
         (dict(causal=1), TypeError, "causal"),
         (dict(scale=float("nan")), ValueError, "scale"),
+        (dict(scale=-1.0), ValueError, "scale"),
+        (dict(scale=0.0), ValueError, "scale"),
         (dict(v=torch.randn(2, 2, 6, 4)), TypeError, "dtype"),
     ],
 )
@@ -192,3 +194,13 @@ def test_float32_accumulation_holds_under_autocast():
     assert e.dtype == g.dtype == torch.float32
     torch.testing.assert_close(e, linear_energy(q, k))
     torch.testing.assert_close(g, linear_energy_grad(q, k))
+
+
+@pytest.mark.parametrize("form", ["quadratic", "recurrent"])
+def test_no_tokens_give_an_empty_output(form):
+    q, k, v = (torch.randn(2, 2, 0, d, dtype=f64) for d in (3, 3, 4))
+    gates = torch.rand(2, 2, 0, dtype=f64)
+    out = linear_attention(q, k, v, causal=True, gates=gates, form=form)
+    assert out.shape == (2, 2, 0, 4)
+    with pytest.raises(ValueError, match="scale"):
+        LinearAttention(8, 2, scale=-1.0)
