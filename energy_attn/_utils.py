@@ -123,21 +123,22 @@ def check_step_size(step_size, name: str = "step_size") -> float:
     return step_size
 
 
+def broadcasts_to(shape, target_shape) -> bool:
+    """Whether ``shape`` broadcasts to ``target_shape`` itself (``broadcast_shapes`` also
+    accepts shapes that would grow the target)."""
+    try:
+        return torch.broadcast_shapes(tuple(shape), tuple(target_shape)) == tuple(target_shape)
+    except RuntimeError:
+        return False
+
+
 def check_bool_mask(name: str, mask, target_shape: tuple[int, ...]) -> None:
     """``mask`` is a boolean tensor broadcastable to ``target_shape`` (True = may attend)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"{name} must be a boolean torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool:
         raise TypeError(f"{name} must have dtype torch.bool (True = may attend), got {mask.dtype}")
-    try:
-        torch.broadcast_shapes(tuple(mask.shape), tuple(target_shape))
-        ok = mask.dim() <= len(target_shape)
-    except RuntimeError:
-        ok = False
-    if ok:
-        # broadcast_shapes also accepts shapes that grow the target; require the target itself.
-        ok = torch.broadcast_shapes(tuple(mask.shape), tuple(target_shape)) == tuple(target_shape)
-    if not ok:
+    if not broadcasts_to(mask.shape, target_shape):
         raise ValueError(
             f"{name} of shape {tuple(mask.shape)} is not broadcastable to {tuple(target_shape)}"
         )

@@ -32,6 +32,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from ._utils import broadcasts_to
+
 __all__ = [
     "Masks",
     "as_masks",
@@ -118,13 +120,7 @@ def check(name: str, mask, target_shape: tuple[int, ...]) -> None:
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise TypeError(f"{name} must be bool (True = may attend) or floating-point (additive), "
                         f"got {mask.dtype}")
-    try:
-        ok = (mask.dim() <= len(target_shape)
-              and torch.broadcast_shapes(tuple(mask.shape), tuple(target_shape))
-              == tuple(target_shape))
-    except RuntimeError:
-        ok = False
-    if not ok:
+    if not broadcasts_to(mask.shape, target_shape):
         raise ValueError(
             f"{name} of shape {tuple(mask.shape)} is not broadcastable to {tuple(target_shape)}"
         )

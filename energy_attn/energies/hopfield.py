@@ -22,7 +22,7 @@ import torch
 
 from .. import masks
 from .._moments import acc_dtype, centred, key_rows, no_autocast
-from .._utils import check_finite_number, check_float_tensor, exists
+from .._utils import broadcasts_to, check_finite_number, check_float_tensor, exists
 
 
 def _resolve_scale(state, stored, scale):
@@ -58,11 +58,7 @@ def _logits(state, stored, scale, mask=None, key_bias=None):
             masks.check("mask", mask, (*batch, n, m))
         if exists(key_bias):
             check_float_tensor("key_bias", key_bias)
-            try:
-                ok = torch.broadcast_shapes(key_bias.shape, (*batch, m)) == (*batch, m)
-            except RuntimeError:
-                ok = False
-            if not ok:
+            if not broadcasts_to(key_bias.shape, (*batch, m)):
                 raise ValueError(f"key_bias of shape {tuple(key_bias.shape)} is not "
                                  f"broadcastable to [..., m] = {(*batch, m)}")
     dt = acc_dtype(state, stored)
