@@ -113,8 +113,10 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
             # every query may see, one float32 read-out with values [K − c, (K − c)⊙(K − c)]
             # gives μ − c and Σ_j p_ij (k_j−c)⊙(k_j−c); masked-out keys are zeroed.
             kc, c = centred(k, *key_rows(m.allowed))
-            values, k_acc = moment_values(kc), k.to(kc.dtype)
-            acc_mask = masks.sdpa_mask(raw_mask, kc.dtype, M) if exists(raw_mask) else None
+            # the float32 keys and mask, built once (shared with the read-out when it is float32)
+            values, k_acc = moment_values(kc), k_read.to(kc.dtype)
+            acc_mask = (attn_mask if read == kc.dtype
+                        else masks.sdpa_mask(raw_mask, kc.dtype, M) if exists(raw_mask) else None)
 
         def direction(xi32):
             if kind == "light":
