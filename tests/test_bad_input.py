@@ -28,9 +28,9 @@ from energy_attn import (
     hopfield_energy,
     minimize_energy,
 )
-from energy_attn.ops.hopfield import hopfield_fixed_point
 from energy_attn.integrations import swap_attention
 from energy_attn.layers.blocks import BLOCKS
+from energy_attn.ops.hopfield import hopfield_fixed_point
 
 NEG = -0.5
 
