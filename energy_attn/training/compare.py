@@ -3,8 +3,9 @@
 ``--grid KEY=V1,V2`` (repeatable; any :class:`TrainConfig` field) spans the variants, their
 Cartesian product; ``--seeds`` the seeds. Each run writes ``OUT/runs/<variant>-s<seed>/`` (a run
 whose log is already complete is reused, an interrupted one resumes from its checkpoint). The
-summary is ``OUT/compare.json``, ``compare.csv``, ``compare.md`` (mean ± std over seeds) and
-``compare.png`` (validation loss vs step and vs training wall-clock, mean ± std band).
+summary is ``OUT/compare.json``, ``compare.csv``, ``compare.md`` (mean ± std over the seeds
+whose training did not diverge, see :func:`summarize_runs`) and ``compare.png`` (validation loss
+vs step and vs training wall-clock, mean ± std band).
 """
 
 from __future__ import annotations
@@ -116,10 +117,13 @@ def run_grid(base, variants, seeds, out: Path, progress=True, train_missing=True
 
 
 def _mean_std(xs):
-    """Mean and sample std of the finite values (diverged runs are counted separately)."""
-    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    """Mean and sample std of the measured values (None: not measured); (None, None) when
+    there are none, (nan, nan) when one of them is not finite."""
+    xs = [x for x in xs if x is not None]
     if not xs:
         return None, None
+    if not all(math.isfinite(x) for x in xs):
+        return math.nan, math.nan
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
@@ -136,18 +140,28 @@ SUMMARY_KEYS = ("final_val_loss", "best_val_loss", "median_step_ms", "train_time
 
 
 def summarize_runs(logs: dict, target=None, extra_keys=()) -> list[dict]:
-    """One row per variant: mean ± std over seeds of the run summaries (and target reaching);
-    ``extra_keys`` are further numeric entries of the runs' summaries (e.g. accuracy)."""
+    """One row per variant (``logs``: ``{variant name: [run log, ...]}``, one log per seed).
+
+    ``seeds`` counts the runs and ``diverged`` those whose training loss became non-finite
+    (training stopped there; the log's ``diverged_at``). Every mean ± sample std — the
+    :data:`SUMMARY_KEYS`, ``extra_keys`` (further numeric entries of the run summaries, e.g.
+    accuracy), steps and seconds to ``target``, mean α — is over the runs that did *not*
+    diverge; it is None (``–`` in the table) when every run diverged. A run whose loss grew
+    huge but stayed finite is not diverged and is averaged in. ``reached`` is ``"k/n"`` over
+    all n runs: k runs that did not diverge and validated at or below ``target`` (a diverged
+    run never counts as reaching it).
+    """
     rows = []
     for name, runs in logs.items():
+        kept = [r for r in runs if r.get("diverged_at") is None]
         row = {"variant": name, "seeds": len(runs)}
         for key in (*SUMMARY_KEYS, *extra_keys):
-            row[key], row[key + "_std"] = _mean_std([r["summary"][key] for r in runs])
-        row["diverged"] = sum(r.get("diverged_at") is not None for r in runs)
-        alphas = [t["alpha"] for r in runs for t in r["train"] if "alpha" in t]
+            row[key], row[key + "_std"] = _mean_std([r["summary"][key] for r in kept])
+        row["diverged"] = len(runs) - len(kept)
+        alphas = [t["alpha"] for r in kept for t in r["train"] if "alpha" in t]
         row["mean_alpha"] = statistics.fmean(alphas) if alphas else None
         if target is not None:
-            hits = [h for h in (_reach(r, target) for r in runs) if h is not None]
+            hits = [h for h in (_reach(r, target) for r in kept) if h is not None]
             row["reached"] = f"{len(hits)}/{len(runs)}"
             row["steps_to_target"], row["steps_to_target_std"] = _mean_std([h[0] for h in hits])
             row["time_to_target"], row["time_to_target_std"] = _mean_std([h[1] for h in hits])
@@ -254,13 +268,15 @@ def compare_figure(logs: dict, title: str = ""):
 
 def write_summary(logs, rows, out: Path, target=None, command=None, plot=True):
     """``compare.{json,csv,md}`` and (``plot``) ``compare.png`` under ``out``; returns the
-    markdown table."""
+    markdown table. ``compare.json``'s ``machine`` is the one the runs recorded (this machine
+    for logs that record none), so a table re-rendered elsewhere still names where they ran."""
     from .loop import machine_info
 
     out.mkdir(parents=True, exist_ok=True)
-    device = next(iter(logs.values()))[0]["config"]["device"]
+    first = next(iter(logs.values()))[0]
+    machine = first.get("machine") or machine_info(first["config"]["device"])
     (out / "compare.json").write_text(json.dumps(
-        {"command": command, "machine": machine_info(device), "target_loss": target,
+        {"command": command, "machine": machine, "target_loss": target,
          "rows": rows}, indent=1))
     keys = list(rows[0])
     with open(out / "compare.csv", "w") as f:
@@ -313,7 +329,8 @@ def add_parser(subparsers) -> None:
         "compare", help="train a grid of variants x seeds; one table and one figure",
         description="Runs every combination of the --grid values for each seed (the other "
                     "options as for `energy-attn train`), then writes OUT/compare.{json,csv,md,"
-                    "png}: validation loss vs step and vs wall-clock, mean ± std over seeds.")
+                    "png}: validation loss vs step and vs wall-clock, mean ± std over the "
+                    "seeds that did not diverge.")
     add_train_arguments(p, {"out": "output directory: compare.{json,csv,md,png} and runs/ (one "
                                    "run directory per variant and seed) (default: compare-out)"})
     p.add_argument("--grid", action="append", metavar="KEY=V1,V2",

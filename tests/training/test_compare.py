@@ -1,0 +1,75 @@
+"""``summarize_runs``/``write_summary``: what the comparison tables average, and re-rendering
+them from saved runs."""
+
+import json
+import math
+
+import pytest
+
+from energy_attn.training.compare import markdown_table, summarize_runs, write_summary
+
+
+def fake_run(losses, diverged_at=None, alpha=None, acc=0.5, kl=0.01, ms=10.0, machine=None):
+    """A run log as ``train`` writes it: one validation every 25 steps at ``losses``."""
+    evals = [{"step": 25 * i, "time": 2.0 * i, "val_loss": v, "attn_kl": kl if i else None}
+             for i, v in enumerate(losses)]
+    steps = diverged_at or 25 * (len(losses) - 1)
+    train = [{"step": s, "loss": 1.0, "time": 0.08 * s, "step_time": ms / 1e3,
+              **({} if alpha is None else {"alpha": alpha})} for s in range(1, steps + 1)]
+    finite = [v for v in losses if math.isfinite(v)]
+    log = {"config": {"device": "cpu"}, "train": train, "eval": evals,
+           "summary": {"steps": steps, "diverged_at": diverged_at, "final_val_loss": losses[-1],
+                       "best_val_loss": min(finite), "train_time": 0.08 * steps,
+                       "median_step_ms": ms, "mean_attn_kl": kl, "final_val_acc": acc}}
+    if diverged_at is not None:
+        log["diverged_at"] = diverged_at
+    if machine is not None:
+        log["machine"] = machine
+    return log
+
+
+def test_diverged_runs_stay_out_of_every_mean():
+    # A diverged run used to enter the means with its finite values: its step-0 best loss,
+    # its time and KL up to the stop, its accuracy and α; only its NaN final loss dropped out.
+    trained = [fake_run([5.0, 3.0, 2.0], alpha=0.9, acc=0.8, kl=0.02, ms=10.0),
+               fake_run([5.0, 2.5, 1.0], alpha=0.7, acc=0.6, kl=0.04, ms=30.0)]
+    diverged = fake_run([5.0, 1.5, math.nan], diverged_at=40, alpha=0.1, acc=0.1, kl=7.0,
+                        ms=500.0)  # validated below the target before it diverged
+    blew_up = fake_run([5.0, 900.0, 1e4])  # finite all along: not diverged, averaged in
+    logs = {"a": [trained[0], diverged, trained[1]], "b": [diverged, diverged],
+            "c": [trained[0], blew_up]}
+    a, b, c = summarize_runs(logs, target=2.6, extra_keys=("final_val_acc",))
+
+    assert (a["seeds"], a["diverged"], a["reached"]) == (3, 1, "2/3")
+    assert (a["final_val_loss"], a["final_val_loss_std"]) == (1.5, pytest.approx(0.5 ** 0.5))
+    assert (a["best_val_loss"], a["median_step_ms"]) == (1.5, 20.0)
+    assert a["mean_attn_kl"] == pytest.approx(0.03)
+    assert (a["train_time"], a["final_val_acc"]) == (4.0, pytest.approx(0.7))
+    assert a["mean_alpha"] == pytest.approx(0.8)
+    assert (a["steps_to_target"], a["time_to_target"]) == (37.5, 3.0)  # steps 50 and 25
+
+    assert (b["seeds"], b["diverged"], b["reached"], b["mean_alpha"]) == (2, 2, "0/2", None)
+    for key in ("final_val_loss", "best_val_loss", "median_step_ms", "train_time",
+                "mean_attn_kl", "final_val_acc", "steps_to_target", "time_to_target"):
+        assert b[key] is None and b[key + "_std"] is None, key
+    row_b = markdown_table([a, b, c], target=2.6).splitlines()[3]
+    assert row_b == "| b | 2 | 2 | – | – | – | – | – | 0/2 | – | – | – | – |"
+
+    assert (c["diverged"], c["final_val_loss"], c["best_val_loss"]) == (0, 5001.0, 3.5)
+    assert c["reached"] == "1/2"
+
+
+def test_a_non_finite_value_of_a_run_that_did_not_diverge_is_not_dropped():
+    # Its training loss stayed finite but its validation loss did not: the mean says so.
+    rows = summarize_runs({"a": [fake_run([5.0, 2.0]), fake_run([5.0, math.inf])]})
+    assert math.isnan(rows[0]["final_val_loss"]) and rows[0]["diverged"] == 0
+    assert "nan ± nan" in markdown_table(rows)
+
+
+def test_summary_names_the_machine_the_runs_recorded(tmp_path):
+    # A table re-rendered on another machine used to name that machine, not the runs'.
+    where = {"cpu": "the training box", "cores": 64, "torch": "x", "python": "y",
+             "device": "cpu"}
+    logs = {"a": [fake_run([5.0, 2.0], machine=where)]}
+    write_summary(logs, summarize_runs(logs), tmp_path, plot=False)
+    assert json.loads((tmp_path / "compare.json").read_text())["machine"] == where
