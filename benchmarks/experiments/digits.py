@@ -12,13 +12,16 @@ Tasks (one small transformer built from the package's ``OptimizerBlock``s, ``mha
   cross-entropy and exact-match accuracy of the greedy decoding.
 
 The data is ``sklearn/datasets/data/digits.csv.gz`` from an installed scikit-learn wheel, read
-directly (scikit-learn itself is never imported). Without scikit-learn the script says so and
-exits with status 0 having done nothing. Split: a fixed permutation (seed 0), 360 validation
-images.
+directly (scikit-learn itself is never imported). Without scikit-learn a run that is not saved
+yet cannot train: the script says so and exits with status 0 having written nothing. Split: a
+fixed permutation (seed 0), 360 validation images.
 
     python benchmarks/experiments/digits.py --task vit --out docs/results/digits_vit
 
 Writes ``OUT/compare.{json,csv,md,png}`` like ``energy-attn compare`` and prints the table.
+Each run is saved as ``OUT/runs/<variant>-s<seed>.json`` and reused when the script runs again,
+so a second call re-renders the summary from the saved runs without training (and without
+needing scikit-learn, which only a missing run needs).
 """
 
 from __future__ import annotations
@@ -46,7 +49,14 @@ from energy_attn.training.compare import (
     variant_name,
     write_summary,
 )
-from energy_attn.training.loop import TrainConfig, attention_maps, build_optimizer, lr_at, mean_kl
+from energy_attn.training.loop import (
+    TrainConfig,
+    attention_maps,
+    build_optimizer,
+    lr_at,
+    machine_info,
+    mean_kl,
+)
 
 NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 BOS, EOS, PAD = 26, 27, -1  # letters are 0..25
@@ -156,7 +166,8 @@ def run(task, cfg: TrainConfig, data):
     model = DigitsTransformer(task, cfg.d_model, cfg.n_head, cfg.n_layer)
     opt = build_optimizer(cfg, model)
     stab = (xva[:32], text_targets(yva[:32])[0]) if task == "img2txt" else (xva[:32],)
-    log = {"config": {**cfg.__dict__, "task": task}, "train": [], "eval": []}
+    log = {"config": {**cfg.__dict__, "task": task}, "machine": machine_info("cpu"),
+           "train": [], "eval": []}
     prev, t_train = None, 0.0
 
     def do_eval(step):
@@ -221,11 +232,7 @@ def main(argv=None) -> int:
     p.add_argument("--target-loss", type=float, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    data = load_digits()
-    if data is None:
-        print("scikit-learn is not installed: its bundled digits data set is unavailable; "
-              "skipping (pip install scikit-learn to run this experiment)")
-        return 0
+    data = None  # loaded for the first run that is not saved yet
     base = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, d_model=args.d_model,
                        n_layer=args.n_layer, n_head=4, eval_interval=args.eval_interval,
                        warmup=20, beta2=0.99)
@@ -240,6 +247,12 @@ def main(argv=None) -> int:
             if run_file.exists():
                 log = json.loads(run_file.read_text())
             else:
+                data = data or load_digits()
+                if data is None:
+                    print("scikit-learn is not installed: its bundled digits data set is "
+                          "unavailable; skipping (pip install scikit-learn to run this "
+                          "experiment)")
+                    return 0
                 log = run(args.task, cfg, data)
                 run_file.parent.mkdir(parents=True, exist_ok=True)
                 run_file.write_text(json.dumps(log))
