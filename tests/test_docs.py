@@ -119,3 +119,12 @@ def test_sections_cited_in_the_other_docs_exist():
                                    f"§{section}")
     assert seen >= 2  # README's docs/zoo.md §6 and math.md's results.md §2
     assert not missing, "\n".join(missing)
+
+
+@pytest.mark.parametrize("out", sorted(p.name for p in (ROOT / "docs" / "results").iterdir()
+                                       if (p / "compare.md").is_file()))
+def test_results_page_quotes_each_committed_table_as_rendered(out):
+    """docs/results.md shows each committed ``docs/results/<dir>/compare.md`` table verbatim, so
+    a re-rendered table (e.g. after a change to what its means cover) updates the page too."""
+    table = (ROOT / "docs" / "results" / out / "compare.md").read_text().strip()
+    assert table in (ROOT / "docs" / "results.md").read_text()

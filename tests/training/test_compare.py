@@ -1,14 +1,23 @@
 """``summarize_runs``/``write_summary``: what the comparison tables average, and re-rendering
 them from saved runs."""
 
+import argparse
 import importlib.util
 import json
 import math
+import shlex
 from pathlib import Path
 
 import pytest
 
-from energy_attn.training.compare import markdown_table, summarize_runs, write_summary
+from energy_attn.training.compare import (
+    markdown_table,
+    parse_grid,
+    summarize_runs,
+    variant_name,
+    write_summary,
+)
+from energy_attn.training.loop import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,3 +112,27 @@ def test_digits_experiment_rerenders_saved_runs_without_its_data(tmp_path, monke
     assert (row["diverged"], row["reached"], row["final_val_loss"]) == (1, "1/2", 0.4)
     assert "| optimizer=adamw | 2 | 1 | 0.4000 ± 0.0000 |" in (tmp_path / "compare.md").read_text()
     assert {p.name: p.read_text() for p in runs.iterdir()} == before
+
+
+@pytest.mark.parametrize("out", sorted(p.name for p in (REPO / "docs" / "results").iterdir()
+                                       if (p / "compare.json").is_file()))
+def test_committed_tables_are_the_summaries_of_their_saved_runs(out):
+    # docs/results/<out>/compare.json is what summarize_runs makes of runs/ today: a change to
+    # what the means cover has to re-render the committed tables.
+    out = REPO / "docs" / "results" / out
+    saved = json.loads((out / "compare.json").read_text())
+    p = argparse.ArgumentParser()
+    p.add_argument("--grid", action="append")
+    p.add_argument("--seeds", default="0,1,2")
+    args, _ = p.parse_known_args(shlex.split(saved["command"]))
+    logs = {}
+    for variant in parse_grid(args.grid, TrainConfig):
+        name = variant_name(variant)
+        for seed in args.seeds.split(","):
+            run = out / "runs" / f"{name}-s{seed}"
+            log = run / "log.json" if run.is_dir() else run.with_name(run.name + ".json")
+            logs.setdefault(name, []).append(json.loads(log.read_text()))
+    extra = ("final_val_acc",) if "final_val_acc" in saved["rows"][0] else ()
+    rows = summarize_runs(logs, saved["target_loss"], extra_keys=extra)
+    assert json.loads(json.dumps(rows)) == saved["rows"]
+    assert markdown_table(rows, saved["target_loss"]) + "\n" == (out / "compare.md").read_text()
