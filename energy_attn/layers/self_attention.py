@@ -50,6 +50,8 @@ from ..ops.hopfield import hopfield_descent
 from ..optim.attention_informed import EnergyRecorder
 
 SECOND_ORDER = (None, "2nd1st", "light")
+# whether a torch.func transform is running (PyTorch offers no public query)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 ATTENTIONS = ("softmax", "energy")
 
 
@@ -229,8 +231,10 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         rho = p.sum(-1, keepdim=True) if p_drop > 0 else (1.0 if valid is None else valid.to(acc))
         ms = p @ vc + c * (rho - 1.0)  # μ − c
         r = ms - (v.to(acc) - c)  # μ − v
-        # S and P ⊙ S are recomputed in backward: autograd keeps P alone.
-        if torch.is_grad_enabled() and (p.requires_grad or vc.requires_grad):
+        # S and P ⊙ S are recomputed in backward: autograd keeps P alone. Not under torch.func
+        # transforms (grad, vjp, ...), which do not run checkpoint's saved-tensor hooks.
+        if torch.is_grad_enabled() and (p.requires_grad or vc.requires_grad) and \
+                not _functorch_active():
             corr, ps_sum = checkpoint(_newton_correction, p, vc, ms, r, use_reentrant=False)
         else:
             corr, ps_sum = _newton_correction(p, vc, ms, r)
