@@ -275,19 +275,26 @@ def sdpa_mask(attn_mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.T
       to its lowest or largest value instead of overflowing to ``∓inf`` (``−1e9``, ``1e5`` in
       float16), so a row whose every key is weighed down (not blocked) stays finite, and so
       does a row with a key weighed up.
-    * a boolean mask stays boolean. (The memory-efficient kernel's alignment of the other
-      strides is done by PyTorch itself: it pads a misaligned mask; broadcast strides are 0.)
+    * a boolean mask becomes the additive mask SDPA would make of it (0 where allowed, ``−inf``
+      where blocked, in ``dtype``): SDPA converts a boolean mask on every call, and saves each
+      converted copy for backward, so a read-out repeated T times with an N×M boolean mask would
+      keep T float N×M masks; converted here once, every call shares one. (The memory-efficient
+      kernel's alignment of the other strides is done by PyTorch itself: it pads a misaligned
+      mask; broadcast strides are 0.)
     """
-    if attn_mask.dtype != torch.bool:
-        attn_mask = _cast_bias(attn_mask, dtype)
     if attn_mask.dim() == 0 or attn_mask.shape[-1] != keys:
         attn_mask = attn_mask.expand(*attn_mask.shape[:-1], keys)
-    if attn_mask.stride(-1) != 1:
-        # Materialise the last dim only: leading broadcast (stride-0) dims stay broadcast.
-        base = attn_mask[tuple(slice(0, 1) if st == 0 else slice(None)
-                               for st in attn_mask.stride()[:-1])]
-        attn_mask = base.contiguous().expand(attn_mask.shape)
-    return attn_mask
+    if attn_mask.dtype == dtype and attn_mask.stride(-1) == 1:
+        return attn_mask
+    # Convert and lay out the distinct rows only: leading broadcast (stride-0) dims stay broadcast.
+    base = attn_mask[tuple(slice(0, 1) if st == 0 else slice(None)
+                           for st in attn_mask.stride()[:-1])]
+    if base.dtype == torch.bool:
+        base = torch.full(base.shape, float("-inf"), dtype=dtype,
+                          device=base.device).masked_fill_(base, 0.0)
+    else:
+        base = _cast_bias(base, dtype)
+    return base.contiguous().expand(attn_mask.shape)
 
 
 def sdpa(q, k, v, *, attn_mask=None, valid=None, is_causal=False, scale=None, dropout_p=0.0,

@@ -100,12 +100,30 @@ def test_sdpa_mask_materialises_the_last_dim_and_casts_without_overflow():
     assert masks.sdpa_mask(ready, torch.float16, 5) is ready  # idempotent, free
 
 
+def test_sdpa_mask_turns_a_boolean_mask_into_sdpas_additive_one_once():
+    """SDPA converts a boolean mask on every call (and saves each copy for backward): prepared
+    once, it is the float mask SDPA would make, still broadcast where the input was."""
+    allowed = torch.rand(2, 1, 3, 5) > 0.4
+    ready = masks.sdpa_mask(allowed, torch.bfloat16, 5)
+    assert ready.dtype == torch.bfloat16 and ready.shape == allowed.shape
+    assert torch.equal(ready, torch.zeros(()).masked_fill(~allowed, float("-inf")).bfloat16())
+    assert masks.sdpa_mask(ready, torch.bfloat16, 5) is ready
+    lean = masks.sdpa_mask((torch.rand(2, 1, 1, 5) > 0.4).expand(2, 4, 3, 5), torch.float32, 5)
+    assert lean.stride() == (5, 0, 0, 1)  # one row per batch element stored
+    q, k = torch.randn(2, 4, 3, 8), torch.randn(2, 4, 5, 8)
+    mask = torch.rand(2, 4, 3, 5) > 0.4
+    mask[..., 0] = True
+    torch.testing.assert_close(masks.sdpa(q, k, k, attn_mask=mask),
+                               F.scaled_dot_product_attention(q, k, k, attn_mask=mask))
+
+
 # -- one SDPA call site, and what it passes ------------------------------------------------------
 
 
 def test_only_masks_py_calls_scaled_dot_product_attention():
     offenders = []
-    for path in list((ROOT / "energy_attn").rglob("*.py")) + list((ROOT / "energy_attn_kernels").rglob("*.py")):
+    sources = [*(ROOT / "energy_attn").rglob("*.py"), *(ROOT / "energy_attn_kernels").rglob("*.py")]
+    for path in sources:
         if path.name == "masks.py" and path.parent.name == "energy_attn":
             continue
         for node in ast.walk(ast.parse(path.read_text())):
