@@ -80,8 +80,15 @@ class EnergyTransformerAttention(nn.Module):
             else dim_head**-0.5
         self.num_steps = check_num_steps(num_steps)
         self.step_size = check_step_size(step_size)
-        self.w_q = nn.Parameter(torch.randn(heads, dim_head, dim) * dim**-0.5)
-        self.w_k = nn.Parameter(torch.randn(heads, dim_head, dim) * dim**-0.5)
+        self.heads, self.dim_head = heads, dim_head
+        self.w_q = nn.Parameter(torch.empty(heads, dim_head, dim))
+        self.w_k = nn.Parameter(torch.empty(heads, dim_head, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Draw ``w_q`` then ``w_k`` from ``N(0, 1/D)`` (the constructor's initialisation)."""
+        for w in (self.w_q, self.w_k):
+            nn.init.normal_(w, mean=0.0, std=self.dim**-0.5)
 
     def forward(self, x, mask=None, num_steps=None, step_size=None, return_energies=False):
         check_float_tensor("x", x, ndim=3)

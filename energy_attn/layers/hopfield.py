@@ -64,6 +64,9 @@ def _per_head(name, value, num_heads):
         if value.dim() != 1 or value.shape[0] != num_heads:
             raise ValueError(f"{name} as a tensor needs one entry per head, shape ({num_heads},), "
                              f"got {tuple(value.shape)}")
+        if value.is_meta:
+            raise ValueError(f"{name} is a meta tensor, which holds no values: create it outside "
+                             f"torch.device('meta') (or pass a number)")
         return tuple(value.tolist())  # once, at construction
     return (value,) * num_heads
 
@@ -267,11 +270,13 @@ class Hopfield(nn.Module):
                 any(self._steps) and max(eps) > 0:
             raise ValueError(f"update_steps_eps > 0 (hflayers' stopping rule) runs in PyTorch; "
                              f"pass update_steps_eps=0 to use backend={backend!r}")
+        # per-head values, filled by reset_parameters (so a module built on the meta device
+        # gets them back after to_empty)
         if len(set(self._steps)) > 1:
-            self.register_buffer("_steps_per_head", torch.tensor(
-                [-1 if t is None else t for t in self._steps]), persistent=False)
+            self.register_buffer("_steps_per_head", torch.empty(num_heads, dtype=torch.long),
+                                 persistent=False)
         if len(set(eps)) > 1:
-            self.register_buffer("_eps_per_head", torch.tensor(eps, dtype=torch.float64),
+            self.register_buffer("_eps_per_head", torch.empty(num_heads, dtype=torch.float64),
                                  persistent=False)
 
         dropout = check_finite_number("dropout", dropout)
@@ -340,7 +345,14 @@ class Hopfield(nn.Module):
         """hflayers' initialisation: weights ``N(0, 0.02)``, biases 0, LayerNorms (1, 0), bias
         patterns ``N(0, 0.02)``, drawn in hflayers' order (the q, k, v weights as one packed
         matrix where hflayers packs them, then ``out_proj``, ``bias_k``, ``bias_v``), so that
-        the same seed gives hflayers' initial values."""
+        the same seed gives hflayers' initial values. Also refills the per-head step counts
+        and tolerances (non-persistent buffers) from the constructor's arguments."""
+        with torch.no_grad():
+            if exists(getattr(self, "_steps_per_head", None)):
+                self._steps_per_head.copy_(torch.tensor([-1 if t is None else t
+                                                         for t in self._steps]))
+            if exists(getattr(self, "_eps_per_head", None)):
+                self._eps_per_head.copy_(torch.tensor(self._eps, dtype=torch.float64))
         projections = [lin for lin in (self.q_proj, self.k_proj, self.v_proj) if exists(lin)]
         if self._in_proj_layout and projections:
             w = projections[0].weight
@@ -597,7 +609,9 @@ class Hopfield(nn.Module):
             logits, valid = _logits(xi, k, beta, mask)
             p_new, mu = _readout(logits, valid, k)
             with torch.no_grad():
-                change = (p_new - p).square().sum(dim=(-2, -1)).sqrt().amax(dim=0)  # [H]
+                change = (p_new - p).square().sum(dim=(-2, -1)).sqrt()  # [B, H]
+                # max over the batch; an empty batch has nothing left to change
+                change = change.amax(dim=0) if change.shape[0] else change.new_zeros(H)
                 active = active & (change > eps)
                 if exists(within(s)):
                     active = active & within(s)

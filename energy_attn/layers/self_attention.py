@@ -85,12 +85,22 @@ class ConstrainedScalars(nn.Module):
                 f"{name} must be in {rng[0] if learnable else rng[1]} "
                 f"({'learnable' if learnable else 'fixed'}), got {init}"
             )
-        self.name, self.link, self.learnable = name, link, learnable
+        self.name, self.link, self.learnable, self.init = name, link, learnable, init
         if learnable:
-            raw = math.log(init / (1 - init)) if link == "sigmoid" else math.log(math.expm1(init))
-            self.raw = nn.Parameter(torch.full((n,), raw))
+            self.raw = nn.Parameter(torch.empty(n))
         else:
-            self.register_buffer("fixed", torch.full((n,), init))
+            self.register_buffer("fixed", torch.empty(n))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Every scalar back to its initial value ``init`` (``raw = link⁻¹(init)``)."""
+        init, link = self.init, self.link
+        with torch.no_grad():
+            if self.learnable:
+                self.raw.fill_(math.log(init / (1 - init)) if link == "sigmoid"
+                               else math.log(math.expm1(init)))
+            else:
+                self.fixed.fill_(init)
 
     def forward(self) -> torch.Tensor:
         if not self.learnable:

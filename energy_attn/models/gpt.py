@@ -107,11 +107,21 @@ class GPT(nn.Module):
         )
         self.ln_f = nn.LayerNorm(c.d_model, bias=c.bias)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise every parameter and buffer as the constructor does (GPT-2's scheme, module
+        docstring; LayerNorms and the blocks' ρ/γ at their defaults) and tie ``lm_head`` to the
+        token embedding again, which ``to_empty`` (after building on the meta device) unties."""
         self.lm_head.weight = self.wte.weight  # weight tying
+        for module in self.modules():  # the deterministic ones (no random draws)
+            if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)) and \
+                    hasattr(module, "reset_parameters"):
+                module.reset_parameters()
         self.apply(self._init_weights)
         for block in self.blocks:  # residual output maps: GPT-2's 1/sqrt(2·n_layer)
             for w in (block.attn.to_out.weight, block.ffn[2].weight):
-                nn.init.normal_(w, mean=0.0, std=0.02 / math.sqrt(2 * c.n_layer))
+                nn.init.normal_(w, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
 
     @staticmethod
     def _init_weights(module):

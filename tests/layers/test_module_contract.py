@@ -184,6 +184,39 @@ def test_dtype_casts_move_every_tensor_and_forward_runs(name, dtype):
 
 
 @pytest.mark.parametrize("name", IDS)
+def test_meta_construction_then_to_empty_and_reset_parameters(name):
+    """Built under torch.device("meta"), materialised with to_empty (memory of any value, here
+    NaN / -7) and reset_parameters -- the module's own, else every submodule's, as FSDP does --
+    every tensor is initialised; tensors the constructor sets deterministically get exactly
+    those values. (nn.MultiheadAttention, and so EnergyMultiheadAttention, initialises its own
+    tensors in the private ``_reset_parameters``: PyTorch's convention, kept by the drop-in.)"""
+    with torch.device("meta"):
+        m = CASES[name].make()
+    m = m.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in _tensors(m).values():
+            t.fill_(float("nan") if t.is_floating_point() else -7)
+    if hasattr(m, "reset_parameters"):
+        m.reset_parameters()
+    else:
+        for sub in m.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+        for sub in m.modules():
+            if isinstance(sub, nn.MultiheadAttention):
+                sub._reset_parameters()
+    got, a, b = _tensors(m), _tensors(_build(name, seed=0)), _tensors(_build(name, seed=1))
+    assert list(got) == list(a)
+    for key, t in got.items():
+        assert not (t.is_floating_point() and t.isnan().any()), f"{key} left uninitialised"
+        if torch.equal(a[key], b[key]):  # a deterministic initial value
+            assert torch.equal(t, a[key]), key
+    if isinstance(m, ea.GPT):
+        assert m.lm_head.weight is m.wte.weight, "to_empty unties; reset_parameters reties"
+    assert torch.isfinite(_forward(name, m.eval(), _x())).all()
+
+
+@pytest.mark.parametrize("name", IDS)
 def test_dropout_acts_in_training_only_and_no_grad_modes_agree(name):
     m, x = _build(name), _x()
     ref = _forward(name, m, x)
@@ -284,9 +317,28 @@ def test_vmap_over_a_batch_of_parameters(name):
         torch.testing.assert_close(out[i], functional_call(m, p, (x,)), atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("name", IDS)
+@pytest.mark.parametrize("shape", [(0, 5), (2, 1), (0, 1)])
+def test_empty_batch_and_single_token_forward_backward(name, shape):
+    m = _build(name).train()
+    x = _x(*shape).requires_grad_(True)
+    out = _forward(name, m, x)
+    ref_shape = _forward(name, m, _x(2, shape[1])).shape
+    assert out.shape == (shape[0], *ref_shape[1:])
+    out.sum().backward()
+    assert x.grad is None or x.grad.shape == x.shape  # GPT's input only picks token ids
+    for k, p in m.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), k
+
+
 def test_hflayers_state_dict_of_a_fresh_module_loads_back():
     m, x = _build("Hopfield-eps-rule"), _x()
     fresh = _build("Hopfield-eps-rule", seed=1)
     fresh.load_state_dict(hflayers_state_dict(m), strict=True)
     assert torch.equal(_forward("Hopfield-eps-rule", fresh, x),
                        _forward("Hopfield-eps-rule", m, x))
+
+
+def test_per_head_settings_given_as_meta_tensors_are_named():
+    with torch.device("meta"), pytest.raises(ValueError, match="update_steps_max is a meta"):
+        ea.Hopfield(D, num_heads=2, update_steps_max=torch.tensor([1, 3]))
