@@ -121,8 +121,9 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"dropout={self.dropout}, batch_first={self.batch_first}, "
                 f"num_steps={self.num_steps}, step_size={self.step_size}, "
-                f"optimizer={self.optimizer!r}, batch_first={self.batch_first}")
+                f"optimizer={self.optimizer!r}, momentum={self.momentum}, scale={self.scale:.4g}")
 
     def _check_inputs(self, query, key, value):
         for name, t in (("query", query), ("key", key), ("value", value)):

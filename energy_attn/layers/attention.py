@@ -74,7 +74,9 @@ def _mask_to_bhnm(mask):
     """``(b, m)`` or ``(b, n, m)`` -> broadcastable ``[b, 1, n|1, m]`` (True = may attend)."""
     if mask is None:
         return None
-    return rearrange(mask, "b m -> b 1 1 m") if mask.dim() == 2 else rearrange(mask, "b n m -> b 1 n m")
+    if mask.dim() == 2:
+        return rearrange(mask, "b m -> b 1 1 m")
+    return rearrange(mask, "b n m -> b 1 n m")
 
 
 class VanillaSoftmaxAttention(nn.Module):
@@ -102,9 +104,14 @@ class VanillaSoftmaxAttention(nn.Module):
         self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Linear(inner_dim, query_dim)
-        self.heads = heads
+        self.heads, self.dim_head = heads, dim_head
         self.query_dim, self.context_dim = query_dim, context_dim
-        self.scale = check_finite_number("scale", scale, positive=True) if exists(scale) else dim_head**-0.5
+        self.scale = (check_finite_number("scale", scale, positive=True) if exists(scale)
+                      else dim_head**-0.5)
+
+    def extra_repr(self) -> str:
+        return (f"query_dim={self.query_dim}, context_dim={self.context_dim}, heads={self.heads}, "
+                f"dim_head={self.dim_head}, scale={self.scale:.4g}")
 
     def forward(self, x, context=None, mask=None, scale=None, bare_attn=False):
         _check_forward(x, context, mask, self.query_dim, self.context_dim, bare_attn)
@@ -163,11 +170,19 @@ class EnergyBasedAttention(nn.Module):
         if exists(energy_func) and not callable(energy_func):
             raise TypeError(f"energy_func must be callable, got {type(energy_func).__name__}")
         self.energy_func = default(energy_func, hopfield_energy)
-        self.heads = heads
+        self.heads, self.dim_head = heads, dim_head
         self.query_dim, self.context_dim = query_dim, context_dim
-        self.scale = check_finite_number("scale", scale, positive=True) if exists(scale) else dim_head**-0.5
+        self.scale = (check_finite_number("scale", scale, positive=True) if exists(scale)
+                      else dim_head**-0.5)
         self.momentum = check_optimizer(optimizer, momentum)
         self.optimizer = optimizer
+
+    def extra_repr(self) -> str:
+        f = self.energy_func
+        name = getattr(f, "__name__", None) or type(f).__name__
+        return (f"query_dim={self.query_dim}, context_dim={self.context_dim}, heads={self.heads}, "
+                f"dim_head={self.dim_head}, scale={self.scale:.4g}, energy_func={name}, "
+                f"optimizer={self.optimizer!r}, momentum={self.momentum}")
 
     def forward(self, x, context=None, mask=None, scale=None, bare_attn=False, step_size=1.0,
                 num_steps=1, return_trajs=False, optimizer=None, momentum=None,

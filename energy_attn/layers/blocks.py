@@ -88,6 +88,9 @@ class OptimizerBlock(nn.Module):
         self.rho = (ConstrainedScalars("rho", rho, 1, "sigmoid", learn_rho)
                     if variant in ("momen", "nag") else None)
 
+    def extra_repr(self) -> str:
+        return f"variant={self.variant!r}"
+
     def step(self, x, mask=None, is_causal=False):
         """Layer ``l``'s attention step ``a_l(x) = MHA_l(LN(x))`` (with residual dropout)."""
         return self.drop(self.attn(self.ln_attn(x), mask=mask, is_causal=is_causal))

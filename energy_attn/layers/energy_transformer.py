@@ -90,6 +90,12 @@ class EnergyTransformerAttention(nn.Module):
         for w in (self.w_q, self.w_k):
             nn.init.normal_(w, mean=0.0, std=self.dim**-0.5)
 
+    def extra_repr(self) -> str:
+        return (f"dim={self.dim}, heads={self.heads}, dim_head={self.dim_head}, "
+                f"scale={self.scale:.4g}, num_steps={self.num_steps}, step_size={self.step_size}, "
+                f"optimizer={self.optimizer!r}, momentum={self.momentum}, "
+                f"normalize={self.normalize}")
+
     def forward(self, x, mask=None, num_steps=None, step_size=None, return_energies=False):
         check_float_tensor("x", x, ndim=3)
         if x.shape[-1] != self.dim:

@@ -379,6 +379,18 @@ class Hopfield(nn.Module):
             if exists(norm):
                 norm.reset_parameters()
 
+    def extra_repr(self) -> str:
+        def per_head(values):  # one value, or one per head
+            return values[0] if len(set(values)) == 1 else list(values)
+
+        text = (f"num_heads={self.num_heads}, hidden_size={self.hidden_size}, "
+                f"scaling={self.scaling:.4g}, update_steps_max={per_head(self._steps)}, "
+                f"update_steps_eps={per_head(self._eps)}, solver={self.solver!r}")
+        if self.solver == "fixed_point":
+            text += f", anderson={self.anderson}"
+        return text + (f", backend={self.backend!r}, dropout={self.dropout}, "
+                       f"batch_first={self.batch_first}")
+
     # -- hflayers' attributes ------------------------------------------------------------------
 
     @property
@@ -808,6 +820,9 @@ class _LearnedPatterns(nn.Module):
         self.hopfield.reset_parameters()
         for p in self._learned():
             nn.init.normal_(p, mean=0.0, std=0.02)
+
+    def extra_repr(self) -> str:
+        return f"quantity={self.quantity}"
 
     def get_association_matrix(self, input, stored_pattern_padding_mask=None,
                                association_mask=None):

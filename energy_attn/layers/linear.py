@@ -36,7 +36,8 @@ class LinearAttention(nn.Module):
         d_model = check_num_steps(d_model, "d_model")
         n_head = check_num_steps(n_head, "n_head")
         if n_head < 1 or d_model < 1 or d_model % n_head:
-            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_head ({n_head})")
+            raise ValueError(f"d_model ({d_model}) must be a positive multiple of n_head "
+                             f"({n_head})")
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
         self.d_model, self.n_head, self.form = d_model, n_head, form
@@ -46,6 +47,10 @@ class LinearAttention(nn.Module):
         self.to_qkv = nn.Linear(d_model, 3 * d_model, bias=bias)
         self.to_gates = nn.Linear(d_model, n_head) if gated else None
         self.to_out = nn.Linear(d_model, d_model, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_head={self.n_head}, gated={self.to_gates is not None}, "
+                f"scale={self.scale:.4g}, form={self.form!r}")
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
                 is_causal: bool = False) -> torch.Tensor:

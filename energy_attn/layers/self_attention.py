@@ -108,7 +108,7 @@ class ConstrainedScalars(nn.Module):
         return torch.sigmoid(self.raw) if self.link == "sigmoid" else F.softplus(self.raw)
 
     def extra_repr(self) -> str:
-        return f"{self.name}, link={self.link}, learnable={self.learnable}"
+        return f"{self.name}, init={self.init}, link={self.link}, learnable={self.learnable}"
 
 
 class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
@@ -252,5 +252,9 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         return (ms + c + gamma * (corr + c * ps_sum)).to(v.dtype)
 
     def extra_repr(self) -> str:
-        return (f"d_model={self.d_model}, n_head={self.n_head}, second_order={self.second_order}, "
-                f"attention={self.attention}, num_steps={self.num_steps}")
+        text = (f"d_model={self.d_model}, n_head={self.n_head}, dropout={self.dropout}, "
+                f"second_order={self.second_order!r}, attention={self.attention!r}")
+        if self.attention == "energy":
+            text += (f", num_steps={self.num_steps}, step_size={self.step_size}, "
+                     f"optimizer={self.optimizer!r}, momentum={self.momentum}")
+        return text

@@ -318,6 +318,13 @@ def test_vmap_over_a_batch_of_parameters(name):
 
 
 @pytest.mark.parametrize("name", IDS)
+def test_repr_names_the_configuration(name):
+    text = repr(_build(name))
+    for part in CASES[name].repr_has:
+        assert part in text, (part, text)
+
+
+@pytest.mark.parametrize("name", IDS)
 @pytest.mark.parametrize("shape", [(0, 5), (2, 1), (0, 1)])
 def test_empty_batch_and_single_token_forward_backward(name, shape):
     m = _build(name).train()
