@@ -27,6 +27,7 @@ in the package; it enforces what CUDA's SDPA backends impose on masks (see there
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -51,6 +52,7 @@ __all__ = [
     "logits_mask",
     "readout_args",
     "sdpa",
+    "sdpa_keys",
     "sdpa_mask",
     "to_sdpa_mask",
     "with_key_bias",
@@ -297,15 +299,50 @@ def sdpa_mask(attn_mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.T
     return base.contiguous().expand(attn_mask.shape)
 
 
+def _pads_for_cpu(device, dk: int, dv: int, dropout_p: float = 0.0, attn_mask=None) -> bool:
+    """Whether :func:`sdpa` zero-pads head dims ``dk`` (q, k) and ``dv`` (v) to one width.
+
+    On CPU, PyTorch's fused kernel needs one head dim for ``q``, ``k`` and ``v``; otherwise SDPA
+    takes its math path, which keeps the N×M attention matrix for backward and is slower. Only
+    where the fused kernel could otherwise run: no dropout, no mask that needs a gradient.
+    """
+    return (dk != dv and device.type == "cpu" and dropout_p == 0.0
+            and not (attn_mask is not None and attn_mask.requires_grad))
+
+
+def sdpa_keys(k: torch.Tensor, dv: int, attn_mask=None) -> torch.Tensor:
+    """Keys ``[..., M, D]`` prepared once for many :func:`sdpa` calls with values of head dim
+    ``dv``: zero-padded to ``dv`` where :func:`sdpa` would pad them on every call (see there),
+    else ``k`` itself."""
+    if k.shape[-1] < dv and _pads_for_cpu(k.device, k.shape[-1], dv, 0.0, attn_mask):
+        return F.pad(k, (0, dv - k.shape[-1]))
+    return k
+
+
 def sdpa(q, k, v, *, attn_mask=None, valid=None, is_causal=False, scale=None, dropout_p=0.0,
          enable_gqa=False):
     """``F.scaled_dot_product_attention`` with a mask every backend accepts (the package's only
     call of it). ``attn_mask``: None, bool (True = may attend) or float (additive), broadcastable
     to ``[B, H, N, M]``; ``valid`` (``[..., N, 1]`` bool, from :func:`readout_args`) zeroes the
-    rows that may attend nothing. Returns ``[B, H, N, Dv]`` in ``q``'s dtype."""
+    rows that may attend nothing. Returns ``[B, H, N, Dv]`` in ``q``'s dtype.
+
+    On CPU, a call whose values are wider or narrower than ``q`` and ``k`` runs the fused kernel
+    on zero-padded operands (exact: zero columns add nothing; see :func:`_pads_for_cpu`). Keys
+    wider than ``q`` are taken as zero-padded by :func:`sdpa_keys`: ``q`` is padded to match."""
     if attn_mask is not None:
         attn_mask = sdpa_mask(attn_mask, q.dtype, k.shape[-2])
     kwargs = {"enable_gqa": True} if enable_gqa else {}
+    dq, dk, dv = q.shape[-1], k.shape[-1], v.shape[-1]
+    if _pads_for_cpu(q.device, dk, dv, dropout_p, attn_mask):
+        if dk < dv:
+            k = F.pad(k, (0, dv - dk))
+        else:
+            v = F.pad(v, (0, dk - dv))
+    if dq < k.shape[-1]:
+        scale = 1.0 / math.sqrt(dq) if scale is None else scale  # SDPA's default, unpadded
+        q = F.pad(q, (0, k.shape[-1] - dq))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                          is_causal=is_causal, scale=scale, **kwargs)
+    if out.shape[-1] != dv:
+        out = out[..., :dv]
     return out if valid is None else out * valid

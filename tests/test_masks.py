@@ -117,6 +117,37 @@ def test_sdpa_mask_turns_a_boolean_mask_into_sdpas_additive_one_once():
                                F.scaled_dot_product_attention(q, k, k, attn_mask=mask))
 
 
+@pytest.mark.parametrize("dv", [3, 16], ids=["narrower", "wider"])
+def test_sdpa_with_values_of_another_head_dim_is_exact_and_keeps_no_attention_matrix(dv):
+    """On CPU, SDPA's fused kernel needs one head dim: masks.sdpa zero-pads (exactly), where
+    SDPA's math path would keep the N×M attention matrix for backward."""
+    n, m, d = 6, 40, 8
+    q = torch.randn(2, 3, n, d, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, 3, m, d, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, 3, m, dv, dtype=torch.float64, requires_grad=True)
+    mask = torch.randn(2, 1, n, m, dtype=torch.float64)
+    shapes = []
+
+    def pack(t):
+        shapes.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = masks.sdpa(q, k, v, attn_mask=mask)  # default scale: d ** -0.5 of the real q
+    assert out.shape == (2, 3, n, dv)
+    assert not [s for s in shapes if s[-2:] == (n, m) and s[1] != 1], shapes  # mask only
+    p = (q @ k.transpose(-1, -2) * d**-0.5 + mask).softmax(-1)
+    truth = p @ v
+    torch.testing.assert_close(out, truth)
+    w = torch.randn_like(truth)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), w),
+                    torch.autograd.grad(truth, (q, k, v), w)):
+        torch.testing.assert_close(a, b)
+    keys = masks.sdpa_keys(k, dv)  # prepared once for many calls: the same result
+    assert keys.shape[-1] == max(d, dv)
+    torch.testing.assert_close(masks.sdpa(q, keys, v, attn_mask=mask), out)
+
+
 # -- one SDPA call site, and what it passes ------------------------------------------------------
 
 

@@ -114,9 +114,10 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
             # gives μ − c and Σ_j p_ij (k_j−c)⊙(k_j−c); masked-out keys are zeroed.
             kc, c = centred(k, *key_rows(m.allowed))
             # the float32 keys and mask, built once (shared with the read-out when it is float32)
-            values, k_acc = moment_values(kc), k_read.to(kc.dtype)
+            values = moment_values(kc)
             acc_mask = (attn_mask if read == kc.dtype
                         else masks.sdpa_mask(raw_mask, kc.dtype, M) if exists(raw_mask) else None)
+            k_acc = masks.sdpa_keys(k_read.to(kc.dtype), 2 * D, acc_mask)
 
         def direction(xi32):
             if kind == "light":

@@ -15,10 +15,11 @@ from energy_attn._memory import saved_bytes
 B, H, N, M, D = 1, 4, 12, 256, 4
 F32 = 4
 
-OPTIMIZERS = [("gd", 0.0), ("momentum", 0.5), ("nesterov", 0.5)]
-#: Numbers of width D saved per query and step: SDPA's query and output, plus the log-sum-exp
-#: and the row-validity flag (the "+ 1" of (7.1), here 2 to hold both).
-WIDTH = {"gd": 2, "momentum": 2, "nesterov": 2}
+OPTIMIZERS = [("gd", 0.0), ("momentum", 0.5), ("nesterov", 0.5), ("newton_light", 0.0)]
+#: Numbers of width D saved per query and step: SDPA's query and output (2, for gd; newton_light
+#: reads out 2D-wide values and forms its variance from them), plus the log-sum-exp and the
+#: row-validity flag (the "+ 1" of (7.1), here 2 to hold both).
+WIDTH = {"gd": 2, "momentum": 2, "nesterov": 2, "newton_light": 10}
 
 
 def _mask(kind):
