@@ -59,8 +59,10 @@ def descend(
 ) -> torch.Tensor:
     """Run ``num_steps`` optimizer steps from ``xi`` along ``direction`` (internal; trusted).
 
-    ``trajectory`` (a ``defaultdict(list)``), when given, receives ``queries`` (and, for the
-    velocity optimizers, ``velocities``) at every iterate, T+1 entries each.
+    Returns a new tensor, also for ``num_steps = 0`` (a copy of ``xi``, never ``xi`` itself: an
+    op's output does not alias its input, whatever the step count). ``trajectory`` (a
+    ``defaultdict(list)``), when given, receives ``queries`` (and, for the velocity optimizers,
+    ``velocities``) at every iterate, T+1 entries each; its first entry is ``xi`` itself.
     """
     record = trajectory is not None
     uses_velocity = optimizer in ("momentum", "nesterov")
@@ -82,7 +84,7 @@ def descend(
             trajectory["queries"].append(xi)
             if uses_velocity:
                 trajectory["velocities"].append(v)
-    return xi
+    return xi.clone() if num_steps == 0 else xi
 
 
 def _bound(energy_func, name: str):
@@ -165,8 +167,8 @@ def minimize_energy(
             step with ``η = 1`` is softmax attention; with this option it is not.
 
     Returns:
-        The final queries ``[..., n, d]`` (differentiable w.r.t. queries and keys), or the
-        trajectory dict when ``return_trajs``.
+        The final queries ``[..., n, d]`` (differentiable w.r.t. queries and keys; a new tensor,
+        also for ``num_steps=0``), or the trajectory dict when ``return_trajs``.
     """
     if not callable(energy_func):
         raise TypeError(f"energy_func must be callable, got {type(energy_func).__name__}")

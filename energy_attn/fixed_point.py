@@ -96,6 +96,8 @@ class _FixedPoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, f, vjp, num_iters, anderson, z0, *params):
         z = _iterate(lambda z: f(z, *params), z0, num_iters, anderson)
+        if num_iters == 0:
+            z = z0.clone()  # a new tensor: an output that is its input would be a view of it
         ctx.f, ctx.vjp, ctx.num_iters, ctx.anderson = f, vjp, num_iters, anderson
         ctx.save_for_backward(z, *params)
         return z
@@ -156,8 +158,9 @@ def fixed_point(
             recomputed ``f(z*)`` (which ``torch.compile(fullgraph=True)`` cannot trace).
 
     Returns:
-        ``z*`` shaped like ``z0``. Autograd saves ``z*`` and ``params`` only: memory does not
-        grow with ``num_iters``. Not twice differentiable.
+        ``z*`` shaped like ``z0``, a new tensor (for ``num_iters=0`` a copy of ``z0``). Autograd
+        saves ``z*`` and ``params`` only: memory does not grow with ``num_iters``. Not twice
+        differentiable.
     """
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")

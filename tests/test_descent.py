@@ -60,9 +60,15 @@ def test_energy_decreases_monotonically_for_step_sizes_up_to_one(step_size):
     assert (e[-1] < e[0]).any()
 
 
-def test_zero_steps_returns_queries():
-    q, k = torch.randn(1, 3, 2), torch.randn(1, 4, 2)
-    assert minimize_energy(_energy(), q, k, num_steps=0) is q
+def test_zero_steps_returns_a_copy_of_the_queries():
+    """T = 0 returns ξ_0 = q as a new tensor (an op's output never aliases its input), with the
+    identity as its gradient."""
+    q, k = torch.randn(1, 3, 2, requires_grad=True), torch.randn(1, 4, 2)
+    for closed_form in (True, False):
+        out = minimize_energy(_energy(), q, k, num_steps=0, use_closed_form=closed_form)
+        assert out is not q and out.data_ptr() != q.data_ptr() and torch.equal(out, q)
+        (g,) = torch.autograd.grad(out.sum(), q)
+        assert torch.equal(g, torch.ones_like(q))
 
 
 def test_user_energy_via_autograd_works_without_grad_enabled_inputs():

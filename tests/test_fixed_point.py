@@ -250,3 +250,10 @@ def test_a_float_mask_that_requires_grad_is_refused_not_silently_dropped():
     torch.testing.assert_close(out, hopfield_fixed_point(q, k, mask=bias.detach(), **kw))
     hopfield_descent(q, k, mask=bias, **kw).sum().backward()  # unrolled: differentiates it
     assert bias.grad.abs().sum() > 0
+
+
+def test_zero_iterations_return_a_copy_of_the_start_not_a_view():
+    z0 = torch.randn(3, 4)
+    A = torch.randn(4, 4, requires_grad=True)
+    z = fixed_point(lambda z, A: 0.5 * z @ A, z0, (A,), num_iters=0)
+    assert not z._is_view() and z.data_ptr() != z0.data_ptr() and torch.equal(z, z0)

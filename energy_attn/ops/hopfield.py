@@ -332,7 +332,8 @@ def hopfield_descent(
         k: keys ``[B, Hk, M, D]``, same dtype; ``Hk`` divides ``H`` (grouped-query).
         scale: inverse temperature ``β``; default ``D ** -0.5``.
         step_size: ``η >= 0`` (a negative step would ascend the energy: ValueError).
-        num_steps: ``T >= 0`` (Python int; ``T = 0`` returns ``q``).
+        num_steps: ``T >= 0`` (Python int). ``T = 0`` returns ``ξ_0 = q``: a new tensor equal to
+            ``q`` in ``q``'s dtype (never ``q`` itself nor a view of it, as for ``T > 0``).
         mask: broadcastable to ``[B, H, N, M]``, SDPA's ``attn_mask`` convention: boolean,
             True = may attend; or an additive float mask, a logit bias ``b_ij`` of the energy
             ``½‖ξ_i‖² − (1/β) log Σ_j exp(β ξ_i·k_j + b_ij)`` acting in every step and the

@@ -112,7 +112,7 @@ def test_finite_outputs_and_gradients_for_every_mask(mask_kind):
     mask, causal = make_mask(mask_kind, 2, 2, 6, 6)
     out = hopfield_descent(q, k, num_steps=3, mask=mask, is_causal=causal)
     out.sum().backward()
-    assert torch.isfinite(out).all() and torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
+    assert out.isfinite().all() and q.grad.isfinite().all() and k.grad.isfinite().all()
 
 
 def test_fully_masked_row_decays_geometrically():
@@ -165,6 +165,22 @@ def test_zero_steps_is_identity_and_energies_have_one_entry():
     out, e = hopfield_descent(q, k, num_steps=0, return_energies=True)
     torch.testing.assert_close(out, q)
     assert e.shape[-1] == 1
+
+
+@pytest.mark.parametrize("dtype", [f64, torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("options", [dict(backend="reference"), dict(backend="autograd"),
+                                     dict(optimizer="nesterov", momentum=0.5),
+                                     dict(optimizer="newton_light"), dict(tol=0.1),
+                                     dict(solver="fixed_point"), dict(return_energies=True)],
+                         ids=["reference", "autograd", "nesterov", "newton_light", "tol",
+                              "fixed_point", "energies"])
+def test_zero_steps_return_a_new_tensor_equal_to_q_in_its_dtype(dtype, options):
+    """Like every T > 0 (and any op), T = 0 never returns q itself nor a view of it."""
+    q, k = data(dtype=dtype, grad=False)
+    out = hopfield_descent(q, k, num_steps=0, **options)
+    out = out[0] if isinstance(out, tuple) else out
+    assert out is not q and not out._is_view() and out.data_ptr() != q.data_ptr()
+    assert out.dtype == dtype and torch.equal(out, q)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
