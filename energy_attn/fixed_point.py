@@ -177,17 +177,26 @@ def fixed_point(
     return _FixedPoint.apply(f, vjp, num_iters, anderson, z0, *params)
 
 
-def _hopfield_readout(xi, keys, scale, m, key_bias=None):
+def _readout_args(m, key_bias, n, num_keys, device, dtype) -> dict:
+    """The SDPA arguments of the read-out (``attn_mask``, ``valid``, ``is_causal``; the key bias
+    folded into the mask, laid out for ``dtype``), built once for any number of read-outs."""
+    attn_mask, valid, causal = masks.readout_args(masks.with_key_bias(m, key_bias), n, num_keys,
+                                                  device)
+    if attn_mask is not None:
+        attn_mask = masks.sdpa_mask(attn_mask, dtype, num_keys)
+    return {"attn_mask": attn_mask, "valid": valid, "is_causal": causal}
+
+
+def _hopfield_readout(xi, keys, scale, m, key_bias=None, args=None):
     """``μ = softmax(β ξ Kᵀ + b) K`` (zero on fully masked rows) in ``keys``' dtype.
 
     ``xi [B, H, N, D]``, ``keys [B, H, M, D]``, ``m`` a :class:`energy_attn.masks.Masks`,
-    ``key_bias [B, H, M]`` (heads already expanded).
+    ``key_bias [B, H, M]`` (heads already expanded); ``args``: :func:`_readout_args` of them,
+    when prepared already (then ``m`` and ``key_bias`` are not read).
     """
-    N, M = xi.shape[-2], keys.shape[-2]
-    attn_mask, valid, causal = masks.readout_args(masks.with_key_bias(m, key_bias), N, M,
-                                                  xi.device)
-    return masks.sdpa(xi.to(keys.dtype), keys, keys, attn_mask=attn_mask, valid=valid,
-                      is_causal=causal, scale=scale)
+    if args is None:
+        args = _readout_args(m, key_bias, xi.shape[-2], keys.shape[-2], xi.device, keys.dtype)
+    return masks.sdpa(xi.to(keys.dtype), keys, keys, scale=scale, **args)
 
 
 def _hopfield_fixed_point(q, k, scale, step_size, num_steps, m, key_bias, anderson,
@@ -200,15 +209,19 @@ def _hopfield_fixed_point(q, k, scale, step_size, num_steps, m, key_bias, anders
         raise ValueError("solver='fixed_point' gives no gradient to a float mask that requires "
                          "grad; use key_bias for a learnable per-key bias, a mask without "
                          "grad, or solver='unrolled'")
-    H = q.shape[1]
+    H, N = q.shape[1], q.shape[2]
     work = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
     keys = expand_heads(k, H).to(work)  # [B, H, M, D]
     params = [keys]
     if exists(key_bias):
         params.append(expand_heads(key_bias, H).to(work))  # [B, H, M]
+    # The read-out's mask, built once for every iteration (not once per iteration) from the
+    # detached bias: the iterations only need f's value, the vjp below gives the bias gradient.
+    args = _readout_args(m, params[1].detach() if exists(key_bias) else None, N,
+                         keys.shape[-2], q.device, work)
 
-    def f(xi, keys, bias=None):
-        mu = _hopfield_readout(xi, keys, scale, m, bias)
+    def f(xi, keys, bias=None):  # bias is params[1], already in `args`
+        mu = _hopfield_readout(xi, keys, scale, m, args=args)
         return xi - step_size * (xi - mu)
 
     z = fixed_point(f, q.to(work), params, num_iters=num_steps, anderson=anderson,
