@@ -184,17 +184,27 @@ def hopfield_newton_direction(
     large offset do not cancel and masked-out keys are never read.
     """
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
+    if kind not in ("2nd1st", "light"):
+        raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
+    allowed = None if mask is None else masks.full_allowed(masks.as_masks(mask),
+                                                             *logits.shape[-2:], logits.device)
+    kc, c = centred(stored_patterns.to(logits.dtype), *key_rows(allowed))
+    return _newton_direction(state_patterns, logits, valid, kc, c, scale, kind)
+
+
+def _newton_direction(state, logits, valid, kc, c, scale, kind):
+    """:func:`hopfield_newton_direction` from its pieces (internal; the descent builds the keys'
+    pieces once per call): masked ``logits`` and ``valid`` as :func:`_logits` gives them (or
+    with an additive mask: any rows that ``valid`` zeroes), and ``(kc, c)`` the centred keys
+    (:func:`energy_attn._moments.centred`), all in the accumulation dtype."""
     p = logits.softmax(dim=-1)
     if exists(valid):
         p = p * valid
-    allowed = None if mask is None else masks.full_allowed(masks.as_masks(mask), *p.shape[-2:],
-                                                             p.device)
-    kc, c = centred(stored_patterns.to(p.dtype), *key_rows(allowed))
     with no_autocast(p):
         mc = p @ kc  # μ − c (0 on fully masked rows, where μ = 0)
         mu = mc + (c if valid is None else c * valid)
-        g = state_patterns.to(p.dtype) - mu
+        g = state.to(p.dtype) - mu
         if kind == "2nd1st":
             # Σ g = Σ_j p_ij ((k_j − μ_i)·g_i)(k_j − μ_i): about c, and with the μ_i − c part
             # subtracted explicitly (Σ_j p_ij s_ij is 0 in exact arithmetic).
@@ -202,12 +212,10 @@ def hopfield_newton_direction(
             ps = p * s
             sigma_g = ps @ kc - mc * ps.sum(-1, keepdim=True)
             d = g + scale * sigma_g
-        elif kind == "light":
+        else:  # light
             diag = (p @ kc.square() - mc.square()).clamp_min(0)
             d = (1.0 + scale * diag) * g
-        else:
-            raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
-    return d.to(state_patterns.dtype)
+    return d.to(state.dtype)
 
 
 def elastic_key_bias(stored_patterns, scale=None):

@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 
 from .. import masks
-from .._moments import centred, key_rows, moment_values
+from .._moments import centred, key_rows, moment_values, no_autocast
 from .._utils import (
     check_finite_number,
     check_float_tensor,
@@ -34,7 +34,7 @@ from .._utils import (
     expand_heads,
 )
 from ..descent import _NEWTON_KIND, check_optimizer, descend, minimize_energy
-from ..energies.hopfield import hopfield_energy, hopfield_newton_direction
+from ..energies.hopfield import _newton_direction, hopfield_energy
 from ..fixed_point import _hopfield_fixed_point, check_solver
 
 BACKENDS = ("auto", "reference", "autograd", "triton")
@@ -105,19 +105,29 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
                           valid=valid, is_causal=sdpa_causal, scale=scale)
 
     if optimizer in _NEWTON_KIND:
-        # Newton-like steps need the covariance; see hopfield_newton_direction (explicit P).
+        # Newton-like steps need the covariance. Shifted moments (docs/math.md §4;
+        # energy_attn/_moments.py): c is a mean of keys every query may see, masked-out keys
+        # are zeroed; the keys' pieces are built once per call, not per step.
         kind = _NEWTON_KIND[optimizer]
+        kc, c = centred(k, *key_rows(m.allowed))
 
         if kind == "light":
-            # Shifted moments (docs/math.md §4; energy_attn/_moments.py): with c a mean of keys
-            # every query may see, one float32 read-out with values [K − c, (K − c)⊙(K − c)]
-            # gives μ − c and Σ_j p_ij (k_j−c)⊙(k_j−c); masked-out keys are zeroed.
-            kc, c = centred(k, *key_rows(m.allowed))
-            # the float32 keys and mask, built once (shared with the read-out when it is float32)
+            # One float32 read-out with values [K − c, (K − c)⊙(K − c)] gives μ − c and
+            # Σ_j p_ij (k_j−c)⊙(k_j−c). The float32 keys and mask are shared with the read-out
+            # when it is float32.
             values = moment_values(kc)
             acc_mask = (attn_mask if read == kc.dtype
                         else masks.sdpa_mask(raw_mask, kc.dtype, M) if exists(raw_mask) else None)
             k_acc = masks.sdpa_keys(k_read.to(kc.dtype), 2 * D, acc_mask)
+        else:
+            # 2nd1st needs the explicit P (see hopfield_newton_direction): its logits' additive
+            # mask (causality and key bias folded in; fully masked rows let through, then
+            # zeroed by `valid`) and the float32 keys, built once.
+            logit_mask, logit_valid, _ = masks.readout_args(masks.with_key_bias(m, bias), N, M,
+                                                            q.device)
+            if exists(logit_mask):
+                logit_mask = masks.sdpa_mask(logit_mask, kc.dtype, M)
+            k_acc = k.to(kc.dtype)
 
         def direction(xi32):
             if kind == "light":
@@ -127,7 +137,11 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
                 var = (both[..., D:] - mc.square()).clamp_min(0)  # diag Σ
                 mu = mc + (c if valid is None else c * valid)  # μ = 0 on fully masked rows
                 return (1.0 + scale * var) * (xi32 - mu)
-            return hopfield_newton_direction(xi32, k, scale, mask=m, key_bias=bias, kind=kind)
+            with no_autocast(xi32):
+                logits = torch.einsum("...id,...jd->...ij", xi32.to(kc.dtype), k_acc) * scale
+            if exists(logit_mask):
+                logits = logits + logit_mask
+            return _newton_direction(xi32, logits, logit_valid, kc, c, scale, kind)
 
     else:
 

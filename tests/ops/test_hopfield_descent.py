@@ -296,3 +296,24 @@ def test_non_finite_keys_behind_a_key_padding_mask_are_never_seen(optimizer, rho
         torch.testing.assert_close(
             hopfield_fixed_point(q.detach(), dirty, mask=pad, num_steps=20, step_size=0.7),
             hopfield_fixed_point(q.detach(), clean, mask=pad, num_steps=20, step_size=0.7))
+
+
+@pytest.mark.parametrize("optimizer", ["newton_2nd1st", "newton_light"])
+def test_newton_steps_centre_the_keys_once_per_call_not_once_per_step(monkeypatch, optimizer):
+    """The keys are fixed: their centring (and the explicit logits' mask) is per-call work
+    (per step it cost ~20% of a masked newton_2nd1st call on CPU)."""
+    import energy_attn.energies.hopfield as energies  # noqa: PLC0415
+    import energy_attn.ops.hopfield as ops  # noqa: PLC0415
+
+    calls = []
+    for module in (ops, energies):
+        real = module.centred
+        monkeypatch.setattr(module, "centred",
+                            lambda *a, real=real, **kw: calls.append(1) or real(*a, **kw))
+    q, k = data(B=2, H=2, Hk=1, N=6, M=9, D=4, grad=False)
+    mask = torch.rand(2, 2, 6, 9) > 0.3
+    for steps in (1, 4):
+        calls.clear()
+        hopfield_descent(q, k, num_steps=steps, optimizer=optimizer, mask=mask,
+                         key_bias=torch.randn(2, 1, 9, dtype=f64), backend="reference")
+        assert len(calls) == 1, (steps, len(calls))

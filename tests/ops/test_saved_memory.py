@@ -71,3 +71,4 @@ def test_a_boolean_mask_is_converted_once_per_call_not_once_per_step():
     one, _ = _saved(1, "gd", 0.0, "bool N×M", False, H)
     four, _ = _saved(4, "gd", 0.0, "bool N×M", False, H)
     assert four - one < B * H * N * M * F32
+
