@@ -21,11 +21,10 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from _machine import machine_name  # noqa: E402  (this folder is on sys.path)
+
+from _machine import machine_name  # this folder is on sys.path
 
 PROVIDERS = ("reference", "autograd")
-
-
 
 
 def run_one(provider: str, B: int, H: int, N: int, D: int, T: int, repeats: int) -> dict:

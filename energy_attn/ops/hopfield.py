@@ -49,9 +49,11 @@ def _check_inputs(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, 
     B, H, N, D = q.shape
     Bk, Hk, M, Dk = k.shape
     if Dk != D:
-        raise ValueError(f"q and k must share the head dim D, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(f"q and k must share the head dim D, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if Bk != B:
-        raise ValueError(f"q and k must share the batch size, got q {tuple(q.shape)}, k {tuple(k.shape)}")
+        raise ValueError(f"q and k must share the batch size, got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
     if Hk < 1 or H % Hk != 0:
         raise ValueError(f"k's head count ({Hk}) must divide q's ({H}) for grouped-query descent")
     if D == 0 or M == 0:

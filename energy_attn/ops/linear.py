@@ -73,8 +73,8 @@ def linear_attention(q, k, v, *, scale: float = 1.0, causal: bool = False, gates
     B, H, N, D = q.shape
     M = k.shape[2]
     if k.shape[:2] != (B, H) or k.shape[-1] != D or v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"expected k [B, H, M, D] and v [B, H, M, Dv] matching q {tuple(q.shape)}, "
-                         f"got k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"expected k [B, H, M, D] and v [B, H, M, Dv] matching q "
+                         f"{tuple(q.shape)}, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     check_same_device(q=q, k=k, v=v, gates=gates, mask=mask)
     scale = check_finite_number("scale", scale, positive=True)
     if not isinstance(causal, bool):

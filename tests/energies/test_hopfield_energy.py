@@ -60,7 +60,8 @@ def test_masking_a_stored_pattern_equals_removing_it():
     keep = torch.ones(2, 1, 9, dtype=torch.bool)
     keep[..., [0, 4, 8]] = False
     kept = k[:, [1, 2, 3, 5, 6, 7]]
-    torch.testing.assert_close(hopfield_energy(xi, k, 1.3, mask=keep), hopfield_energy(xi, kept, 1.3))
+    torch.testing.assert_close(hopfield_energy(xi, k, 1.3, mask=keep),
+                               hopfield_energy(xi, kept, 1.3))
     torch.testing.assert_close(
         hopfield_energy_grad(xi, k, 1.3, mask=keep), hopfield_energy_grad(xi, kept, 1.3)
     )
