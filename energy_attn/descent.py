@@ -15,6 +15,7 @@ Step counts are Python ints: no data-dependent loop, nothing syncs with the host
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections import defaultdict
 from typing import Callable
@@ -101,10 +102,21 @@ def _autograd_direction(energy_func, keys, mask, optimizer, create_graph, self_c
     """Direction by autograd on a user energy (the blog's path); HVP for ``newton_2nd1st``.
 
     ``self_consistent``: the keys are the iterate itself, ``energy_func(ξ, ξ)``.
+    Under ``torch.inference_mode`` autograd is off and inference tensors cannot be saved for
+    backward: the gradient is then taken with inference mode lifted, on normal-tensor copies
+    of the keys and mask (made once) and of each iterate; nothing is recorded for the caller.
     """
+    lift = torch.is_inference_mode_enabled()
+    if lift:
+        with torch.inference_mode(False):
+            keys = keys.clone() if keys is not None and keys.is_inference() else keys
+            mask = mask.clone() if mask is not None and mask.is_inference() else mask
 
     def direction(xi):
-        with torch.enable_grad():
+        with torch.inference_mode(False) if lift else contextlib.nullcontext(), \
+                torch.enable_grad():
+            if xi.is_inference():
+                xi = xi.clone()
             if not xi.requires_grad:
                 xi = xi.detach().requires_grad_(True)
             energies = energy_func(xi, xi if self_consistent else keys, mask=mask)

@@ -83,6 +83,32 @@ def test_user_energy_via_autograd_works_without_grad_enabled_inputs():
     assert not out.requires_grad
 
 
+@pytest.mark.parametrize("optimizer", ["gd", "nesterov", "newton_2nd1st"])
+@pytest.mark.parametrize("self_consistent", [False, True])
+def test_user_energy_runs_under_inference_mode(optimizer, self_consistent):
+    # Autograd is off in inference mode and its tensors cannot be saved for backward; the
+    # autograd path lifts it for the direction only and agrees with the no_grad result.
+    def energy(xi, keys, mask=None):  # no closed form: the autograd path
+        return hopfield_energy(xi, keys, 0.5, mask=mask)
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    mask = torch.rand(2, 3, 3, generator=g) > 0.3
+    kw = dict(mask=mask, num_steps=3, optimizer=optimizer, self_consistent=self_consistent,
+              momentum=0.5 if optimizer == "nesterov" else 0.0)
+    keys = None if self_consistent else k
+    with torch.no_grad():
+        ref = minimize_energy(energy, q, keys, **kw)
+    with torch.inference_mode():
+        qi, ki, kw["mask"] = q.clone(), k.clone(), mask.clone()  # inference tensors
+        out = minimize_energy(energy, qi, None if self_consistent else ki, **kw)
+        traj = minimize_energy(energy, qi, None if self_consistent else ki, return_trajs=True,
+                               **kw)
+    assert out.is_inference() and not out.requires_grad
+    torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    torch.testing.assert_close(traj["queries"][-1], ref, atol=0, rtol=0)
+
+
 def test_user_energy_result_is_differentiable():
     q = torch.randn(2, 3, 4, dtype=f64, requires_grad=True)
     k = torch.randn(2, 5, 4, dtype=f64)
