@@ -93,14 +93,20 @@ def _iterate(g: Callable, z: torch.Tensor, num_iters: int, anderson: int) -> tor
 class _FixedPoint(torch.autograd.Function):
     """Forward: iterate ``f`` to ``z*``. Backward: adjoint fixed point, then ``uᵀ ∂f/∂θ``."""
 
+    generate_vmap_rule = True  # torch.func.vmap: the forward and backward are torch ops
+
     @staticmethod
-    def forward(ctx, f, vjp, num_iters, anderson, z0, *params):
+    def forward(f, vjp, num_iters, anderson, z0, *params):
         z = _iterate(lambda z: f(z, *params), z0, num_iters, anderson)
         if num_iters == 0:
             z = z0.clone()  # a new tensor: an output that is its input would be a view of it
-        ctx.f, ctx.vjp, ctx.num_iters, ctx.anderson = f, vjp, num_iters, anderson
-        ctx.save_for_backward(z, *params)
         return z
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # apart from forward: torch.func transforms need it
+        f, vjp, num_iters, anderson, _, *params = inputs
+        ctx.f, ctx.vjp, ctx.num_iters, ctx.anderson = f, vjp, num_iters, anderson
+        ctx.save_for_backward(output, *params)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -160,7 +166,8 @@ def fixed_point(
     Returns:
         ``z*`` shaped like ``z0``, a new tensor (for ``num_iters=0`` a copy of ``z0``). Autograd
         saves ``z*`` and ``params`` only: memory does not grow with ``num_iters``. Not twice
-        differentiable.
+        differentiable. ``torch.func.vmap`` runs it; ``torch.func.grad`` needs ``vjp`` (the
+        autograd fallback calls ``torch.autograd`` in backward, which ``torch.func`` refuses).
     """
     if not callable(f):
         raise TypeError(f"f must be callable, got {type(f).__name__}")

@@ -88,6 +88,34 @@ def test_generic_fixed_point_of_a_linear_map():
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
 
 
+def test_torch_func_vmap_and_grad_with_closed_form_products():
+    # z = A z + c: J = A, uᵀ∂f/∂A = u zᵀ, uᵀ∂f/∂c = u (one row, batched over vmap).
+    torch.manual_seed(4)
+    As = 0.15 * torch.randn(2, 4, 4, dtype=DT)
+    c = torch.randn(4, dtype=DT)
+
+    def vjp(z, A, c):
+        return (lambda u: u @ A), (lambda u: (torch.outer(u, z), u))
+
+    def solve(A, c, vjp=vjp):
+        return fixed_point(lambda z, A, c: A @ z + c, torch.zeros(4, dtype=DT), (A, c),
+                           num_iters=200, vjp=vjp)
+
+    def exact(A, c):
+        return torch.linalg.solve(torch.eye(4, dtype=DT) - A, c)
+
+    atol, rtol = tol(DT)
+    want = torch.func.vmap(exact, (0, None))(As, c)
+    torch.testing.assert_close(torch.func.vmap(solve, (0, None))(As, c), want,
+                               atol=atol, rtol=rtol)
+    torch.testing.assert_close(torch.func.vmap(lambda A: solve(A, c, None))(As), want,
+                               atol=atol, rtol=rtol)
+    got = torch.func.grad(lambda A, c: solve(A, c).square().sum(), argnums=(0, 1))(As[0], c)
+    want = torch.func.grad(lambda A, c: exact(A, c).square().sum(), argnums=(0, 1))(As[0], c)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=atol, rtol=rtol)
+
+
 def test_memory_does_not_grow_with_iterations():
     q, k, _ = _problem(dtype=torch.float32)
 
