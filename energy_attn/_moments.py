@@ -38,9 +38,15 @@ def no_autocast(t: torch.Tensor):
     """A context in which ``torch.autocast`` is off on ``t``'s device (a no-op where it is off
     already): matmuls of operands upcast to :func:`acc_dtype` then really run in that dtype."""
     device_type = t.device.type
-    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+    if not autocast_on(device_type):
         return contextlib.nullcontext()
     return torch.autocast(device_type=device_type, enabled=False)
+
+
+def autocast_on(device_type: str) -> bool:
+    """Whether ``torch.autocast`` is on for ``device_type``; False for a device type autocast
+    does not know (``meta``), where ``torch.is_autocast_enabled`` raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def key_rows(allowed: torch.Tensor | None, is_causal: bool = False, m: int = 0, device=None):

@@ -11,6 +11,8 @@ import numbers
 
 import torch
 
+from ._moments import autocast_on
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -103,8 +105,7 @@ def check_module_input(module: torch.nn.Module, **tensors) -> None:
                 f"{name} is on {t.device} but the module's parameters are on {ref.device}; "
                 f"move one to the other (e.g. module.to({str(t.device)!r}))"
             )
-        autocast_ok = (torch.is_autocast_enabled(t.device.type) and ref.dtype == torch.float32
-                       and t.dtype in half)
+        autocast_ok = autocast_on(t.device.type) and ref.dtype == torch.float32 and t.dtype in half
         if t.is_floating_point() and t.dtype != ref.dtype and not autocast_ok:
             raise TypeError(
                 f"{name} has dtype {t.dtype} but the module's parameters are {ref.dtype}; cast "

@@ -311,7 +311,9 @@ class Hopfield(nn.Module):
             self.pattern_projection_dim
 
         def linear(i, o, static):  # initialised by reset_parameters only (hflayers' RNG stream)
-            return None if static else nn.utils.skip_init(nn.Linear, i, o, bias=input_bias)
+            # skip_init builds on the CPU unless told: name the device of a `torch.device` block
+            return None if static else nn.utils.skip_init(nn.Linear, i, o, bias=input_bias,
+                                                          device=torch.get_default_device())
 
         self.q_proj = linear(input_size, inner, state_pattern_as_static)
         self.k_proj = linear(self.stored_pattern_dim, inner, stored_pattern_as_static)

@@ -184,6 +184,20 @@ def test_dtype_casts_move_every_tensor_and_forward_runs(name, dtype):
 
 
 @pytest.mark.parametrize("name", IDS)
+def test_built_under_a_device_context_every_tensor_is_on_that_device(name):
+    """``with torch.device("cuda"): model = ...`` builds on the GPU: every parameter and buffer
+    must land there. The meta device stands in for CUDA; a forward of meta inputs then infers
+    the eager output's shape without memory."""
+    with torch.device("meta"):
+        m = CASES[name].make().eval()
+    assert {k: t.device.type for k, t in _tensors(m).items() if t.device.type != "meta"} == {}
+    x = _x()
+    want = _forward(name, _build(name), x)
+    got = _forward(name, m, x.to("meta"))
+    assert got.device.type == "meta" and got.shape == want.shape
+
+
+@pytest.mark.parametrize("name", IDS)
 def test_meta_construction_then_to_empty_and_reset_parameters(name):
     """Built under torch.device("meta"), materialised with to_empty (memory of any value, here
     NaN / -7) and reset_parameters -- the module's own, else every submodule's, as FSDP does --
