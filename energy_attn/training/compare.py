@@ -204,8 +204,9 @@ def markdown_table(rows, target=None) -> str:
 
 
 def plot_runs(logs: dict, path: Path, title: str = "") -> bool:
-    """Validation loss vs step and vs training wall-clock (mean ± std over seeds); False (and
-    a message on stderr) when matplotlib is missing."""
+    """Validation loss vs step and vs training wall-clock (mean ± std over the seeds that did not
+    diverge; the legend counts the diverged ones); False (and a message on stderr) when
+    matplotlib is missing."""
     try:
         import matplotlib
     except ImportError:
