@@ -15,7 +15,7 @@ import json
 import math
 import statistics
 import sys
-from dataclasses import fields, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 __all__ = ["parse_grid", "run_grid", "summarize_runs"]
@@ -74,7 +74,7 @@ def run_grid(base, variants, seeds, out: Path, progress=True, train_missing=True
     With ``train_missing=False`` only the finished runs already under ``out`` are collected.
     """
     from .corpus import load_corpus
-    from .loop import check_config, train
+    from .loop import TrainConfig, check_config, train
 
     # Check every run's settings before the first step: a bad value fails now, not after
     # the runs before it have trained.
@@ -100,9 +100,8 @@ def run_grid(base, variants, seeds, out: Path, progress=True, train_missing=True
             if done.exists():
                 log = json.loads(done.read_text())
                 finished = log["summary"]["steps"] == cfg.steps or log.get("diverged_at")
-                ignore = dict.fromkeys(_NOT_RESULTS)
-                same = {**log["config"], **ignore} == json.loads(
-                    json.dumps({**cfg.__dict__, **ignore}))
+                # the log's settings as a TrainConfig: fields added since take their defaults
+                same = _settings(TrainConfig.from_dict(log["config"])) == _settings(cfg)
                 if finished and same:
                     logs.setdefault(name, []).append(log)
                     print(f"[{name} seed {seed}] reusing {done}", file=sys.stderr)
@@ -114,6 +113,11 @@ def run_grid(base, variants, seeds, out: Path, progress=True, train_missing=True
             logs.setdefault(name, []).append(
                 train(cfg, corpus=corpus, resume=True, progress=progress))
     return logs
+
+
+def _settings(cfg) -> dict:
+    """What a run's results depend on, as JSON reads it back (tuples become lists)."""
+    return json.loads(json.dumps({**asdict(cfg), **dict.fromkeys(_NOT_RESULTS)}))
 
 
 def _mean_std(xs):

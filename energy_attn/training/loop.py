@@ -252,7 +252,9 @@ def saved_config(out) -> dict | None:
 def _resume_changes(saved: dict, cfg: TrainConfig, path) -> dict:
     """``{field: [saved, new]}`` of the settings a resume changes; ValueError naming those
     that would change the model, the data or the optimizer state."""
-    new = asdict(cfg)
+    # from_dict: fields added since the run was saved take their defaults (a new field's
+    # default is the behaviour the runs before it had)
+    saved, new = asdict(TrainConfig.from_dict(saved)), asdict(cfg)
     fixed = [k for k in RESUME_FIXED if saved.get(k) != new[k]]
     if fixed:
         diffs = ", ".join(f"{k} ({saved.get(k)!r} -> {new[k]!r})" for k in fixed)

@@ -76,6 +76,28 @@ def test_resume_refuses_a_different_model(text_file, tmp_path):
         train(replace(cfg, d_model=32), resume=True, progress=False)
 
 
+def test_runs_saved_before_a_field_existed_resume_and_are_reused(text_file, tmp_path, capsys):
+    # A log or checkpoint written before a TrainConfig field was added lacks it: the field's
+    # default applies ("attention_norm" stands for such a field; "dropout" is one a resume may
+    # not change), instead of a refused resume and a retrained run.
+    from energy_attn.training.compare import run_grid
+
+    run = tmp_path / "runs" / "base-s0"  # where run_grid keeps the one run of this grid
+    cfg = tiny(text_file, steps=4, eval_interval=2, seed=0, out=str(run))
+    train(cfg, stop_at=2, progress=False)
+    ck = torch.load(run / "ckpt.pt", weights_only=True)
+    del ck["config"]["attention_norm"], ck["config"]["dropout"]
+    torch.save(ck, run / "ckpt.pt")
+    log = train(cfg, resume=True, progress=False)
+    assert log["resumes"][-1]["changed"] == {} and log["summary"]["steps"] == 4
+    saved = json.loads((run / "log.json").read_text())
+    del saved["config"]["attention_norm"], saved["config"]["dropout"]
+    (run / "log.json").write_text(json.dumps(saved))
+    capsys.readouterr()
+    logs = run_grid(cfg, [{}], [0], tmp_path, progress=False, train_missing=False)
+    assert "reusing" in capsys.readouterr().err and len(logs["base"]) == 1
+
+
 def test_bad_data_paths_and_empty_corpora(tmp_path, capsys):
     with pytest.raises(CorpusError, match="no such file"):
         load_corpus(tmp_path / "missing.txt")
