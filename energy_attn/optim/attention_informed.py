@@ -391,7 +391,8 @@ class AttentionInformedAdam(torch.optim.Optimizer):
                 bias_correction1 = 1 - beta1**step
                 bias_correction2 = 1 - beta2**step
                 step_size = lr / bias_correction1
-                denom = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+                # ``** 0.5``, not math.sqrt: AdamW's rounding (they differ by an ulp at some steps)
+                denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
                 g_att = att.get(p)
                 if g_att is None or alpha is None:
                     p.addcdiv_(exp_avg, denom, value=-step_size)
@@ -407,7 +408,7 @@ class AttentionInformedAdam(torch.optim.Optimizer):
                         state["att_step"] = int(state["att_step"]) + 1
                         state["att_sq"].mul_(beta2).addcmul_(g_att, g_att, value=1 - beta2)
                         bc = 1 - beta2 ** state["att_step"]
-                        att_denom = (state["att_sq"].sqrt() / math.sqrt(bc)).add_(eps)
+                        att_denom = (state["att_sq"].sqrt() / bc**0.5).add_(eps)
                         p.addcdiv_(exp_avg * alpha, denom, value=-step_size)
                         p.addcdiv_(g_att * (1 - alpha), att_denom, value=-lr)
                         continue

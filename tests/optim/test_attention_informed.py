@@ -324,6 +324,34 @@ def test_no_recorders_is_adamw_and_bad_arguments():
         AttentionInformedAdam(lin.parameters(), lr=-1.0, energy_source=lin)
 
 
+
+def test_without_attention_term_equals_adamw_bit_for_bit_over_many_steps():
+    # float64 and β2 = 0.95: from step 709 on, math.sqrt(1 − β2ᵗ) and AdamW's (1 − β2ᵗ) ** 0.5
+    # differ by an ulp, which float64 parameters show. Two groups, one added after
+    # construction, a parameter that never gets a gradient, and an LR scheduler.
+    torch.manual_seed(7)
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1),
+                                torch.nn.Linear(2, 2)).double() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    makers = [lambda ps, **kw: AttentionInformedAdam(ps, energy_source=nets[0], **kw),
+              lambda ps, **kw: torch.optim.AdamW(ps, foreach=False, **kw)]
+    opts = []
+    for net, make in zip(nets, makers):
+        opt = make(net[0].parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        opt.add_param_group({"params": [*net[2].parameters(), *net[3].parameters()],
+                             "lr": 3e-3, "weight_decay": 0.0})
+        opts.append((opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=900)))
+    x = torch.randn(16, 4, dtype=torch.float64)
+    for t in range(720):
+        for net, (opt, sched) in zip(nets, opts):
+            opt.zero_grad()
+            (net[:3](x * math.cos(t)) ** 2).mean().backward()  # net[3] never gets a gradient
+            opt.step()
+            sched.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert torch.equal(a, b)
+    assert opts[0][0].state_dict()["state"].keys() == opts[1][0].state_dict()["state"].keys()
+
 # ---------------------------------------------------------------- DDP (2 processes, gloo)
 def _ddp_train(rank, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
