@@ -291,9 +291,24 @@ class AttentionInformedAdam(torch.optim.Optimizer):
             rec.record_mean_energy = True
             rec.record_free_energy = True
         super().__init__(params, defaults)
+        self._reset_attention()
+        self.last_alpha: dict[int, torch.Tensor] = {}
+
+    def _reset_attention(self) -> None:
+        """Forget the attention gradient and Ē waiting for the next :meth:`step`."""
         self._att_grads: dict[torch.Tensor, torch.Tensor] | None = None
         self._mean_energy: torch.Tensor | None = None
-        self.last_alpha: dict[int, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups;
+        # the recorders go along so that a copy keeps its energy source.
+        return {**super().__getstate__(), "recorders": self.recorders}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("recorders", [])
+        self._reset_attention()
+        self.last_alpha = {}
 
     def add_param_group(self, param_group: dict) -> None:
         """``torch.optim.Optimizer.add_param_group``, with the group's own settings checked like
@@ -318,7 +333,7 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         frees = [r.free_energy for r in self.recorders if r.free_energy is not None]
         means = [r.mean_energy for r in self.recorders if r.mean_energy is not None]
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        self._att_grads, self._mean_energy = None, None
+        self._reset_attention()
         for rec in self.recorders:
             rec.free_energy = None  # release the graph reference (``free`` holds it below)
         if not frees or not means:
@@ -416,5 +431,5 @@ class AttentionInformedAdam(torch.optim.Optimizer):
                     # that α = 1 reproduces AdamW bit for bit.
                     direction = exp_avg * alpha + g_att * ((1 - alpha) * bias_correction1)
                     p.addcdiv_(direction, denom, value=-step_size)
-        self._att_grads, self._mean_energy = None, None
+        self._reset_attention()
         return loss

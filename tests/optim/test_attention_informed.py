@@ -2,6 +2,7 @@ import copy
 import io
 import math
 import os
+import pickle
 
 import pytest
 import torch
@@ -351,6 +352,23 @@ def test_without_attention_term_equals_adamw_bit_for_bit_over_many_steps():
     for a, b in zip(nets[0].parameters(), nets[1].parameters()):
         assert torch.equal(a, b)
     assert opts[0][0].state_dict()["state"].keys() == opts[1][0].state_dict()["state"].keys()
+
+
+def test_deepcopy_and_pickle_keep_the_energy_source():
+    # A model and its optimizer copied together (a training state snapshot) keep training the
+    # same way; the copies used to have no attention state at all and raise in step().
+    torch.manual_seed(8)
+    model = TinyModel()
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, energy_source=model)
+    _run(model, opt, 2)
+    twins = [copy.deepcopy((model, opt)), pickle.loads(pickle.dumps((model, opt)))]
+    losses = _run(model, opt, 3, seed=10)
+    for twin, twin_opt in twins:
+        assert len(twin_opt.recorders) == 1 and twin_opt.recorders[0] is twin.attn
+        assert _run(twin, twin_opt, 3, seed=10) == losses
+        assert set(twin_opt.last_alpha) == {0}  # the attention term took part
+        for p, r in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, r)
 
 # ---------------------------------------------------------------- DDP (2 processes, gloo)
 def _ddp_train(rank, out_dir):
