@@ -108,15 +108,29 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention, **energy_options) -> EnergyMultiheadAttention:
-        """An energy version of ``mha`` sharing its parameter tensors (not copies)."""
+        """An energy version of ``mha`` that takes over its parameters and its ``out_proj``
+        module as they are (the same objects: not copies; ``requires_grad``, a parametrization
+        or hooks on ``out_proj`` included) and its training mode.
+
+        Raises:
+            TypeError: ``mha`` is not an ``nn.MultiheadAttention``, or a subclass with other
+                parameters or submodules (e.g. ``torch.ao.nn.quantizable.MultiheadAttention``).
+        """
         if not isinstance(mha, nn.MultiheadAttention):
             raise TypeError(f"mha must be an nn.MultiheadAttention, got {type(mha).__name__}")
-        ref = mha.out_proj.weight
         new = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout,
                   bias=mha.in_proj_bias is not None, add_bias_kv=mha.bias_k is not None,
                   add_zero_attn=mha.add_zero_attn, kdim=mha.kdim, vdim=mha.vdim,
-                  batch_first=mha.batch_first, device="meta", dtype=ref.dtype, **energy_options)
-        new.load_state_dict(mha.state_dict(keep_vars=True), assign=True)
+                  batch_first=mha.batch_first, device="meta", **energy_options)
+        odd = sorted(set(new._parameters).symmetric_difference(mha._parameters)
+                     | set(new._modules).symmetric_difference(mha._modules))
+        if odd:
+            cls_name = f"{type(mha).__module__}.{type(mha).__qualname__}"
+            raise TypeError(f"mha is a {cls_name} whose parameters/submodules differ from "
+                            f"nn.MultiheadAttention's in {odd}; only those can be taken over")
+        for name, p in mha._parameters.items():  # same order: named_parameters() unchanged
+            new.register_parameter(name, p)
+        new.out_proj = mha.out_proj
         return new.train(mha.training)
 
     def extra_repr(self) -> str:

@@ -280,3 +280,41 @@ def test_swap_edge_cases():
         swap_attention(mha, num_stepz=2)
     with pytest.raises(ValueError, match="num_steps"):
         swap_attention(nn.Linear(2, 2), num_steps=0)
+
+
+def test_swap_keeps_frozen_parameters_frozen():
+    """Fine-tuning setups freeze parameters; the swap leaves every requires_grad as it was (on
+    the original module too: the parameters are the same objects)."""
+    mha = nn.MultiheadAttention(E, H, add_bias_kv=True)
+    mha.in_proj_weight.requires_grad_(False)
+    mha.bias_k.requires_grad_(False)
+    frozen = {n: p.requires_grad for n, p in mha.named_parameters()}
+    (energy,) = swap_attention(nn.ModuleList([mha]), num_steps=2)
+    assert {n: p.requires_grad for n, p in mha.named_parameters()} == frozen
+    assert {n: p.requires_grad for n, p in energy.named_parameters()} == frozen
+    energy(*inputs(batch_first=False))[0].square().sum().backward()
+    assert energy.in_proj_weight.grad is None and energy.bias_k.grad is None
+    assert energy.in_proj_bias.grad is not None
+
+
+def test_swap_takes_over_a_wrapped_out_proj():
+    """A parametrization (weight norm) or hooks on out_proj survive the swap."""
+    mha = nn.MultiheadAttention(E, H)
+    nn.utils.parametrizations.weight_norm(mha.out_proj)
+    seen = []
+    mha.out_proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    q, k, v = inputs(batch_first=False)
+    expected, _ = mha(q, k, v)
+    energy = swap_attention(mha, num_steps=1)
+    assert energy.out_proj is mha.out_proj
+    seen.clear()  # (nn.MultiheadAttention itself reads out_proj's weights, not its forward)
+    out, _ = energy(q, k, v)
+    torch.testing.assert_close(out, expected, **TOL)
+    assert seen == [(B, L, E)]  # the hook still runs
+
+
+def test_from_mha_rejects_subclasses_with_other_parameters():
+    quantizable = torch.ao.nn.quantizable.MultiheadAttention(E, H)
+    with pytest.raises(TypeError, match="mha.*quantizable.*linear_Q"):
+        EnergyMultiheadAttention.from_mha(quantizable)
+
