@@ -276,9 +276,11 @@ class AttentionInformedAdam(torch.optim.Optimizer):
     free energy's graph is part of the loss's graph, so it must run first, or the loss backward
     must keep the graph). With AMP, pass the ``GradScaler`` to it: the free energy is scaled the
     same way and unscaled in float32; a non-finite attention gradient drops the attention term
-    for that step. Under ``torch.distributed`` the attention gradient and Ē are averaged over
-    ranks (one all-reduce), as DDP averages the loss gradient. If ``step`` finds no attention
-    gradient (no recorder, or ``attention_backward`` not called) it takes the AdamW step.
+    for that step (α = 1, the AdamW step; ``"own"``'s moment of ``g_att`` takes it as zeros).
+    Neither call reads a device tensor on the host. Under ``torch.distributed`` the attention
+    gradient and Ē are averaged over ranks (one all-reduce), as DDP averages the loss gradient.
+    If ``step`` finds no attention gradient (no recorder, or ``attention_backward`` not called)
+    it takes the AdamW step.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
@@ -297,6 +299,7 @@ class AttentionInformedAdam(torch.optim.Optimizer):
     def _reset_attention(self) -> None:
         """Forget the attention gradient and Ē waiting for the next :meth:`step`."""
         self._att_grads: dict[torch.Tensor, torch.Tensor] | None = None
+        self._att_finite: torch.Tensor | None = None  # 0-d bool on the device: all finite
         self._mean_energy: torch.Tensor | None = None
 
     def __getstate__(self) -> dict:
@@ -329,6 +332,9 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         Args:
             scaler: an optional ``torch.amp.GradScaler`` (AMP): F is scaled by its current
                 scale before the backward and the gradient unscaled afterwards.
+
+        Nothing here waits for the device (no host sync): whether ``g_att`` is finite is kept
+        as a device flag that :meth:`step` applies.
         """
         frees = [r.free_energy for r in self.recorders if r.free_energy is not None]
         means = [r.mean_energy for r in self.recorders if r.mean_energy is not None]
@@ -341,13 +347,19 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         free = torch.stack([_acc(f) for f in frees]).sum()
         if not free.requires_grad or not params:
             return  # nothing trainable reaches F: every parameter takes the AdamW step
-        scale = scaler.get_scale() if (scaler is not None and scaler.is_enabled()) else 1.0
-        grads = torch.autograd.grad(free * scale, params, retain_graph=True, allow_unused=True)
+        scale = None
+        if scaler is not None and scaler.is_enabled():
+            # the scale as a device tensor (GradScaler.get_scale() would sync with the host)
+            scale = scaler.scale(torch.ones((), dtype=free.dtype, device=free.device))
+        grads = torch.autograd.grad(free if scale is None else free * scale, params,
+                                    retain_graph=True, allow_unused=True)
         mean_energy = torch.stack(means).mean()
-        reached = [(p, g) for p, g in zip(params, grads) if g is not None]
+        reached = [(p, _acc(g)) for p, g in zip(params, grads) if g is not None]
+        if not reached:
+            return
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             # One flat all-reduce: every rank sees the same Ē and the averaged g_att.
-            flat = torch.cat([_acc(g).reshape(-1) for _, g in reached]
+            flat = torch.cat([g.reshape(-1) for _, g in reached]
                              + [mean_energy.reshape(1)])
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
@@ -357,10 +369,10 @@ class AttentionInformedAdam(torch.optim.Optimizer):
                 out.append((p, flat[offset:offset + g.numel()].view_as(g)))
                 offset += g.numel()
             reached = out
-        att = {p: _acc(g) / scale for p, g in reached}
-        if att and not all(torch.isfinite(g).all() for g in att.values()):
-            att = {}  # an AMP overflow: drop the attention term for this step
-        self._att_grads = att or None
+        if scale is not None:
+            reached = [(p, g / scale.to(g.device)) for p, g in reached]
+        self._att_grads = dict(reached)
+        self._att_finite = torch.stack([torch.isfinite(g).all() for _, g in reached]).all()
         self._mean_energy = mean_energy
 
     def backward(self, loss, scaler=None) -> None:
@@ -376,14 +388,16 @@ class AttentionInformedAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         att = self._att_grads or {}
+        finite = self._att_finite
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             alpha = None
-            if att and self._mean_energy is not None:
+            if att:
                 z = group["gamma"] * self._mean_energy
                 z = torch.where(self._mean_energy == 0, torch.zeros_like(z), z)
-                alpha = torch.sigmoid(z)
+                # a non-finite g_att (an AMP overflow) drops the attention term: α = 1
+                alpha = torch.where(finite, torch.sigmoid(z), torch.ones_like(z))
                 self.last_alpha[gi] = alpha
             for p in group["params"]:
                 if p.grad is None:
@@ -409,10 +423,11 @@ class AttentionInformedAdam(torch.optim.Optimizer):
                 # ``** 0.5``, not math.sqrt: AdamW's rounding (they differ by an ulp at some steps)
                 denom = (exp_avg_sq.sqrt() / bias_correction2**0.5).add_(eps)
                 g_att = att.get(p)
-                if g_att is None or alpha is None:
+                if g_att is None:
                     p.addcdiv_(exp_avg, denom, value=-step_size)
                 else:
-                    g_att = g_att.to(p.dtype)
+                    # dropped (non-finite) attention gradients count as zeros for this step
+                    g_att = torch.where(finite, g_att, 0).to(p.dtype)
                     if group["attention_norm"] == "own":
                         if "att_sq" not in state:
                             state["att_step"] = 0

@@ -370,6 +370,50 @@ def test_deepcopy_and_pickle_keep_the_energy_source():
         for p, r in zip(model.parameters(), twin.parameters()):
             assert torch.equal(p, r)
 
+
+@pytest.mark.parametrize("attention_norm", ["loss", "own"])
+def test_an_overflowing_attention_gradient_gives_the_adamw_step(attention_norm):
+    # The scaled free energy overflows while the (unscaled) loss gradient is finite: the step
+    # is AdamW's, and the attention moment saw a zero gradient.
+    torch.manual_seed(9)
+    model = TinyModel()
+    ref = copy.deepcopy(model)
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, attention_norm=attention_norm,
+                                energy_source=model)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2, foreach=False)
+    x, y = batch(0)
+    _, loss = model(x, y)
+    opt.attention_backward(torch.amp.GradScaler("cpu", init_scale=2.0**127))
+    assert opt._att_grads and not opt._att_finite
+    loss.backward()
+    opt.step()
+    _, ref_loss = ref(x, y)
+    ref_loss.backward()
+    ref_opt.step()
+    assert opt.last_alpha[0].item() == 1.0
+    for p, r in zip(model.parameters(), ref.parameters()):
+        assert torch.equal(p, r)
+    att_sq = [s["att_sq"] for s in opt.state.values() if "att_sq" in s]
+    assert all(torch.equal(a, torch.zeros_like(a)) for a in att_sq)
+    assert bool(att_sq) == (attention_norm == "own")
+
+
+def test_training_steps_never_read_a_device_tensor_on_the_host():
+    # Parameters on the meta device stand for CUDA ones: any .item()/bool() of a parameter-side
+    # tensor raises there (the finiteness check used to sync once per parameter).
+    model = TinyModel().to("meta")
+    opt = AttentionInformedAdam(model.parameters(), lr=1e-2, energy_source=model)
+    for t in range(2):
+        x, y = batch(t)
+        _, loss = model(x.to("meta"), y.to("meta"))
+        opt.zero_grad()
+        opt.backward(loss)
+        assert opt._att_grads
+        opt.step()
+    state = opt.state[model.attn.to_q.weight]
+    assert state["step"].device.type == "cpu"  # like AdamW's (not capturable) step counter
+    assert state["exp_avg"].is_meta and state["att_sq"].is_meta and state["att_step"] == 2
+
 # ---------------------------------------------------------------- DDP (2 processes, gloo)
 def _ddp_train(rank, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
