@@ -297,9 +297,9 @@ def swap_attention(model: nn.Module, *, return_report: bool = False, **energy_op
                     new[id(child)] = EnergyMultiheadAttention.from_mha(child, **energy_options)
                 setattr(parent, child_name, new[id(child)])
                 replaced.append(f"{name}.{child_name}" if name else child_name)
-        for m in model.modules():
-            if isinstance(m, nn.TransformerEncoder) and any(
-                isinstance(sub, EnergyMultiheadAttention) for sub in m.modules()
-            ):
-                m.use_nested_tensor = False
+    for m in model.modules():
+        if isinstance(m, nn.TransformerEncoder) and any(
+            isinstance(sub, EnergyMultiheadAttention) for sub in m.modules()
+        ):
+            m.use_nested_tensor = False
     return (model, replaced) if return_report else model

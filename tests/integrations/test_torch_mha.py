@@ -318,3 +318,18 @@ def test_from_mha_rejects_subclasses_with_other_parameters():
     with pytest.raises(TypeError, match="mha.*quantizable.*linear_Q"):
         EnergyMultiheadAttention.from_mha(quantizable)
 
+
+def test_swap_walks_a_large_model_a_fixed_number_of_times():
+    """Once per swap, not once per module (that was quadratic: ~10 s at 4000 modules)."""
+    class Counting(nn.Sequential):
+        walks = 0
+
+        def named_modules(self, *args, **kwargs):
+            Counting.walks += 1
+            return super().named_modules(*args, **kwargs)
+
+    model = Counting(*[nn.Sequential(nn.Linear(2, 2), nn.ReLU()) for _ in range(50)], encoder())
+    _, report = swap_attention(model, return_report=True)
+    assert report == ["50.layers.0.self_attn", "50.layers.1.self_attn"]
+    assert not model[50].use_nested_tensor
+    assert Counting.walks <= 2
