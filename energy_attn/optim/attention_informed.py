@@ -280,7 +280,8 @@ class AttentionInformedAdam(torch.optim.Optimizer):
     Neither call reads a device tensor on the host. Under ``torch.distributed`` the attention
     gradient and Ē are averaged over ranks (one all-reduce), as DDP averages the loss gradient.
     If ``step`` finds no attention gradient (no recorder, or ``attention_backward`` not called)
-    it takes the AdamW step.
+    it takes the AdamW step. With gradient accumulation, ``step`` uses the mean attention
+    gradient and Ē of the backwards since the last ``step``/``zero_grad``.
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
@@ -297,10 +298,11 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         self.last_alpha: dict[int, torch.Tensor] = {}
 
     def _reset_attention(self) -> None:
-        """Forget the attention gradient and Ē waiting for the next :meth:`step`."""
-        self._att_grads: dict[torch.Tensor, torch.Tensor] | None = None
+        """Forget the attention gradients and Ē gathered for the next :meth:`step`."""
+        self._att_grads: dict[torch.Tensor, torch.Tensor] | None = None  # sums over backwards
         self._att_finite: torch.Tensor | None = None  # 0-d bool on the device: all finite
-        self._mean_energy: torch.Tensor | None = None
+        self._energy_sum: torch.Tensor | None = None
+        self._att_backwards = 0
 
     def __getstate__(self) -> dict:
         # torch.optim.Optimizer pickles (and deep-copies) only defaults, state and param_groups;
@@ -325,9 +327,21 @@ class AttentionInformedAdam(torch.optim.Optimizer):
             raise TypeError("params must be real: AttentionInformedAdam does not support complex "
                             "parameters (view them as real ones with torch.view_as_real)")
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``torch.optim.Optimizer.zero_grad``; also forgets the attention gradients gathered
+        since the last :meth:`step` (like the loss gradients, e.g. after a step that a
+        ``GradScaler`` skipped)."""
+        super().zero_grad(set_to_none)
+        self._reset_attention()
+
     # ------------------------------------------------------------------ attention gradient
     def attention_backward(self, scaler=None) -> None:
         """Compute ``g_att = ∂F/∂θ`` from the last forward's free energies (keeps the graph).
+
+        Calls between two steps accumulate like ``.grad`` does (gradient accumulation):
+        :meth:`step` uses the mean ``g_att`` and the mean Ē of the calls since the last
+        :meth:`step` or :meth:`zero_grad`, so ``k`` micro-batches whose losses are divided by
+        ``k`` step like their whole batch.
 
         Args:
             scaler: an optional ``torch.amp.GradScaler`` (AMP): F is scaled by its current
@@ -339,7 +353,6 @@ class AttentionInformedAdam(torch.optim.Optimizer):
         frees = [r.free_energy for r in self.recorders if r.free_energy is not None]
         means = [r.mean_energy for r in self.recorders if r.mean_energy is not None]
         params = [p for g in self.param_groups for p in g["params"] if p.requires_grad]
-        self._reset_attention()
         for rec in self.recorders:
             rec.free_energy = None  # release the graph reference (``free`` holds it below)
         if not frees or not means:
@@ -371,9 +384,15 @@ class AttentionInformedAdam(torch.optim.Optimizer):
             reached = out
         if scale is not None:
             reached = [(p, g / scale.to(g.device)) for p, g in reached]
-        self._att_grads = dict(reached)
-        self._att_finite = torch.stack([torch.isfinite(g).all() for _, g in reached]).all()
-        self._mean_energy = mean_energy
+        finite = torch.stack([torch.isfinite(g).all() for _, g in reached]).all()
+        if self._att_grads is None:
+            self._att_grads, self._att_finite, self._energy_sum = {}, finite, mean_energy
+        else:
+            self._att_finite = self._att_finite & finite
+            self._energy_sum = self._energy_sum + mean_energy
+        for p, g in reached:
+            self._att_grads[p] = g if p not in self._att_grads else self._att_grads[p] + g
+        self._att_backwards += 1
 
     def backward(self, loss, scaler=None) -> None:
         """``attention_backward(scaler)`` then the (scaled) loss backward."""
@@ -388,14 +407,15 @@ class AttentionInformedAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         att = self._att_grads or {}
-        finite = self._att_finite
+        finite, calls = self._att_finite, self._att_backwards
+        mean_energy = self._energy_sum if calls <= 1 else self._energy_sum / calls
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, eps, wd = group["lr"], group["eps"], group["weight_decay"]
             alpha = None
             if att:
-                z = group["gamma"] * self._mean_energy
-                z = torch.where(self._mean_energy == 0, torch.zeros_like(z), z)
+                z = group["gamma"] * mean_energy
+                z = torch.where(mean_energy == 0, torch.zeros_like(z), z)
                 # a non-finite g_att (an AMP overflow) drops the attention term: α = 1
                 alpha = torch.where(finite, torch.sigmoid(z), torch.ones_like(z))
                 self.last_alpha[gi] = alpha
@@ -427,7 +447,8 @@ class AttentionInformedAdam(torch.optim.Optimizer):
                     p.addcdiv_(exp_avg, denom, value=-step_size)
                 else:
                     # dropped (non-finite) attention gradients count as zeros for this step
-                    g_att = torch.where(finite, g_att, 0).to(p.dtype)
+                    g_att = torch.where(finite, g_att if calls == 1 else g_att / calls, 0)
+                    g_att = g_att.to(p.dtype)
                     if group["attention_norm"] == "own":
                         if "att_sq" not in state:
                             state["att_step"] = 0

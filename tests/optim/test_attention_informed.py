@@ -96,7 +96,7 @@ def test_alpha_one_equals_adamw_step_for_step(tie, gamma):
         opt.zero_grad()
         opt.backward(loss)
         assert opt._att_grads, "the attention term must be live for this test to mean anything"
-        energy = opt._mean_energy.item()
+        energy = opt._energy_sum.item()
         assert (energy < 0) if tie == "neg" else (energy > 0)
         opt.step()
         assert opt.last_alpha[0].item() == 1.0
@@ -413,6 +413,33 @@ def test_training_steps_never_read_a_device_tensor_on_the_host():
     state = opt.state[model.attn.to_q.weight]
     assert state["step"].device.type == "cpu"  # like AdamW's (not capturable) step counter
     assert state["exp_avg"].is_meta and state["att_sq"].is_meta and state["att_step"] == 2
+
+
+@pytest.mark.parametrize("attention_norm", ["loss", "own"])
+def test_gradient_accumulation_steps_like_the_whole_batch(attention_norm):
+    # Two micro-batches (losses halved) step like their whole batch: g_att and Ē are the means
+    # over the attention backwards since the last step (it used to keep only the last one's).
+    # A backward whose step was skipped (as GradScaler does on an overflow) is forgotten by
+    # zero_grad, like its loss gradient.
+    torch.manual_seed(10)
+    whole = TinyModel().double()  # float64: the loss-normed term amplifies rounding
+    split = copy.deepcopy(whole)
+    opts = [AttentionInformedAdam(m.parameters(), lr=1e-2, gamma=2.0,
+                                  attention_norm=attention_norm, energy_source=m)
+            for m in (whole, split)]
+    _run(whole, opts[0], 3)
+    for t in range(3):
+        x, y = batch(t, b=4)
+        _, loss = split(*batch(100 + t, b=4))
+        opts[1].backward(loss)        # ... and no step
+        opts[1].zero_grad()
+        for half in (slice(0, 2), slice(2, 4)):
+            _, loss = split(x[half], y[half])
+            opts[1].backward(loss / 2)
+        opts[1].step()
+    assert opts[1].last_alpha[0].item() != 0.5  # γ·Ē ≠ 0: α depends on the energies
+    for a, p in zip(whole.parameters(), split.parameters()):
+        torch.testing.assert_close(a, p, atol=1e-9, rtol=1e-9)
 
 # ---------------------------------------------------------------- DDP (2 processes, gloo)
 def _ddp_train(rank, out_dir):
