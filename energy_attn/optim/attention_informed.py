@@ -217,6 +217,21 @@ def _check_non_negative(name, value):
     return value
 
 
+def _check_lr(lr):
+    """A number >= 0, or (as torch.optim.AdamW allows) a one-element floating tensor >= 0,
+    kept as given so that a scheduler's in-place updates reach it."""
+    if not isinstance(lr, torch.Tensor):
+        return _check_non_negative("lr", lr)
+    check_finite_number("lr", lr, allow_tensor=True)  # dtype
+    if lr.numel() != 1:
+        raise ValueError(f"lr must be a number or a one-element tensor, got shape "
+                         f"{tuple(lr.shape)}")
+    value = float(lr)  # once, at construction
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"lr must be finite and >= 0, got {value}")
+    return lr
+
+
 def _check_attention_norm(attention_norm):
     if attention_norm not in ("loss", "own"):
         raise ValueError(f"attention_norm must be 'loss' or 'own', got {attention_norm!r}")
@@ -224,7 +239,7 @@ def _check_attention_norm(attention_norm):
 
 
 _SETTING_CHECKS = {
-    "lr": lambda v: _check_non_negative("lr", v),
+    "lr": _check_lr,
     "betas": _check_betas,
     "eps": lambda v: check_finite_number("eps", v, positive=True),
     "weight_decay": lambda v: _check_non_negative("weight_decay", v),
@@ -245,7 +260,8 @@ class AttentionInformedAdam(torch.optim.Optimizer):
     Args:
         params: parameters or parameter groups (each group may set its own ``lr``, ``betas``,
             ``eps``, ``weight_decay`` and ``gamma``).
-        lr: learning rate.
+        lr: learning rate: a number, or a one-element floating tensor (as in
+            ``torch.optim.AdamW``; read on the host once per parameter and step, as there).
         betas: Adam's moment coefficients ``(β1, β2)``.
         eps: Adam's ε.
         weight_decay: decoupled weight decay (AdamW's).

@@ -254,6 +254,9 @@ def test_backward_when_the_free_energy_reaches_no_trainable_parameter():
     ({"gamma": float("nan")}, ValueError, "gamma"),
     ({"gamma": "x"}, TypeError, "gamma"),
     ({"lr": -1.0}, ValueError, "lr"),
+    ({"lr": torch.tensor(-1.0)}, ValueError, "lr"),
+    ({"lr": torch.tensor([1e-3, 1e-3])}, ValueError, "lr"),
+    ({"lr": torch.tensor(1)}, TypeError, "lr"),
     ({"weight_decay": -0.1}, ValueError, "weight_decay"),
 ])
 def test_each_parameter_group_is_checked_like_the_constructor(setting, error, named):
@@ -326,10 +329,12 @@ def test_no_recorders_is_adamw_and_bad_arguments():
 
 
 
-def test_without_attention_term_equals_adamw_bit_for_bit_over_many_steps():
+@pytest.mark.parametrize("lr_type", [float, torch.tensor])
+def test_without_attention_term_equals_adamw_bit_for_bit_over_many_steps(lr_type):
     # float64 and β2 = 0.95: from step 709 on, math.sqrt(1 − β2ᵗ) and AdamW's (1 − β2ᵗ) ** 0.5
     # differ by an ulp, which float64 parameters show. Two groups, one added after
-    # construction, a parameter that never gets a gradient, and an LR scheduler.
+    # construction, a parameter that never gets a gradient, an LR scheduler, and learning
+    # rates given as numbers or (as AdamW allows) tensors.
     torch.manual_seed(7)
     nets = [torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 1),
                                 torch.nn.Linear(2, 2)).double() for _ in range(2)]
@@ -338,9 +343,9 @@ def test_without_attention_term_equals_adamw_bit_for_bit_over_many_steps():
               lambda ps, **kw: torch.optim.AdamW(ps, foreach=False, **kw)]
     opts = []
     for net, make in zip(nets, makers):
-        opt = make(net[0].parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+        opt = make(net[0].parameters(), lr=lr_type(1e-2), betas=(0.9, 0.95), weight_decay=0.1)
         opt.add_param_group({"params": [*net[2].parameters(), *net[3].parameters()],
-                             "lr": 3e-3, "weight_decay": 0.0})
+                             "lr": lr_type(3e-3), "weight_decay": 0.0})
         opts.append((opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=900)))
     x = torch.randn(16, 4, dtype=torch.float64)
     for t in range(720):
@@ -440,6 +445,23 @@ def test_gradient_accumulation_steps_like_the_whole_batch(attention_norm):
     assert opts[1].last_alpha[0].item() != 0.5  # γ·Ē ≠ 0: α depends on the energies
     for a, p in zip(whole.parameters(), split.parameters()):
         torch.testing.assert_close(a, p, atol=1e-9, rtol=1e-9)
+
+
+def test_a_tensor_learning_rate_trains_with_the_attention_term():
+    torch.manual_seed(11)
+    model = TinyModel()
+    twin = copy.deepcopy(model)
+    opt = AttentionInformedAdam(model.parameters(), lr=0.01, energy_source=model)
+    lr = torch.tensor(0.01)
+    twin_opt = AttentionInformedAdam(twin.parameters(), lr=lr, energy_source=twin)
+    sched = torch.optim.lr_scheduler.StepLR(twin_opt, step_size=2, gamma=1.0)  # lr in place
+    _run(model, opt, 3)
+    for t in range(3):
+        _run(twin, twin_opt, 1, seed=t)
+        sched.step()
+    assert twin_opt.param_groups[0]["lr"] is lr and set(twin_opt.last_alpha) == {0}
+    for p, r in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, r)
 
 # ---------------------------------------------------------------- DDP (2 processes, gloo)
 def _ddp_train(rank, out_dir):
