@@ -102,7 +102,9 @@ def _layer_options(value, layer_idx, where: str) -> dict:
             raise ValueError(f"{where} lists options for {len(value)} layers, but the attention "
                              f"module's layer_idx is {layer_idx!r}")
         value, where = value[layer_idx], f"{where}[{layer_idx}]"
-    if isinstance(value, dict):
+    # torch.compile traces the check itself (and guards on the config's values): it warns
+    # about an lru_cache-wrapped call, so the cache serves eager calls only.
+    if isinstance(value, dict) and not torch.compiler.is_compiling():
         try:
             key = tuple(sorted((k, type(v), v) for k, v in value.items() if isinstance(k, str)))
             if len(key) == len(value):
@@ -163,7 +165,9 @@ def make_attention_function(num_steps=2, step_size=1.0, optimizer="gd", momentum
         else:
             # No mask: full attention, or a causal model whose mask function skipped it. Follow
             # sdpa's rule (causal unless decoding a single token), top-left aligned.
-            causal = bool(is_causal if is_causal is not None else getattr(module, "is_causal", True))
+            if is_causal is None:
+                is_causal = getattr(module, "is_causal", True)
+            causal = bool(is_causal)
             causal = causal and N > 1
             mask = masks.from_allowed(None, causal)
             if causal and N != M:
@@ -240,7 +244,8 @@ def set_energy_attention(model, options=None, *, attn_implementation: str = "ene
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise TypeError(f"model must be a transformers PreTrainedModel, got {type(model).__name__}")
     if options is not None and kwargs:
-        raise TypeError("give the options either as one dict/list or as keyword arguments, not both")
+        raise TypeError("give the options either as one dict/list or as keyword arguments, "
+                        "not both")
     options = kwargs if options is None else options
     where = f"config.{CONFIG_ATTRIBUTE}"
     if isinstance(options, (list, tuple)):

@@ -5,7 +5,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")  # the [hf] extra; installed by [test]
 
-from energy_attn.integrations.huggingface import make_attention_function, register
+from energy_attn.integrations.huggingface import make_attention_function, register  # noqa: E402
 
 VOCAB, N = 64, 9
 TOL = {"atol": 64 * torch.finfo(torch.float32).eps, "rtol": 16 * torch.finfo(torch.float32).eps}
@@ -250,3 +250,26 @@ def test_missing_transformers_says_how_to_install():
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ImportError ")  # not ModuleNotFoundError
     assert 'pip install "energy-attn[hf]"' in out.stdout
+
+
+def test_compiled_attention_function_reads_the_config_without_warnings():
+    """torch.compile traces the options check (its cache would warn of silent incorrectness)
+    and recompiles when the config's options change."""
+    import types
+    import warnings
+
+    fn = make_attention_function()
+    module = torch.nn.Module()
+    module.config = types.SimpleNamespace(energy_attention={"num_steps": 1})
+    module.layer_idx, module.is_causal = 0, True
+    q, k = torch.randn(1, 2, 5, 4), torch.randn(1, 1, 5, 4)
+    compiled = torch.compile(fn, fullgraph=True, backend="eager")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*lru_cache")
+        plain, _ = compiled(module, q, k, k, None)
+        module.config.energy_attention = {"num_steps": 3, "step_size": 0.5}
+        descended, _ = compiled(module, q, k, k, None)
+    torch.testing.assert_close(descended, fn(module, q, k, k, None)[0], **TOL)
+    module.config.energy_attention = {"num_steps": 1}
+    torch.testing.assert_close(plain, fn(module, q, k, k, None)[0], **TOL)
+    assert (descended - plain).abs().max() > 1e-3
