@@ -29,7 +29,8 @@ MODES = ("ddp", "fsdp2")
 def make_model():
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0, batch_first=True)
-    model = nn.Sequential(nn.Linear(4, 8), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+    model = nn.Sequential(nn.Linear(4, 8),
+                          nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
                           nn.Linear(8, 1))
     return swap_attention(model, num_steps=3, step_size=0.5, optimizer="nesterov",
                           momentum=0.5).to(DTYPE)
@@ -37,7 +38,8 @@ def make_model():
 
 def data():
     g = torch.Generator().manual_seed(1)
-    return torch.randn(BATCH, 5, 4, generator=g, dtype=DTYPE), torch.randn(BATCH, 5, 1, generator=g, dtype=DTYPE)
+    return (torch.randn(BATCH, 5, 4, generator=g, dtype=DTYPE),
+            torch.randn(BATCH, 5, 1, generator=g, dtype=DTYPE))
 
 
 def train(model, x, y):
