@@ -265,7 +265,10 @@ class EnergyMultiheadAttention(nn.MultiheadAttention):
 def swap_attention(model: nn.Module, *, return_report: bool = False, **energy_options):
     """Replace every ``nn.MultiheadAttention`` in ``model`` by :class:`EnergyMultiheadAttention`.
 
-    In place; each new module shares the old one's parameter tensors and training mode.
+    In place; each new module takes over the old one's parameters (the same objects,
+    ``requires_grad`` included), its ``out_proj`` module and its training mode. It is a new
+    module object: hooks or attributes set on the old ``nn.MultiheadAttention`` itself are not
+    carried over (register them after the swap).
     ``nn.TransformerEncoder``\\ s holding a swapped layer get ``use_nested_tensor = False``
     (their inference fast path would otherwise bypass the attention's ``forward``).
 
@@ -278,6 +281,11 @@ def swap_attention(model: nn.Module, *, return_report: bool = False, **energy_op
 
     Returns:
         ``model``, or ``(model, replaced_names)`` with ``return_report=True``.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, an unknown option, or an
+            ``nn.MultiheadAttention`` subclass with other parameters (see
+            :meth:`EnergyMultiheadAttention.from_mha`). ValueError: a bad option value.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
