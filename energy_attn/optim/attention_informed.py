@@ -41,6 +41,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import masks
+from .._moments import no_autocast
 from .._utils import check_finite_number
 
 __all__ = [
@@ -89,7 +90,8 @@ def attention_energy_stats(q, k, scale, *, causal=False, key_mask=None, mask=Non
         return mean_energy, None, None
 
     n, m = q.shape[-2], k.shape[-2]
-    scores = scale * torch.einsum("bhid,bhjd->bhij", _acc(q), _acc(k))   # [B, H, N, M]
+    with no_autocast(q):  # autocast would run the einsum in its own dtype, undoing _acc
+        scores = scale * torch.einsum("bhid,bhjd->bhij", _acc(q), _acc(k))  # [B, H, N, M]
     allowed = (masks.causal(n, m, q.device) if causal
                else torch.ones(n, m, dtype=torch.bool, device=q.device))[None, None]  # [1,1,N,M]
     if key_mask is not None:

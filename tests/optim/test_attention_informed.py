@@ -505,6 +505,20 @@ def test_ddp_averages_the_attention_gradient(tmp_path):
         torch.testing.assert_close(a, p.detach(), atol=1e-9, rtol=1e-9)
 
 
+
+@pytest.mark.parametrize("general_mask", [False, True])
+def test_energy_stats_under_autocast_stay_in_float32(general_mask):
+    # Under autocast the einsum of the float32 scores ran in bf16/fp16 (errors ~1e-2 in F).
+    torch.manual_seed(12)
+    q, k = torch.randn(2, 2, 16, 32) * 3, torch.randn(2, 2, 16, 32) * 3
+    mask = (torch.rand(2, 1, 16, 16) > 0.3) if general_mask else None
+    args = dict(causal=True, mask=mask, free_energy=True, probs=True)
+    plain = attention_energy_stats(q, k, 32**-0.5, **args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = attention_energy_stats(q, k, 32**-0.5, **args)
+    for a, b in zip(under, plain):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_energy_stats_with_a_general_mask(causal):
     b, h, n, d = 2, 2, 5, 4
