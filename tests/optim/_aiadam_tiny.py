@@ -24,8 +24,9 @@ class TinyAttention(EnergyRecorder, nn.Module):
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x):
-        # [b, n, (h d)] -> [b, h, n, d]
-        split = lambda t: rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+        def split(t):  # [b, n, (h d)] -> [b, h, n, d]
+            return rearrange(t, "b n (h d) -> b h n d", h=self.heads)
+
         q = split(self.to_q(x))
         k = {"neg": -q, "pos": q}[self.tie] if self.tie else split(self.to_k(x))
         v = split(self.to_v(x))
