@@ -41,7 +41,7 @@ import functools
 import torch
 
 try:
-    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers import AttentionInterface, AttentionMaskInterface, PretrainedConfig
     from transformers.masking_utils import sdpa_mask
 except ImportError as err:  # transformers missing, or older than 4.56 (no AttentionMaskInterface)
     raise ImportError(
@@ -212,8 +212,8 @@ def set_energy_attention(model, options=None, *, attn_implementation: str = "ene
                          **kwargs):
     """Switch a ``transformers`` model to energy attention with options stored in its config.
 
-    Writes ``model.config.energy_attention`` (and the same attribute on the configs of its
-    attention modules, e.g. a multimodal model's ``text_config``), registers
+    Writes ``model.config.energy_attention`` (and the same attribute on every config its
+    modules hold, e.g. a multimodal model's ``text_config`` and ``vision_config``), registers
     ``attn_implementation`` with :func:`register` if it is not registered yet, and calls
     ``model.set_attn_implementation``. ``save_pretrained`` then saves the options in
     ``config.json``; to load the model elsewhere::
@@ -264,10 +264,12 @@ def set_energy_attention(model, options=None, *, attn_implementation: str = "ene
     elif not getattr(registered[attn_implementation], "_energy_attn", False):
         raise ValueError(f"attn_implementation {attn_implementation!r} is registered to another "
                          "attention function; it would ignore the energy options")
+    # The attention function reads its module's config: write every config a module holds
+    # (sub-configs such as CLIP's text_config/vision_config, whose modules have no layer_idx).
     configs = {id(config): config}
     for module in model.modules():
         sub = getattr(module, "config", None)
-        if sub is not None and hasattr(module, "layer_idx"):
+        if isinstance(sub, PretrainedConfig):
             configs.setdefault(id(sub), sub)
     for c in configs.values():
         setattr(c, CONFIG_ATTRIBUTE, value)

@@ -273,3 +273,36 @@ def test_compiled_attention_function_reads_the_config_without_warnings():
     module.config.energy_attention = {"num_steps": 1}
     torch.testing.assert_close(plain, fn(module, q, k, k, None)[0], **TOL)
     assert (descended - plain).abs().max() > 1e-3
+
+
+def test_sub_configs_of_attention_modules_without_layer_idx_get_the_options(tmp_path):
+    """CLIP's attention modules read text_config / vision_config and have no layer_idx; the
+    options must reach them (not the registered defaults), and survive save_pretrained."""
+    text = {"vocab_size": VOCAB, "hidden_size": 16, "intermediate_size": 32,
+            "num_hidden_layers": 1, "num_attention_heads": 2, "max_position_embeddings": N,
+            "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 0}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "image_size": 8, "patch_size": 4}
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=8,
+                                     initializer_factor=20.0)
+
+    def clip_logits(model):
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(1, VOCAB, (2, N), generator=g)
+        pixels = torch.randn(2, 3, 8, 8, generator=g)
+        with torch.no_grad():
+            return model(input_ids=ids, pixel_values=pixels).logits_per_image
+
+    torch.manual_seed(0)
+    model = transformers.CLIPModel(config).eval()
+    model.set_attn_implementation("sdpa")
+    sdpa = clip_logits(model)
+    set_energy_attention(model, num_steps=1)  # the registered "energy" defaults are T=3
+    assert model.config.text_config.energy_attention["num_steps"] == 1
+    torch.testing.assert_close(clip_logits(model), sdpa, **TOL)
+    set_energy_attention(model, NESTEROV)
+    descended = clip_logits(model)
+    assert (descended - sdpa).abs().max() > 1e-3
+    model.save_pretrained(tmp_path)
+    loaded = transformers.CLIPModel.from_pretrained(tmp_path, attn_implementation="energy").eval()
+    assert (clip_logits(loaded) - descended).abs().max() == 0
