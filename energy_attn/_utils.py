@@ -107,9 +107,12 @@ def check_module_input(module: torch.nn.Module, **tensors) -> None:
             )
         autocast_ok = autocast_on(t.device.type) and ref.dtype == torch.float32 and t.dtype in half
         if t.is_floating_point() and t.dtype != ref.dtype and not autocast_ok:
+            fix = f"cast one to the other (e.g. module.to({t.dtype})) or run under torch.autocast"
+            if ref.dtype in half and autocast_on(t.device.type):
+                fix = ("under torch.autocast keep the module in float32 (module.float()): "
+                       "autocast runs its products in 16 bits")
             raise TypeError(
-                f"{name} has dtype {t.dtype} but the module's parameters are {ref.dtype}; cast "
-                f"one to the other (e.g. module.to({t.dtype})) or run under torch.autocast"
+                f"{name} has dtype {t.dtype} but the module's parameters are {ref.dtype}; {fix}"
             )
 
 
