@@ -13,8 +13,15 @@ One step ``a(x) = W_O · attend(W_Q x, W_K x, W_V x)``, where ``attend`` is, per
   ``μ`` and ``P(V⊙V)`` come from **one** SDPA call with values ``[V, V⊙V]`` (width 2d).
 
 ``γ_h = softplus(φ_h)`` per head (learnable) or a fixed non-negative buffer; ``γ = 0`` gives
-plain attention exactly. These Newton-inspired forms are this project's reading of Ren et al.
-(the paper's body was unavailable; see ``docs/zoo.md``).
+plain attention exactly. Under dropout (training) the read-out is ``μ' = P'V`` with the kept,
+rescaled probabilities ``P'``, as in attention, and the Newton step preconditions its residual
+with the curvature of ``P`` itself: ``o = μ' + γ_h Σ_P (μ' − v)`` (``Σ_P`` the full or diagonal
+covariance above). ``o`` is affine in ``P'``, so its mean over dropout draws is the eval output;
+the covariance of ``P'`` (rows not summing to 1) is not shift-invariant and would grow with the
+cube of a value offset. That costs a second N×N matrix (2nd1st) or a second SDPA call (light).
+
+These Newton-inspired forms are this project's reading of Ren et al. (the paper's body was
+unavailable; see ``docs/zoo.md``).
 
 ``attention="energy"`` makes the read-out follow ``num_steps − 1`` steps of energy descent of
 the queries on the Hopfield energy against the keys (:func:`energy_attn.hopfield_descent`, any
@@ -56,14 +63,13 @@ ATTENTIONS = ("softmax", "energy")
 
 
 def _newton_correction(p, vc, ms, r):
-    """``(P ⊙ S) V`` about the shift ``c``: returns ``((P ⊙ S) V_c, Σ_j P_ij S_ij)``.
+    """``Σ_i r_i = (P ⊙ S) V`` evaluated about the shift ``c`` as ``(P ⊙ S) V_c``.
 
-    ``S_ij = (v_j − μ_i)·r_i = (v_cj − m_i)·r_i`` with ``v_c = v − c``, ``m = μ − c``, and
-    ``(P ⊙ S) V = (P ⊙ S) V_c + c Σ_j P_ij S_ij`` (the sum is 0 without dropout). Shapes:
+    ``S_ij = (v_j − μ_i)·r_i = (v_cj − m_i)·r_i`` with ``v_c = v − c``, ``m = μ − c``; the
+    rows of ``P`` sum to 1 (or are 0), so ``Σ_j P_ij S_ij = 0`` and ``c`` drops out. Shapes:
     ``p [.., N, N]``, ``vc, ms, r [.., N, d]``, all in the accumulation dtype.
     """
-    ps = p * (r @ vc.transpose(-1, -2) - (ms * r).sum(-1, keepdim=True))
-    return ps @ vc, ps.sum(-1, keepdim=True)
+    return (p * (r @ vc.transpose(-1, -2) - (ms * r).sum(-1, keepdim=True))) @ vc
 
 
 class ConstrainedScalars(nn.Module):
@@ -203,22 +209,25 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
                               is_causal=sdpa_causal)
         # light: both moments from one float32 SDPA call about c, a mean of values every query
         # may see (docs/math.md §4, energy_attn/_moments.py: never square raw 16-bit values).
-        # Under dropout the row sums ρ of the kept probabilities are read out too (ones column).
         allowed = None if mask is None else masks.full_allowed(m, n, n, q.device)
         vc, c = centred(v, *key_rows(allowed, is_causal, n, q.device))
-        acc = vc.dtype
-        with no_autocast(vc):  # autocast would run the upcast SDPA call in 16 bits
-            out = masks.sdpa(q.to(acc), k.to(acc), moment_values(vc, p_drop > 0),
-                             attn_mask=attn_mask, valid=valid, dropout_p=p_drop,
+        acc, d = vc.dtype, v.shape[-1]
+        with no_autocast(vc):  # autocast would run the upcast SDPA calls in 16 bits
+            q, k = q.to(acc), k.to(acc)
+            out = masks.sdpa(q, k, moment_values(vc), attn_mask=attn_mask, valid=valid,
                              is_causal=sdpa_causal)
-        d = v.shape[-1]
-        mc, m2 = out[..., :d], out[..., d:2 * d]  # Σ_j P_ij (v_j − c), Σ_j P_ij (v_j − c)²
-        rho = out[..., 2 * d:] if p_drop > 0 else (1.0 if valid is None else valid.to(acc))
-        mu = mc + c * rho
-        # P(V⊙V) − μ⊙μ expanded about c (its last term vanishes for rows summing to 1)
-        var = m2 - mc.square() + (1.0 - rho) * (2.0 * c * mc + c.square() * rho)
-        gamma = self.gamma().to(vc.dtype).view(-1, 1, 1)  # [H, 1, 1]
-        return (mu + gamma * var * (mu - v.to(vc.dtype))).to(v.dtype)
+            if p_drop > 0:  # μ' − c = P'(V − c) + (ρ' − 1) c, ρ' the row sums of P' (ones)
+                read = masks.sdpa(q, k, torch.cat([vc, vc.new_ones(vc.shape[:-1] + (1,))], -1),
+                                  attn_mask=attn_mask, valid=valid, dropout_p=p_drop,
+                                  is_causal=sdpa_causal)
+        mc, m2 = out[..., :d], out[..., d:]  # Σ_j P_ij (v_j − c), Σ_j P_ij (v_j − c)²
+        var = m2 - mc.square()  # diag Σ_P (P's rows sum to 1; fully masked rows: all 0)
+        if p_drop > 0:
+            mu = read[..., :d] + c * read[..., d:]
+        else:
+            mu = mc + c * (1.0 if valid is None else valid.to(acc))
+        gamma = self.gamma().to(acc).view(-1, 1, 1)  # [H, 1, 1]
+        return (mu + gamma * var * (mu - v.to(acc))).to(v.dtype)
 
     def _attend_2nd1st(self, q, k, v, mask, is_causal, p_drop):
         with no_autocast(v):  # autocast would run the upcast matmuls below in 16 bits
@@ -233,23 +242,26 @@ class MultiHeadSelfAttention(EnergyRecorder, nn.Module):
         allowed = masks.full_allowed(masks.from_allowed(mask, is_causal), n, n, q.device)
         # blocked: −inf; fully masked rows: finite logits, valid False (zeroed below)
         logits, valid = masks.logits_mask(logits, masks.Masks(allowed))
-        p = F.dropout(logits.softmax(dim=-1), p_drop, training=p_drop > 0)
+        p = logits.softmax(dim=-1)
         if valid is not None:
             p = p * valid
-        # About c, a mean of values every query may see (docs/math.md §4); ρ = the row sums of P.
+        # About c, a mean of values every query may see (docs/math.md §4).
         vc, c = centred(v, *key_rows(allowed))
-        rho = p.sum(-1, keepdim=True) if p_drop > 0 else (1.0 if valid is None else valid.to(acc))
-        ms = p @ vc + c * (rho - 1.0)  # μ − c
-        r = ms - (v.to(acc) - c)  # μ − v
+        ms = p @ vc + (0.0 if valid is None else c * (valid.to(acc) - 1.0))  # μ − c
+        read = ms  # μ' − c: the read-out; under dropout P' (row sums ρ') in place of P
+        if p_drop > 0:
+            pd = F.dropout(p, p_drop)
+            read = pd @ vc + c * (pd.sum(-1, keepdim=True) - 1.0)
+        r = read - (v.to(acc) - c)  # μ' − v
         # S and P ⊙ S are recomputed in backward: autograd keeps P alone. Not under torch.func
         # transforms (grad, vjp, ...), which do not run checkpoint's saved-tensor hooks.
         if torch.is_grad_enabled() and (p.requires_grad or vc.requires_grad) and \
                 not _functorch_active():
-            corr, ps_sum = checkpoint(_newton_correction, p, vc, ms, r, use_reentrant=False)
+            corr = checkpoint(_newton_correction, p, vc, ms, r, use_reentrant=False)
         else:
-            corr, ps_sum = _newton_correction(p, vc, ms, r)
+            corr = _newton_correction(p, vc, ms, r)
         gamma = self.gamma().to(acc).view(-1, 1, 1)
-        return (ms + c + gamma * (corr + c * ps_sum)).to(v.dtype)
+        return (read + c + gamma * corr).to(v.dtype)
 
     def extra_repr(self) -> str:
         text = (f"d_model={self.d_model}, n_head={self.n_head}, dropout={self.dropout}, "

@@ -74,10 +74,13 @@ def test_momentum_and_nesterov_follow_the_recursions():
         torch.testing.assert_close(nag(x)[0], nag(x, torch.zeros_like(x))[0])
 
 
-def dense_newton(q, k, v, gamma, kind, allowed=None):
-    """Per-(batch, head, query) float64 loops with the explicit covariance (docs/math.md §5.2)."""
+def dense_newton(q, k, v, gamma, kind, allowed=None, read=None):
+    """Per-(batch, head, query) float64 loops with the explicit covariance (docs/math.md §5.2).
+
+    ``read`` ``[B, H, N, d]`` replaces the read-out ``μ`` in ``r = μ − v`` and in the output
+    (the dropout read-out); the covariance stays that of the attention's ``P``."""
     Bq, Hq, Nq, d = q.shape
-    out = torch.zeros_like(q)
+    out = torch.zeros_like(q) if read is None else read.clone()
     for b in range(Bq):
         for h in range(Hq):
             for i in range(Nq):
@@ -89,11 +92,12 @@ def dense_newton(q, k, v, gamma, kind, allowed=None):
                     logits = logits.masked_fill(~row, float("-inf"))
                 p = logits.softmax(-1)
                 mu = p @ v[b, h]
-                r = mu - v[b, h, i]
+                first = mu if read is None else read[b, h, i]
+                r = first - v[b, h, i]
                 cen = v[b, h] - mu  # [M, d]
                 cov = (p[:, None, None] * cen[:, :, None] * cen[:, None, :]).sum(0)  # Σ_i
                 corr = cov @ r if kind == "2nd1st" else torch.diagonal(cov) * r
-                out[b, h, i] = mu + gamma[h] * corr
+                out[b, h, i] = first + gamma[h] * corr
     return out
 
 
@@ -113,6 +117,30 @@ def test_newton_attention_equals_dense_covariance(kind, mask_kind):
         allowed = allowed & mask
     got = attn.attend(q, k, v, mask=mask, is_causal=causal)
     want = dense_newton(q, k, v, attn.gamma().detach(), kind, allowed)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kind", ["2nd1st", "light"])
+def test_newton_dropout_preconditions_the_dropped_read_out(kind):
+    # Dropout acts on the read-out μ' = P'V as in attention; the curvature is the covariance of
+    # the attention's own P: o = μ' + γ Σ_P (μ' − v), affine in P' (E[o] = the eval output).
+    # The literal (P'⊙S')V of the dropped weights was not shift-invariant: a value offset c
+    # entered as c³ (offset 10: training outputs 12x the eval ones; float16 overflowed to NaN).
+    torch.manual_seed(0)
+    kw = dict(second_order=kind, dropout=0.3)
+    attn = MultiHeadSelfAttention(D, H, gamma=0.7, **kw).double().train()
+    plain = MultiHeadSelfAttention(D, H, gamma=0.0, learn_gamma=False, **kw).double().train()
+    q, k, v = (torch.randn(B, H, N, D // H, dtype=f64) for _ in range(3))
+    v = v + 10.0
+    mask = torch.rand(B, 1, N, N) > 0.3
+    mask[1, :, 4] = False  # a fully masked row
+    allowed = torch.ones(N, N, dtype=torch.bool).tril() & mask
+    torch.manual_seed(1)
+    got = attn.attend(q, k, v, mask=mask, is_causal=True)
+    torch.manual_seed(1)  # the same dropout draws: γ = 0 reads out μ' alone
+    read = plain.attend(q, k, v, mask=mask, is_causal=True)
+    assert not torch.allclose(read, plain.eval().attend(q, k, v, mask=mask, is_causal=True))
+    want = dense_newton(q, k, v, attn.gamma().detach(), kind, allowed.expand(B, H, N, N), read)
     torch.testing.assert_close(got, want)
 
 
@@ -178,6 +206,38 @@ def test_blocks_are_causal(variant, attention):
     assert not torch.allclose(out2[:, t + 1:], out[:, t + 1:])
     if variant in ("momen", "nag"):
         torch.testing.assert_close(state2[:, : t + 1], state[:, : t + 1], atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_two_layer_stack_never_leaks_in_training(variant, dtype):
+    # Padded and future tokens (garbage, a large value offset) move no other output bit, at
+    # any layer, through the momentum buffer, with dropout (the same draws) and in 16 bits.
+    torch.manual_seed(0)
+    blks = [OptimizerBlock(D, H, variant, dropout=0.2).to(dtype).train() for _ in range(2)]
+    with torch.no_grad():
+        for blk in blks:
+            blk.attn.to_qkv.bias[2 * D:] += 50.0
+    x = 3 * torch.randn(B, N, D)
+    pad = torch.zeros(B, N, dtype=torch.bool)
+    pad[0, 2], pad[1, 5] = True, True
+    t = 4  # tokens after t are the future; padded tokens are no one's keys
+    keep = ~pad & (torch.arange(N) <= t)
+
+    def run(x):
+        torch.manual_seed(1)
+        outs, state = [], None
+        for blk in blks:
+            x, state = blk(x, state, mask=(~pad)[:, None, None, :], is_causal=True)
+            outs += [x] if state is None else [x, state]
+        return outs
+
+    x2 = x.clone()
+    x2[pad] = 300 * torch.randn(2, D)
+    x2[:, t + 1:] = 100 * torch.randn(B, N - t - 1, D)
+    for a, b in zip(run(x.to(dtype)), run(x2.to(dtype))):
+        assert torch.isfinite(a[keep]).all()
+        assert torch.equal(a[keep], b[keep])
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -81,3 +81,32 @@ def test_large_keys_and_values_float16(name):
 def test_fuzz_blocks_16bit(name, dtype, N, v_offset, k_offset, seed):
     torch.manual_seed(seed)  # the example's data and weights are a function of the example
     check(name, dtype, v_offset, k_offset, N)
+
+
+
+def dropout_shift(blk, x, mask, keep):
+    """Relative distance of one training-mode output (dropout 0.2) from the eval output."""
+    for mod in (blk.ffn[-1], blk.drop):
+        mod.p = 0.2
+    blk.attn.dropout = 0.2
+    torch.manual_seed(1)
+    out, _ = blk.train()(x, mask=mask)
+    return rel_err(out, blk.eval()(x, mask=mask)[0], keep)
+
+
+@pytest.mark.parametrize("name", ["2nd1st", "light2nd1st"])
+def test_training_with_dropout_and_value_offsets_float16(name):
+    # With dropout the Newton correction used the dropped weights' (not shift-invariant)
+    # covariance: a value offset of 50 grew as 50³ and overflowed float16 to NaN in training.
+    torch.manual_seed(0)
+    blk = offset_block(name, 50.0, 5.0)
+    x, pad, mask = padded_input(12)
+    x = x.to(torch.float16).double()
+    shift = dropout_shift(blk, x, mask, ~pad)
+    base = MHA(D_MODEL, HEADS).double()
+    base.load_state_dict(blk.state_dict(), strict=False)
+    # a dropout draw moves the output about as far as it moves the plain block's (not 1000x)
+    assert shift <= FACTOR * dropout_shift(base, x, mask, ~pad)
+    torch.manual_seed(1)
+    low, _ = blk.half().train()(x.half(), mask=mask)
+    assert torch.isfinite(low).all()
