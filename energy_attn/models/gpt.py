@@ -79,6 +79,11 @@ class GPTConfig:
         check_optimizer(self.optimizer, self.momentum)
 
 
+def _tie_after_load(model: GPT, incompatible_keys) -> None:
+    """A load-state-dict post-hook (a module-level function: the model stays picklable)."""
+    model._tie_weights()
+
+
 class GPT(nn.Module):
     """Causal language model of :class:`GPTConfig`.
 
@@ -108,12 +113,18 @@ class GPT(nn.Module):
         self.ln_f = nn.LayerNorm(c.d_model, bias=c.bias)
         self.lm_head = nn.Linear(c.d_model, c.vocab_size, bias=False)
         self.reset_parameters()
+        # load_state_dict(assign=True) assigns wte and lm_head a Parameter each: tie them again
+        self.register_load_state_dict_post_hook(_tie_after_load)
+
+    def _tie_weights(self) -> None:
+        """The language-model head shares the token embedding's matrix."""
+        self.lm_head.weight = self.wte.weight
 
     def reset_parameters(self) -> None:
         """Initialise every parameter and buffer as the constructor does (GPT-2's scheme, module
         docstring; LayerNorms and the blocks' ρ/γ at their defaults) and tie ``lm_head`` to the
         token embedding again, which ``to_empty`` (after building on the meta device) unties."""
-        self.lm_head.weight = self.wte.weight  # weight tying
+        self._tie_weights()
         for module in self.modules():  # the deterministic ones (no random draws)
             if module is not self and not isinstance(module, (nn.Linear, nn.Embedding)) and \
                     hasattr(module, "reset_parameters"):

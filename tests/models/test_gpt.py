@@ -1,4 +1,5 @@
 import math
+import pickle
 
 import pytest
 import torch
@@ -162,3 +163,19 @@ def test_every_parameter_gets_a_gradient(block):
     loss.backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None]
     assert missing == []
+
+
+def test_weights_stay_tied_after_loading_with_assign():
+    # load_state_dict(assign=True) (the fast way to load into a model built on the meta device)
+    # assigned wte and lm_head two Parameters: num_parameters counted the matrix twice and an
+    # optimizer kept two sets of moments for it.
+    model = tiny()
+    with torch.device("meta"):
+        loaded = tiny()
+    loaded.load_state_dict(model.state_dict(), assign=True)
+    assert loaded.lm_head.weight is loaded.wte.weight
+    assert loaded.num_parameters() == model.num_parameters()
+    loaded = pickle.loads(pickle.dumps(loaded.double()))  # the hook keeps it picklable
+    assert loaded.lm_head.weight is loaded.wte.weight
+    idx = torch.randint(0, 31, (2, 12))
+    torch.testing.assert_close(loaded(idx)[0], model.double()(idx)[0], atol=0, rtol=0)
