@@ -120,6 +120,47 @@ def test_newton_attention_equals_dense_covariance(kind, mask_kind):
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_two_layer_stack_equals_float64_reference(variant):
+    # docs/math.md §5 written out by hand: LayerNorm, projections, the dense per-query attention
+    # (with its covariance) above, the momentum recursions, and the FFN with an erf GELU.
+    torch.manual_seed(0)
+    blks = [OptimizerBlock(D, H, variant, rho=0.3 + 0.4 * i).double().eval() for i in range(2)]
+    with torch.no_grad():
+        for p in (p for blk in blks for p in blk.parameters()):
+            p.add_(0.3 * torch.randn_like(p))
+    x = 2 * torch.randn(B, N, D, dtype=f64) + 1
+    mask = torch.rand(B, 1, N, N) > 0.3
+    mask[1, :, 4] = False  # a fully masked row
+    allowed = (torch.ones(N, N, dtype=torch.bool).tril() & mask).expand(B, H, N, N)
+
+    def step(blk, y):  # a_l(y) = MHA_l(LN(y))
+        a = blk.attn
+        h = F.layer_norm(y, (D,), blk.ln_attn.weight, blk.ln_attn.bias)
+        q, k, v = (h @ a.to_qkv.weight.T + a.to_qkv.bias).view(B, N, 3, H, D // H).unbind(2)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, N, d]
+        gamma = a.gamma() if a.second_order else torch.zeros(H, dtype=f64)  # 0: plain
+        o = dense_newton(q, k, v, gamma, a.second_order or "light", allowed)
+        return o.transpose(1, 2).reshape(B, N, D) @ a.to_out.weight.T + a.to_out.bias
+
+    got, state, want, m = x, None, x, torch.zeros_like(x)
+    with torch.no_grad():
+        for blk in blks:
+            got, state = blk(got, state, mask=mask, is_causal=True)
+            if variant in ("momen", "nag"):
+                rho = torch.sigmoid(blk.rho.raw)
+                m = rho * m + step(blk, want + (rho * m if variant == "nag" else 0))
+                want = want + m
+                torch.testing.assert_close(state, m, atol=1e-12, rtol=0)
+            else:
+                want = want + step(blk, want)
+            f = blk.ffn
+            h = F.layer_norm(want, (D,), blk.ln_ffn.weight, blk.ln_ffn.bias)
+            h = h @ f[0].weight.T + f[0].bias
+            want = want + (0.5 * h * (1 + torch.erf(h / 2**0.5))) @ f[2].weight.T + f[2].bias
+            torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+
+
 @pytest.mark.parametrize("kind", ["2nd1st", "light"])
 def test_newton_dropout_preconditions_the_dropped_read_out(kind):
     # Dropout acts on the read-out μ' = P'V as in attention; the curvature is the covariance of
