@@ -103,8 +103,9 @@ class ConstrainedScalars(nn.Module):
         init, link = self.init, self.link
         with torch.no_grad():
             if self.learnable:
+                # softplus⁻¹(y) = log(eᵞ − 1) = y + log(1 − e⁻ʸ): no overflow for a large y
                 self.raw.fill_(math.log(init / (1 - init)) if link == "sigmoid"
-                               else math.log(math.expm1(init)))
+                               else init + math.log(-math.expm1(-init)))
             else:
                 self.fixed.fill_(init)
 

@@ -311,6 +311,13 @@ def test_rho_and_gamma_are_learnable_and_positive():
     assert 0 < MomenMHA(D, H, rho=0.9).rho().item() < 1
 
 
+@pytest.mark.parametrize("gamma", [1e-30, 0.5, 50.0, 800.0])
+def test_learnable_gamma_starts_at_its_initial_value(gamma):
+    # softplus⁻¹ was log(expm1(γ)): an OverflowError for γ above ~710
+    got = MHA2nd1st(D, H, gamma=gamma).attn.gamma()
+    torch.testing.assert_close(got, torch.full((H,), gamma), rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize(
     "kw, exc, match",
     [
