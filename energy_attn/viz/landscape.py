@@ -36,12 +36,18 @@ def _as_patterns(name: str, t) -> torch.Tensor:
             f"element), got shape {tuple(t.shape)}; flatland plots need d = 2"
         )
     t = t.detach()
+    if not torch.isfinite(t).all():
+        raise ValueError(f"{name} must be finite, got NaN or inf values")
     return t if t.dtype == torch.float64 else t.float()
 
 
 def _auto_half_width(*points: torch.Tensor) -> float:
     """Half-width of a square grid that shows every point with a margin (multiples of 0.5)."""
     reach = max(p.abs().max().item() for p in points)
+    if not math.isfinite(reach):
+        raise ValueError("the descent or the value map produced NaN or inf patterns (check "
+                         "energy_func, step_size and values_post_processing_func), so no grid "
+                         "fits them; pass plot_grid_size to draw the finite ones")
     return max(0.5, math.ceil(2 * 1.15 * reach) / 2)
 
 
@@ -97,6 +103,15 @@ def simulate_and_plot_patterns(
     Returns:
         ``(fig, ax)``, or ``(fig, ax, trajs)`` with ``return_trajs``. Each trajectory is one
         line with gid ``"trajectory"``; the landscape is a filled contour (or a surface).
+
+    Raises:
+        TypeError: a non-callable ``energy_func`` or value map; patterns that are not float
+            tensors.
+        ValueError: patterns not of shape ``[n, 2]``/``[1, n, 2]`` or not finite; a bad
+            ``scale``, ``step_size``, ``num_steps``, ``optimizer``, ``plot_grid_size`` or
+            ``grid_points``; an ``ax`` that does not match ``plot_3d``; a value map not giving
+            ``[1, n, 2]``; non-finite descent or value-mapped patterns without
+            ``plot_grid_size``.
     """
     if not callable(energy_func):
         raise TypeError(f"energy_func must be callable, got {type(energy_func).__name__}")

@@ -141,6 +141,16 @@ def test_draws_on_a_given_axes():
         (torch.randn(4, 2), None, {"num_steps": -1}, ValueError, "num_steps"),
         (torch.randn(4, 2), None, {"step_size": float("nan")}, ValueError, "step_size"),
         (torch.randn(4, 2), None, {"optimizer": "adam"}, ValueError, "optimizer"),
+        # non-finite patterns used to fail in math.ceil ("cannot convert float NaN to
+        # integer") or, as keys, to draw a blank landscape without a word
+        (torch.tensor([[0.0, float("nan")]]), None, {}, ValueError,
+         "state_patterns must be finite"),
+        (torch.tensor([[float("inf"), 0.0]]), None, {}, ValueError,
+         "state_patterns must be finite"),
+        (torch.randn(4, 2), torch.full((3, 2), float("nan")), {}, ValueError,
+         "context must be finite"),
+        (torch.randn(4, 2), None, {"values_post_processing_func": lambda x: x / 0.0},
+         ValueError, "NaN or inf patterns"),
         (torch.randn(4, 2), None, {"values_post_processing_func": 3}, TypeError, "values_post"),
         (torch.randn(4, 2), None, {"values_post_processing_func": lambda x: x[..., :1]},
          ValueError, r"\[1, n, 2\]"),
