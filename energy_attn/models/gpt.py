@@ -88,7 +88,8 @@ class GPT(nn.Module):
     """Causal language model of :class:`GPTConfig`.
 
     ``forward(idx [B, N] long, targets [B, N] long | None) -> (logits [B, N, vocab], loss)``,
-    ``loss`` the mean cross-entropy (targets ``-1`` ignored) or None. Token ids out of
+    ``loss`` the mean cross-entropy (targets ``-1`` ignored; a float32 scalar, float64 for a
+    float64 model) or None. Token ids out of
     ``[0, vocab_size)`` raise ``ValueError`` for CPU tensors; on a GPU they are not checked (that
     would sync with the host at every call) and fail inside the embedding or the loss.
     """
@@ -185,7 +186,9 @@ class GPT(nn.Module):
         logits = self.lm_head(self.ln_f(x))  # [B, N, vocab]
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
+            # in float32 at least: 16-bit logits are upcast, float64 ones stay float64
+            acc = torch.promote_types(logits.dtype, torch.float32)
+            loss = F.cross_entropy(logits.flatten(0, 1).to(acc), targets.flatten(),
                                    ignore_index=-1)
         return logits, loss
 

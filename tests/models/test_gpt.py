@@ -23,8 +23,10 @@ def test_gpt_is_causal_and_loss_is_cross_entropy(block, attention):
     idx = torch.randint(0, 31, (2, 12))
     logits, loss = model(idx, idx.roll(-1, 1))
     assert logits.shape == (2, 12, 31) and loss.ndim == 0
-    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 31).float(),
-                                                     idx.roll(-1, 1).reshape(-1)).to(loss.dtype))
+    # float64 stays float64 (16-bit logits: float32), as the module's own reductions do
+    assert loss.dtype == torch.float64
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 31),
+                                                     idx.roll(-1, 1).reshape(-1)))
     t = 5
     idx2 = idx.clone()
     idx2[:, t + 1:] = (idx2[:, t + 1:] + 1) % 31
@@ -48,6 +50,15 @@ def test_init_loss_is_near_uniform_and_parameters_are_counted_once():
     per_layer = ((3 * d * d + 3 * d) + (d * d + d) + 2 * 2 * d + (4 * d * d + 4 * d)
                  + (4 * d * d + d))
     assert model.num_parameters(non_embedding=True) == 3 * per_layer + 2 * d
+
+
+def test_16bit_loss_is_float32():
+    model = tiny().bfloat16()
+    idx = torch.randint(0, 31, (2, 12))
+    logits, loss = model(idx, idx)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.reshape(-1, 31).float(),
+                                                     idx.reshape(-1)), atol=0, rtol=0)
 
 
 def test_targets_minus_one_are_ignored():
