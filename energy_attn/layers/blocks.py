@@ -72,6 +72,7 @@ class OptimizerBlock(nn.Module):
                  mlp_ratio: int = 4, bias: bool = True, rho: float = 0.5, learn_rho: bool = True,
                  gamma: float = 0.5, learn_gamma: bool = True, **attn_kwargs):
         super().__init__()
+        d_model = check_positive_int("d_model", d_model)  # before the LayerNorm is built
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
         dropout = check_finite_number("dropout", dropout)

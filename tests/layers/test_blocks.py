@@ -343,6 +343,14 @@ def test_bad_construction(kw, exc, match):
         OptimizerBlock(D, H, variant, **kw)
 
 
+@pytest.mark.parametrize("d_model, exc", [(-4, ValueError), (16.0, TypeError),
+                                          (True, TypeError), ("16", TypeError)])
+def test_bad_d_model_is_named(d_model, exc):
+    # was a RuntimeError or TypeError from inside nn.LayerNorm
+    with pytest.raises(exc, match="d_model"):
+        OptimizerBlock(d_model, 2)
+
+
 def test_bad_forward_inputs():
     blk = MomenMHA(D, H)
     x = torch.randn(B, N, D)
