@@ -61,11 +61,13 @@ def norm_sweep(dims, beta_scales, *, n_patterns=32, seed=0, dtype=torch.float32,
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     gen = torch.Generator().manual_seed(seed)
     norms = np.zeros((len(beta_scales), len(dims)))
+    # bare_attn uses no projection weights and checks no pattern size: one 1-wide module serves
+    # every d_k. Its unused weights are drawn from a forked RNG: the global one is left alone.
+    with torch.random.fork_rng(devices=[]):
+        bare_attention = VanillaSoftmaxAttention(1, heads=1, dim_head=1)
     with torch.no_grad():
         for i, dim in enumerate(dims):
             dim = int(dim)
-            # bare_attn uses no projection weights: a 1-wide module keeps construction cheap.
-            bare_attention = VanillaSoftmaxAttention(dim, heads=1, dim_head=1)
             for j, s in enumerate(beta_scales):
                 x = torch.randn(1, n_patterns, dim, generator=gen, dtype=dtype)
                 out = bare_attention(x, bare_attn=True, scale=float(s) * dim**-0.5)

@@ -27,6 +27,15 @@ def test_norm_sweep_measures_bare_self_attention():
     assert (norms[1, 1:] < norms[0, 1:]).all()
 
 
+def test_norm_sweep_leaves_the_global_rng_alone():
+    # It built a module per d_k, whose weight init drew from the global RNG: a seeded script
+    # that drew a sweep got different random numbers afterwards.
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    norm_sweep([2, 8], [1.0], n_patterns=4)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_blog_value_at_512_and_the_float32_floor():
     """d_k = 512, transformer default: a move of order 1e-6 (the blog printed 5.6e-6)."""
     n64 = norm_sweep([512], [1.0], dtype=torch.float64, seed=0)[0, 0]
@@ -46,7 +55,8 @@ def test_plot_norm_sweep_log_colour_scale_and_reference_lines():
     assert isinstance(contour.norm, LogNorm)
     assert np.allclose(contour.levels, np.logspace(-8, 2, 11))
     lines = ax.get_lines()
-    horizontal = [line.get_ydata()[0] for line in lines if line.get_ydata()[0] == line.get_ydata()[1]]
+    horizontal = [line.get_ydata()[0] for line in lines
+                  if line.get_ydata()[0] == line.get_ydata()[1]]
     vertical = [line.get_xdata()[0] for line in lines if line.get_xdata()[0] == line.get_xdata()[1]]
     assert horizontal == [1.0] and vertical == [2, 512]
     assert ax.get_title() == "sweep"
