@@ -34,6 +34,19 @@ def check_out_dir(path, name: str = "--out") -> None:
             return
 
 
+def seed(text: str) -> int:
+    """argparse ``type`` of a ``--seed``: an int that ``torch.manual_seed`` takes, in
+    ``[-2**63, 2**64)``; anything else is a usage error (exit 2) naming the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not -(2**63) <= value < 2**64:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: a seed lies in "
+                                         "[-2**63, 2**64)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="energy-attn",

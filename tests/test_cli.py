@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from energy_attn.checks import run_checks
 from energy_attn.cli import main
@@ -10,7 +11,7 @@ from energy_attn.cli import main
 def test_check_command_passes_and_prints_table(capsys):
     assert main(["check"]) == 0
     out = capsys.readouterr().out
-    assert "bare cross-attention" in out and "FAIL" not in out and "7 passed, 0 failed" in out
+    assert "bare cross-attention" in out and "FAIL" not in out and "8 passed, 0 failed" in out
 
 
 @pytest.mark.parametrize("dtype", ["float64", "bfloat16"])
@@ -26,6 +27,45 @@ def test_checks_fail_when_broken(monkeypatch):
     monkeypatch.setattr(attn, "hopfield_descent", lambda *a, **k: 0.5 * real(*a, **k))
     results = run_checks()
     assert not all(r.passed for r in results)
+
+
+def test_checks_catch_a_broken_closed_form_gradient(monkeypatch):
+    # hopfield_energy_grad (what minimize_energy, the trajectories and the pictures use) was
+    # never run by the checks: halving it passed all of them.
+    from energy_attn.energies.hopfield import hopfield_energy, hopfield_energy_grad
+
+    monkeypatch.setattr(hopfield_energy, "gradient",
+                        lambda *a, **k: 0.5 * hopfield_energy_grad(*a, **k))
+    failed = [r.name for r in run_checks() if not r.passed]
+    assert failed == ["closed-form energy step == autograd step (max |diff|)"]
+
+
+def test_float64_checks_catch_a_float32_computation(monkeypatch):
+    # float64 used float32's tolerance (1e-6): a step computed in float32 passed every check.
+    import energy_attn.layers.attention as attn
+
+    real = attn.hopfield_descent
+    monkeypatch.setattr(attn, "hopfield_descent",
+                        lambda q, k, **kw: real(q.float(), k.float(), **kw).to(q.dtype))
+    results = run_checks(dtype=torch.float64)
+    assert sum(not r.passed for r in results) >= 5
+    assert all(r.tolerance < 1e-10 for r in results if "||input - output||" not in r.name)
+
+
+@pytest.mark.parametrize("dtype, seed", [("float16", 34), ("bfloat16", 99)])
+def test_low_precision_q_k_v_check_allows_the_pseudo_inverse_amplification(dtype, seed):
+    # These seeds' W_K is ill-conditioned: pinv(W_K^T) amplifies the 16-bit step's rounding
+    # past 8·eps·sqrt(numel), and the check failed with nothing broken.
+    assert main(["check", "--dtype", dtype, "--seed", str(seed)]) == 0
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-9223372036854775809", "1.5"])
+def test_check_seed_out_of_range_is_a_usage_error(seed, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["check", "--seed", seed])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --seed" in err and "Traceback" not in err
 
 
 def test_console_script_and_bad_args():
