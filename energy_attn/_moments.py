@@ -85,10 +85,7 @@ def centred(x: torch.Tensor, used: torch.Tensor | None = None,
     return (xc if used is None else torch.where(used, xc, zero)), c
 
 
-def moment_values(xc: torch.Tensor, ones: bool = False) -> torch.Tensor:
-    """Values ``[x_c, x_c⊙x_c(, 1)]`` (accumulation dtype) for one attention read-out of both
-    moments, ``[..., m, 2d(+1)]``; the ones column reads out the row sums of the weights."""
-    cols = [xc, xc.square()]
-    if ones:
-        cols.append(xc.new_ones(xc.shape[:-1] + (1,)))
-    return torch.cat(cols, dim=-1)
+def moment_values(xc: torch.Tensor) -> torch.Tensor:
+    """Values ``[x_c, x_c⊙x_c]`` (accumulation dtype) for one attention read-out of both
+    moments, ``[..., m, 2d]``."""
+    return torch.cat([xc, xc.square()], dim=-1)
