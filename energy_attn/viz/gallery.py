@@ -7,18 +7,41 @@ needs no display.
 
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 import torch
 
-from .._utils import exists
+from .._utils import check_positive_int, exists
 
 D2 = 2**-0.5  # the transformer default scale 1/√d for d = 2
 
 
+def seeded_generator(seed, name: str = "seed") -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded with ``seed`` (the global RNG is left alone).
+
+    Raises:
+        TypeError: ``seed`` is not an int. ValueError: outside ``[-2**63, 2**64)``.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"{name} must lie in [-2**63, 2**64), got {seed}")
+    return torch.Generator().manual_seed(int(seed))
+
+
 def toy_patterns(seed=0, n_state=16, n_stored=32, dtype=torch.float32):
-    """The blog's flatland toy patterns: ``(state [1, n_state, 2], stored [1, n_stored, 2])``."""
-    gen = torch.Generator().manual_seed(seed)
+    """The blog's flatland toy patterns: ``(state [1, n_state, 2], stored [1, n_stored, 2])``.
+
+    Standard normal, drawn from a generator seeded with ``seed`` (the global RNG is left
+    alone). Raises TypeError/ValueError naming ``seed``, ``n_state``, ``n_stored`` (ints
+    ``>= 1``) or ``dtype`` (a floating-point ``torch.dtype``).
+    """
+    n_state, n_stored = check_positive_int("n_state", n_state), check_positive_int(
+        "n_stored", n_stored)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+    gen = seeded_generator(seed)
     state = torch.randn(1, n_state, 2, generator=gen, dtype=dtype)
     stored = torch.randn(1, n_stored, 2, generator=gen, dtype=dtype)
     return state, stored
@@ -26,7 +49,7 @@ def toy_patterns(seed=0, n_state=16, n_stored=32, dtype=torch.float32):
 
 def value_maps(seed=0):
     """Random ``nn.Linear(2, 2, bias=False)`` query, key and value maps (the blog's Q/K/V cell)."""
-    gen = torch.Generator().manual_seed(seed + 1)  # local: the global RNG is left alone
+    gen = seeded_generator(seed + 1)  # local: the global RNG is left alone
     maps = []
     for _ in range(3):
         lin = torch.nn.utils.skip_init(torch.nn.Linear, 2, 2, bias=False)
@@ -118,6 +141,9 @@ def write_gallery(out_dir, *, full=False, seed=0, progress=None, dpi=None):
 
     Returns:
         The list of written paths.
+
+    Raises:
+        TypeError/ValueError: a bad ``seed`` or a ``progress`` that is not callable.
     """
     import numpy as np
     from matplotlib.figure import Figure
@@ -126,6 +152,9 @@ def write_gallery(out_dir, *, full=False, seed=0, progress=None, dpi=None):
     from .landscape import plot_energy_trace, simulate_and_plot_patterns
     from .sweep import norm_sweep, plot_norm_sweep
 
+    if exists(progress) and not callable(progress):
+        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
+    seeded_generator(seed)  # a bad seed fails before any drawing
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     grid_points = 200 if full else 80

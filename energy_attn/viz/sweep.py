@@ -47,10 +47,17 @@ def norm_sweep(dims, beta_scales, *, n_patterns=32, seed=0, dtype=torch.float32,
 
     Returns:
         numpy array ``[S, D]`` of norms (rows: scale factors, columns: dimensions).
+
+    Raises:
+        TypeError: non-integer ``dims``, a ``seed`` that is not an int, a ``dtype`` other than
+            float32/float64, a ``progress`` that is not callable.
+        ValueError: empty or non-positive ``dims``/``beta_scales``, ``n_patterns < 1``, a
+            ``seed`` outside ``[-2**63, 2**64)``.
     """
     import numpy as np
 
     from ..layers.attention import VanillaSoftmaxAttention
+    from .gallery import seeded_generator
 
     dims = _as_1d("dims", dims, integer=True)
     beta_scales = _as_1d("beta_scales", beta_scales, integer=False)
@@ -59,7 +66,9 @@ def norm_sweep(dims, beta_scales, *, n_patterns=32, seed=0, dtype=torch.float32,
         raise ValueError(f"n_patterns must be an int >= 1, got {n_patterns!r}")
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    gen = torch.Generator().manual_seed(seed)
+    if exists(progress) and not callable(progress):
+        raise TypeError(f"progress must be callable, got {type(progress).__name__}")
+    gen = seeded_generator(seed)
     norms = np.zeros((len(beta_scales), len(dims)))
     # bare_attn uses no projection weights and checks no pattern size: one 1-wide module serves
     # every d_k. Its unused weights are drawn from a forked RNG: the global one is left alone.
@@ -93,6 +102,11 @@ def plot_norm_sweep(dims, beta_scales, norms=None, ax=None, *, levels=None, titl
     Returns:
         ``(fig, ax)``. Horizontal red line: the transformer default ``β = 1/√d_k``; vertical red
         lines: ``d_k = 2`` (flatland) and ``d_k = 512`` (the blog's high-dimensional check).
+
+    Raises:
+        TypeError/ValueError: as :func:`norm_sweep` for the axes; ``norms`` not of shape
+            ``[S, D]``; fewer than 2 dims or scales; ``levels`` not at least 2 increasing
+            positive finite values; ``sweep_kwargs`` together with ``norms``.
     """
     require_matplotlib()
     import numpy as np
@@ -110,7 +124,12 @@ def plot_norm_sweep(dims, beta_scales, norms=None, ax=None, *, levels=None, titl
                          f"{(len(scales_arr), len(dims_arr))}, got {norms.shape}")
     if len(dims_arr) < 2 or len(scales_arr) < 2:
         raise ValueError("a contour plot needs at least 2 dims and 2 beta_scales")
-    levels = np.logspace(-8, 2, 11) if levels is None else np.asarray(levels, dtype=np.float64)
+    if levels is None:
+        levels = np.logspace(-8, 2, 11)
+    else:
+        levels = _as_1d("levels", levels, integer=False).astype(np.float64)
+        if len(levels) < 2 or np.any(np.diff(levels) <= 0):
+            raise ValueError(f"levels must hold at least 2 increasing values, got {levels}")
     masked = np.ma.masked_where(~(norms > 0), norms)  # zeros (and NaN) have no log: blank
     fig, ax = new_axes(ax, figsize=(8.0, 6.0))
     contour = ax.contourf(

@@ -162,6 +162,31 @@ def test_rejects_bad_input(state, context, kwargs, error, match):
                                    **{"grid_points": 5, **kwargs})
 
 
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [  # these used to fail inside torch, naming no argument (n_state=0 drew empty patterns)
+        ({"n_state": 0}, ValueError, "n_state must be >= 1"),
+        ({"n_stored": 1.5}, TypeError, "n_stored must be a positive int"),
+        ({"dtype": torch.int64}, TypeError, "dtype must be a floating-point"),
+        ({"seed": 2**64}, ValueError, "seed must lie in"),
+        ({"seed": None}, TypeError, "seed must be an int"),
+    ],
+)
+def test_toy_patterns_rejects_bad_input(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        toy_patterns(**kwargs)
+
+
+def test_write_gallery_rejects_bad_seed_and_progress_before_writing(tmp_path):
+    from energy_attn.viz import write_gallery
+
+    with pytest.raises(TypeError, match="progress must be callable"):
+        write_gallery(tmp_path / "a", progress=3)
+    with pytest.raises(ValueError, match="seed must lie in"):
+        write_gallery(tmp_path / "b", seed=-(2**63) - 1)
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_rejects_non_callable_energy_and_mismatched_axes():
     import matplotlib.pyplot as plt
 

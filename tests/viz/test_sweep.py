@@ -82,6 +82,16 @@ def test_plot_norm_sweep_takes_precomputed_norms():
         ([2, 4], [1.0, 2.0], {"norms": np.ones((2, 2)), "seed": 1}, TypeError, "only apply"),
         ([2, 4], [1.0, 2.0], {"n_patterns": 0}, ValueError, "n_patterns"),
         ([2, 4], [1.0, 2.0], {"dtype": torch.float16}, TypeError, "dtype"),
+        # these used to fail inside torch or matplotlib, naming no argument
+        ([2, 4], [1.0, 2.0], {"seed": 2**70}, ValueError, r"seed must lie in"),
+        ([2, 4], [1.0, 2.0], {"seed": "0"}, TypeError, "seed must be an int"),
+        ([2, 4], [1.0, 2.0], {"progress": 3}, TypeError, "progress must be callable"),
+        ([2, 4], [1.0, 2.0], {"norms": np.ones((2, 2)), "levels": [-1.0, 1.0]}, ValueError,
+         "levels must hold finite positive"),
+        ([2, 4], [1.0, 2.0], {"norms": np.ones((2, 2)), "levels": [1.0, 0.1, 10.0]},
+         ValueError, "levels must hold at least 2 increasing"),
+        ([2, 4], [1.0, 2.0], {"norms": np.ones((2, 2)), "levels": [1.0]}, ValueError,
+         "levels must hold at least 2 increasing"),
     ],
 )
 def test_plot_norm_sweep_rejects_bad_input(dims, scales, kwargs, error, match):
