@@ -35,15 +35,19 @@ def check_out_dir(path, name: str = "--out") -> None:
 
 
 def seed(text: str) -> int:
-    """argparse ``type`` of a ``--seed``: an int that ``torch.manual_seed`` takes, in
-    ``[-2**63, 2**64)``; anything else is a usage error (exit 2) naming the value."""
+    """argparse ``type`` of a ``--seed``: an int that ``torch.manual_seed`` takes (checked by
+    :func:`energy_attn.viz.gallery.seeded_generator`); anything else is a usage error (exit 2)
+    naming the value."""
+    from .viz.gallery import seeded_generator
+
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if not -(2**63) <= value < 2**64:
-        raise argparse.ArgumentTypeError(f"{value} is out of range: a seed lies in "
-                                         "[-2**63, 2**64)")
+    try:
+        seeded_generator(value, name="the seed")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return value
 
 
