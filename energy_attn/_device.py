@@ -16,13 +16,17 @@ def check_device(device, *, name: str = "device", available: bool = True) -> tor
             CUDA index in range).
 
     Raises:
-        ValueError: not a device string (e.g. ``"gpu"``), or not available here.
+        ValueError: not a device string (e.g. ``"gpu"``), the ``meta`` device (no values to
+            compute with), or not available here.
     """
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as err:
         raise ValueError(f"{name} {device!r} is not a torch device; use cpu, cuda, cuda:N or "
                          "mps") from err
+    if dev.type == "meta":
+        raise ValueError(f"{name} {device!r} holds shapes, not values: nothing can run on it; "
+                         "use cpu, cuda, cuda:N or mps")
     if available:
         if dev.type == "cuda":
             if not torch.cuda.is_available():

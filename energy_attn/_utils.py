@@ -87,6 +87,19 @@ def check_positive_int(name: str, value) -> int:
     return int(value)
 
 
+def check_seed(name: str, seed) -> int:
+    """A random seed ``torch.manual_seed`` takes: an int in ``[-2**63, 2**64)``.
+
+    Raises:
+        TypeError: not an int. ValueError: outside that range.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
+    if not -(2**63) <= seed < 2**64:
+        raise ValueError(f"{name} must lie in [-2**63, 2**64), got {seed}")
+    return int(seed)
+
+
 def check_module_input(module: torch.nn.Module, **tensors) -> None:
     """Each given tensor lives on the device of ``module``'s parameters and has their dtype (the
     layer computes with them), or, under ``torch.autocast``, is a 16-bit input to a float32

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -22,33 +23,46 @@ COMMAND_MODULES = [
 
 
 def check_out_dir(path, name: str = "--out") -> None:
-    """``path`` can be (or already is) a directory: ValueError naming ``name`` if it, or the
-    nearest of its parents that exists, is a file. Subcommands call it before any work."""
+    """``path`` is, or can be made, a directory this process writes into: ValueError naming
+    ``name`` if it, or the nearest of its parents that exists, is a file, or it cannot be
+    created or written. Subcommands call it before any work; it leaves nothing behind (the
+    folders it creates to find out are removed again)."""
     path = Path(path)
+    missing = []
     for p in (path, *path.parents):
         if p.exists():
             if not p.is_dir():
                 where = "" if p == path else f": {str(p)!r}"
                 raise ValueError(f"{name} {str(path)!r}{where} is a file, not a directory; "
                                  "choose another path")
-            return
+            break
+        missing.append(p)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"{name} {str(path)!r} cannot be created ({err.strerror or err}); "
+                         "choose another path") from None
+    writable = os.access(path, os.W_OK | os.X_OK)
+    for p in missing:  # deepest first
+        p.rmdir()
+    if not writable:
+        raise ValueError(f"{name} {str(path)!r} is not writable; choose another path")
 
 
 def seed(text: str) -> int:
     """argparse ``type`` of a ``--seed``: an int that ``torch.manual_seed`` takes (checked by
-    :func:`energy_attn.viz.gallery.seeded_generator`); anything else is a usage error (exit 2)
-    naming the value."""
-    from .viz.gallery import seeded_generator
+    :func:`energy_attn._utils.check_seed`); anything else is a usage error (exit 2) naming the
+    value."""
+    from ._utils import check_seed
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     try:
-        seeded_generator(value, name="the seed")
+        return check_seed("the seed", value)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err)) from None
-    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

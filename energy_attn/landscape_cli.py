@@ -41,6 +41,8 @@ def _run(args) -> int:
 
 
 def add_parser(subparsers) -> None:
+    from .cli import seed
+
     p = subparsers.add_parser(
         "landscape", help="write the blog's energy landscapes and norm sweep as PNG files",
         description="Flatland energy landscapes with descent trajectories (big/small/many "
@@ -51,5 +53,5 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     p.add_argument("--full", action="store_true",
                    help="the blog's resolution (slower); default: quick mode")
-    p.add_argument("--seed", type=int, default=0, help="seed of the toy patterns (default 0)")
+    p.add_argument("--seed", type=seed, default=0, help="seed of the toy patterns (default 0)")
     p.set_defaults(func=_run)

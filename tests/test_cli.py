@@ -74,3 +74,29 @@ def test_console_script_and_bad_args():
     assert res.returncode == 2 and "--dtype" in res.stderr
     res = subprocess.run([sys.executable, "-m", "energy_attn.cli"], capture_output=True, text=True)
     assert res.returncode == 2 and "check" in res.stdout
+
+
+BAD_SEED = "99999999999999999999"  # past 2**64: torch.manual_seed's range
+
+
+@pytest.mark.parametrize("argv, names", [
+    (["landscape", "--out", "OUT", "--seed", BAD_SEED], "--seed"),
+    (["train", "--out", "OUT", "--steps", "1", "--seed", BAD_SEED], "seed"),
+    (["compare", "--out", "OUT", "--steps", "1", "--seeds", f"0,{BAD_SEED}"], "--seeds"),
+    (["check", "--device", "meta"], "--device 'meta'"),
+    (["train", "--out", "OUT", "--steps", "1", "--device", "meta"], "device 'meta'"),
+    (["landscape", "--out", "/proc/energy-attn-test/figs"], "--out"),
+    (["train", "--steps", "1", "--out", "/proc/energy-attn-test/run"], "--out"),
+])
+def test_bad_values_are_one_line_errors_with_exit_2_before_any_work(argv, names, tmp_path,
+                                                                      capsys):
+    # /proc accepts no new directories: --out cannot be created there (as root too)
+    out = tmp_path / "out"
+    argv = [str(out) if a == "OUT" else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:  # argparse's usage errors
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and names in err and "Traceback" not in err, err
+    assert not out.exists(), "nothing is written for a refused command"

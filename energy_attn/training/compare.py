@@ -296,6 +296,7 @@ def write_summary(logs, rows, out: Path, target=None, command=None, plot=True):
 
 
 def _run(args) -> int:
+    from .._utils import check_seed
     from ..cli import check_out_dir
     from .corpus import CorpusError
     from .loop import TrainConfig
@@ -304,11 +305,14 @@ def _run(args) -> int:
     try:
         base = config_from_args(args)
         variants = parse_grid(args.grid, TrainConfig)
-        try:
-            seeds = [int(s) for s in args.seeds.split(",")]
-        except ValueError:
-            raise ValueError(f"--seeds must be comma-separated integers, got {args.seeds!r}"
-                             ) from None
+        seeds = []
+        for text in args.seeds.split(","):
+            try:
+                value = int(text)
+            except ValueError:
+                raise ValueError(f"--seeds must be comma-separated integers, got "
+                                 f"{args.seeds!r}") from None
+            seeds.append(check_seed("--seeds", value))
         out = Path(getattr(args, "out", None) or "compare-out")
         check_out_dir(out)
         base = replace(base, out=None)

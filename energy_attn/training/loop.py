@@ -51,6 +51,7 @@ import torch.distributed as dist
 
 from .._device import check_device
 from .._progress import StatusLine, bar
+from .._utils import check_seed
 from ..optim.attention_informed import AttentionInformedAdam, energy_modules
 from .corpus import load_corpus
 
@@ -138,6 +139,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_device(self.device, available=False)
+        check_seed("seed", self.seed)
         for name in ("steps", "batch", "eval_interval", "eval_batches", "context"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -7,12 +7,11 @@ needs no display.
 
 from __future__ import annotations
 
-import numbers
 from pathlib import Path
 
 import torch
 
-from .._utils import check_positive_int, exists
+from .._utils import check_positive_int, check_seed, exists
 
 D2 = 2**-0.5  # the transformer default scale 1/√d for d = 2
 
@@ -23,11 +22,7 @@ def seeded_generator(seed, name: str = "seed") -> torch.Generator:
     Raises:
         TypeError: ``seed`` is not an int. ValueError: outside ``[-2**63, 2**64)``.
     """
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be an int, got {type(seed).__name__}")
-    if not -(2**63) <= seed < 2**64:
-        raise ValueError(f"{name} must lie in [-2**63, 2**64), got {seed}")
-    return torch.Generator().manual_seed(int(seed))
+    return torch.Generator().manual_seed(check_seed(name, seed))
 
 
 def toy_patterns(seed=0, n_state=16, n_stored=32, dtype=torch.float32):
