@@ -228,9 +228,7 @@ def _check_lr(lr):
     if lr.numel() != 1:
         raise ValueError(f"lr must be a number or a one-element tensor, got shape "
                          f"{tuple(lr.shape)}")
-    value = float(lr)  # once, at construction
-    if not (math.isfinite(value) and value >= 0):
-        raise ValueError(f"lr must be finite and >= 0, got {value}")
+    _check_non_negative("lr", float(lr))  # its value, read once at construction
     return lr
 
 
