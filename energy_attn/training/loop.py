@@ -193,7 +193,10 @@ def lr_at(cfg: TrainConfig, step: int) -> float:
 
 def get_batch(data: torch.Tensor, cfg: TrainConfig, step: int, rank: int, device):
     """``batch`` random windows for ``(seed, step, rank)``: ``x, y`` long ``[batch, context]``."""
-    gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)
+    # modulo 2**64: every seed TrainConfig accepts gives a generator seed (negative ones wrap
+    # the same way in torch, so the seeds that fitted already keep their batches)
+    key = ((cfg.seed * 1_000_003 + step) * 1_009 + rank) % 2**64
+    gen = torch.Generator().manual_seed(key)
     starts = torch.randint(0, data.numel() - cfg.context, (cfg.batch,), generator=gen)
     return _windows(data, starts, cfg.context, device)
 

@@ -214,3 +214,19 @@ def test_config_rejects_out_of_range_optimizer_settings(field, value, tmp_path, 
     assert main(["train", flag, str(value), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert f"error: {field} must" in err and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("seed", [-(2**63), -1, 0, 10**13, 2**64 - 1])
+def test_every_accepted_seed_draws_batches(seed):
+    # a seed above ~9e9 (or below -9e9) overflowed the generator seed of get_batch: the run
+    # failed at its first step with "Overflow when unpacking long long"
+    from energy_attn.training.loop import get_batch
+
+    data = torch.arange(100, dtype=torch.uint8)
+    cfg = TrainConfig(seed=seed, context=8, batch=3)
+    x, y = get_batch(data, cfg, 7, 1, "cpu")
+    assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1])
+    assert int(x[:, 0].max()) <= 100 - 9  # the window ends inside the data
+    if seed in (-1, 0):  # the seeds that worked before keep their batches
+        gen = torch.Generator().manual_seed((seed * 1_000_003 + 7) * 1_009 + 1)
+        assert torch.equal(x[:, 0], torch.randint(0, 92, (3,), generator=gen).to(x.dtype))
