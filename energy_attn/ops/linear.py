@@ -13,12 +13,18 @@ Two evaluations of the same sum:
 
 ``form="auto"`` uses ``recurrent`` for the non-causal ungated case without a mask (one matmul
 pair) and ``quadratic`` otherwise.
+
+Both run in float32 for 16-bit inputs (float64 stays float64; also under ``torch.autocast``)
+and round once, at the output: the unscaled sums and the scan's state overflow float16 (to
+``inf``, and ``inf · 0`` = NaN where a weight is 0) long before the output does, and a
+16-bit scan state gains one rounding per token.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .._moments import acc_dtype, no_autocast
 from .._utils import check_bool_mask, check_finite_number, check_float_tensor, check_same_device
 from ..energies.linear import linear_weights
 
@@ -64,7 +70,15 @@ def linear_attention(q, k, v, *, scale: float = 1.0, causal: bool = False, gates
         mask: boolean, broadcastable to ``[B, H, N, M]``, True = may attend (quadratic form).
         form: ``"auto" | "quadratic" | "recurrent"``.
 
-    Returns ``[B, H, N, Dv]``. Fully masked rows give 0.
+    Returns ``[B, H, N, Dv]`` in ``q``'s dtype (accumulated in float32). Fully masked rows
+    give 0.
+
+    Raises:
+        TypeError: a non-float ``q``/``k``/``v``/``gates``, ``q``/``k``/``v`` of different
+            dtypes, a non-boolean ``mask``, a non-bool ``causal``, a non-number ``scale``.
+        ValueError: shapes as above violated, ``causal`` or ``gates`` with ``N != M``, inputs
+            on different devices, a non-finite or non-positive ``scale``, an unknown ``form``,
+            a ``mask`` with ``form="recurrent"``.
     """
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_float_tensor(name, t, ndim=4)
@@ -94,8 +108,14 @@ def linear_attention(q, k, v, *, scale: float = 1.0, causal: bool = False, gates
         raise ValueError("form='recurrent' takes no mask (use causal/gates, or form='quadratic')")
     if form == "auto":
         form = "recurrent" if not causal and gates is None and mask is None else "quadratic"
-    if form == "recurrent":
-        return _recurrent(q, k, v, scale, causal, gates)
-    w = linear_weights(N, M, mask, causal, gates, q.dtype, q.device)
-    s = q @ k.transpose(-1, -2)  # [B, H, N, M]
-    return scale * ((s if w is None else s * w) @ v)
+    dt = acc_dtype(q)
+    qa, ka, va = q.to(dt), k.to(dt), v.to(dt)
+    gates = None if gates is None else gates.to(dt)
+    with no_autocast(qa):  # autocast would run the products in 16 bits again
+        if form == "recurrent":
+            out = _recurrent(qa, ka, va, scale, causal, gates)
+        else:
+            w = linear_weights(N, M, mask, causal, gates, dt, q.device)
+            s = qa @ ka.transpose(-1, -2)  # [B, H, N, M]
+            out = scale * ((s if w is None else s * w) @ va)
+    return out.to(q.dtype)

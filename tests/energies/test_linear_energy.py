@@ -204,3 +204,33 @@ def test_no_tokens_give_an_empty_output(form):
     assert out.shape == (2, 2, 0, 4)
     with pytest.raises(ValueError, match="scale"):
         LinearAttention(8, 2, scale=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal, gated", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("form", ["quadratic", "recurrent"])
+def test_16_bit_inputs_are_rounded_once_at_the_output(dtype, causal, gated, form):
+    """The sums ran in 16 bits: in float16 the unscaled ``(QKᵀ) V`` overflowed to inf though
+    the scaled output fits, and a bfloat16 causal scan was 4x less accurate than rounding the
+    exact output (its state gained one rounding per token)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (30 * torch.randn(1, 2, 64, 16, generator=g) for _ in range(2))
+    v = torch.randn(1, 2, 64, 16, generator=g)
+    gates = 0.8 + 0.2 * torch.rand(1, 2, 64, generator=g) if gated else None
+    low = [None if t is None else t.to(dtype) for t in (q, k, v, gates)]
+    exact = linear_attention(*(t.double() for t in low[:3]), scale=0.25, causal=causal,
+                             gates=None if gates is None else low[3].double(), form=form)
+    got = linear_attention(*low[:3], scale=0.25, causal=causal, gates=low[3], form=form)
+    assert got.dtype == dtype
+    rounding = (exact.to(dtype).double() - exact).abs().max()
+    assert (got.double() - exact).abs().max() <= 1.5 * rounding
+
+
+def test_linear_attention_accumulates_in_float32_under_autocast():
+    q, k, v = (t.float() + 3 for t in qkv(B=1, H=1, N=8))
+    for form in ("quadratic", "recurrent"):
+        want = linear_attention(q, k, v, causal=True, form=form)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = linear_attention(q, k, v, causal=True, form=form)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want)
