@@ -39,6 +39,7 @@ import gc
 import importlib
 import json
 import math
+import numbers
 import os
 import platform
 import sys
@@ -78,7 +79,8 @@ class TrainConfig:
     Attributes:
         data: corpus file or folder (None: the standard library's ``.py`` files).
         out: output folder for ``log.json``, ``log.csv``, ``loss.png``, ``ckpt.pt`` (None: no
-            files).
+            files). ``data`` and ``out`` may be given as ``os.PathLike``; both are kept as
+            ``str``.
         block, attention: GPT block variant and attention kind (:class:`GPTConfig`).
         attn_steps, attn_step_size: energy attention's total steps ``T`` (``T − 1`` Hopfield
             descent steps, then the value read-out) and step size ``η``; unused by softmax.
@@ -92,12 +94,21 @@ class TrainConfig:
         eval_interval, eval_batches: validation every ``eval_interval`` steps over
             ``eval_batches`` batches; ``ckpt_interval`` checkpoints (0: with each validation).
         stability_batch: sequences in the fixed attention-stability batch (0: off).
-        seed, device, amp: random seed, torch device, fp16 autocast + GradScaler (CUDA only).
+        seed, device, amp: random seed, torch device (a ``torch.device`` is kept as its
+            ``str``), fp16 autocast + GradScaler (CUDA only).
         val_fraction: validation share of the corpus.
         log_interval: progress-line interval in steps when stderr is not a terminal.
         threads: CPU threads for this run (``torch.set_num_threads``; 0: torch's default,
             e.g. from ``OMP_NUM_THREADS``); at most ``os.cpu_count()`` (checked by
             :func:`check_config`).
+
+    Integer fields take any integral number, float fields any real number (numpy scalars
+    included); they are kept as Python ``int``/``float``, so the log and checkpoint hold
+    plain values.
+
+    Raises:
+        TypeError: a field of the wrong type (e.g. ``steps=2.5``, ``lr="3e-3"``), naming it.
+        ValueError: a value out of its range, naming the field.
     """
 
     data: str | None = None
@@ -135,6 +146,7 @@ class TrainConfig:
     threads: int = 0
 
     def __post_init__(self):
+        self._plain_types()
         for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -156,6 +168,33 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+
+    def _plain_types(self):
+        """Each field as the plain type of its annotation, which the log (JSON) and the
+        checkpoint (``weights_only`` load) can hold: paths and a ``torch.device`` become
+        ``str``, numpy scalars ``int``/``float``. TypeError naming the field otherwise."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "str | None":  # data, out: a path
+                if value is not None and not isinstance(value, (str, os.PathLike)):
+                    raise TypeError(f"{f.name} must be a path (str or os.PathLike) or None, "
+                                    f"got {type(value).__name__}")
+                value = None if value is None else os.fspath(value)
+            elif f.type == "str":
+                if f.name == "device" and isinstance(value, torch.device):
+                    value = str(value)
+                if not isinstance(value, str):
+                    raise TypeError(f"{f.name} must be a str, got {type(value).__name__}")
+            elif f.type == "bool":
+                if not isinstance(value, bool):
+                    raise TypeError(f"{f.name} must be a bool, got {type(value).__name__}")
+            elif f.type in ("int", "float"):  # bools are neither here
+                kind = numbers.Integral if f.type == "int" else numbers.Real
+                if isinstance(value, bool) or not isinstance(value, kind):
+                    raise TypeError(f"{f.name} must be a{'n' * (f.type == 'int')} {f.type}, "
+                                    f"got {value!r}")
+                value = int(value) if f.type == "int" else float(value)
+            setattr(self, f.name, value)
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:

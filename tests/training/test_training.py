@@ -230,3 +230,23 @@ def test_every_accepted_seed_draws_batches(seed):
     if seed in (-1, 0):  # the seeds that worked before keep their batches
         gen = torch.Generator().manual_seed((seed * 1_000_003 + 7) * 1_009 + 1)
         assert torch.equal(x[:, 0], torch.randint(0, 92, (3,), generator=gen).to(x.dtype))
+
+
+def test_config_keeps_plain_values_and_names_a_field_of_the_wrong_type(text_file, tmp_path):
+    # data/out as pathlib.Path trained every step, then failed writing log.json ("PosixPath is
+    # not JSON serializable"), and the checkpoint could not be loaded to resume
+    # (weights_only); numpy scalars broke log.json the same way; steps=2.5 ran 3 steps
+    # without the final validation; batch=2.0 failed inside torch.linspace.
+    np = pytest.importorskip("numpy")
+    cfg = tiny(text_file, data=text_file, out=tmp_path / "run", device=torch.device("cpu"),
+               steps=np.int64(2), eval_interval=2, lr=np.float32(0.5), warmup=0)
+    assert (cfg.data, cfg.out, cfg.device) == (str(text_file), str(tmp_path / "run"), "cpu")
+    assert type(cfg.steps) is int and type(cfg.lr) is float and cfg.lr == 0.5
+    train(cfg, stop_at=1, progress=False)
+    log = train(cfg, resume=True, progress=False)
+    assert log["summary"]["steps"] == 2
+    assert json.loads((tmp_path / "run" / "log.json").read_text())["config"]["out"] == cfg.out
+    for field, value in (("steps", 2.5), ("batch", 2.0), ("warmup", True), ("lr", "3e-3"),
+                         ("amp", 1), ("block", None), ("data", 3), ("device", 0)):
+        with pytest.raises(TypeError, match=field):
+            TrainConfig(**{field: value})
