@@ -22,15 +22,25 @@ import torch
 
 from .. import masks
 from .._moments import acc_dtype, centred, key_rows, no_autocast
-from .._utils import broadcasts_to, check_finite_number, check_float_tensor, exists
+from .._utils import (
+    broadcasts_to,
+    check_finite_number,
+    check_float_tensor,
+    check_same_device,
+    exists,
+)
 
 
 def _resolve_scale(state, stored, scale):
-    """Check that the patterns are tensors sharing the pattern size ``d``; return ``β``
-    (``d ** -0.5`` when ``scale`` is None, as everywhere in the package)."""
+    """Check that the patterns are float tensors ``[..., n, d]``, ``[..., m, d]`` on one device
+    sharing the pattern size ``d``; return ``β`` (``d ** -0.5`` when ``scale`` is None, as
+    everywhere in the package)."""
     for name, t in (("state_patterns", state), ("stored_patterns", stored)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        check_float_tensor(name, t)
+        if t.dim() < 2:
+            raise ValueError(f"{name} must have shape [..., n, d] (at least 2 dimensions), got "
+                             f"{tuple(t.shape)}")
+    check_same_device(state_patterns=state, stored_patterns=stored)
     if state.shape[-1] != stored.shape[-1]:
         raise ValueError(
             f"state_patterns and stored_patterns must share the last (pattern) dimension d, got "
@@ -41,26 +51,42 @@ def _resolve_scale(state, stored, scale):
     return check_finite_number("scale", scale, positive=True, allow_tensor=True)
 
 
+def _check_masks(state, stored, mask, key_bias):
+    """``mask`` (a tensor) broadcasts to ``[..., n, m]`` and ``key_bias`` to ``[..., m]``, on
+    the patterns' device (ValueError/TypeError naming the argument)."""
+    if not (isinstance(mask, torch.Tensor) or exists(key_bias)):
+        return
+    try:
+        batch = torch.broadcast_shapes(state.shape[:-2], stored.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"state_patterns {tuple(state.shape)} and stored_patterns "
+                         f"{tuple(stored.shape)} have batch dims that do not broadcast")
+    n, m = state.shape[-2], stored.shape[-2]
+    if isinstance(mask, torch.Tensor):
+        masks.check("mask", mask, (*batch, n, m))
+    if exists(key_bias):
+        check_float_tensor("key_bias", key_bias)
+        if not broadcasts_to(key_bias.shape, (*batch, m)):
+            raise ValueError(f"key_bias of shape {tuple(key_bias.shape)} is not "
+                             f"broadcastable to [..., m] = {(*batch, m)}")
+    check_same_device(state_patterns=state, mask=mask, key_bias=key_bias)
+
+
+def _allowed(mask, n, m, device):
+    """The boolean ``[..., n, m]`` mask (True = may attend) of any mask, or None."""
+    if mask is None:
+        return None
+    allowed = masks.full_allowed(masks.as_masks(mask), n, m, device)
+    return None if allowed is None else allowed.expand(*allowed.shape[:-2], n, m)
+
+
 def _logits(state, stored, scale, mask=None, key_bias=None):
     """Masked logits ``β ξ·k + b`` in the accumulation dtype and the row-validity mask.
 
     Fully masked rows get all-zero logits (so softmax/lse stay finite) and ``valid = False``;
     callers zero their read-out and potential.
     """
-    if isinstance(mask, torch.Tensor) or exists(key_bias):
-        try:
-            batch = torch.broadcast_shapes(state.shape[:-2], stored.shape[:-2])
-        except RuntimeError:
-            raise ValueError(f"state_patterns {tuple(state.shape)} and stored_patterns "
-                             f"{tuple(stored.shape)} have batch dims that do not broadcast")
-        n, m = state.shape[-2], stored.shape[-2]
-        if isinstance(mask, torch.Tensor):
-            masks.check("mask", mask, (*batch, n, m))
-        if exists(key_bias):
-            check_float_tensor("key_bias", key_bias)
-            if not broadcasts_to(key_bias.shape, (*batch, m)):
-                raise ValueError(f"key_bias of shape {tuple(key_bias.shape)} is not "
-                                 f"broadcastable to [..., m] = {(*batch, m)}")
+    _check_masks(state, stored, mask, key_bias)
     dt = acc_dtype(state, stored)
     with no_autocast(state):  # autocast would run the einsum in 16 bits again
         logits = torch.einsum("...id,...jd->...ij", state.to(dt), stored.to(dt)) * scale
@@ -187,8 +213,7 @@ def hopfield_newton_direction(
     if kind not in ("2nd1st", "light"):
         raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
-    allowed = None if mask is None else masks.full_allowed(masks.as_masks(mask),
-                                                             *logits.shape[-2:], logits.device)
+    allowed = _allowed(mask, *logits.shape[-2:], logits.device)
     kc, c = centred(stored_patterns.to(logits.dtype), *key_rows(allowed))
     return _newton_direction(state_patterns, logits, valid, kc, c, scale, kind)
 

@@ -141,3 +141,35 @@ def test_bad_arguments_are_named(kw, exc, match):
     for fn in (hopfield_energy, hopfield_energy_grad, hopfield_newton_direction):
         with pytest.raises(exc, match=match):
             fn(xi, k, **kw)
+
+
+@pytest.mark.parametrize(
+    "args, exc, match",
+    [
+        ((torch.randn(4, dtype=f64), torch.randn(7, 4, dtype=f64)), ValueError, "state_patterns"),
+        ((torch.randn(5, 4, dtype=f64), torch.ones(7, 4, dtype=torch.long)), TypeError,
+         "stored_patterns"),
+        ((torch.randn(5, 4, dtype=f64), torch.randn(7, 4, dtype=f64, device="meta")),
+         ValueError, "stored_patterns"),
+        ((torch.randn(5, 4, dtype=f64), torch.randn(7, 4, dtype=f64), None,
+          torch.ones(5, 7, dtype=torch.bool, device="meta")), ValueError, "mask"),
+    ],
+)
+def test_bad_patterns_are_named(args, exc, match):
+    """A 1-D pattern, an integer one or one on another device failed deep inside einsum (a
+    RuntimeError or IndexError), or was silently accepted."""
+    for fn in (hopfield_energy, hopfield_energy_grad, hopfield_newton_direction,
+               elastic_energy, elastic_energy_grad):
+        with pytest.raises(exc, match=match):
+            fn(*args)
+
+
+@pytest.mark.parametrize("kind", ["2nd1st", "light"])
+def test_newton_direction_takes_a_per_key_mask(kind):
+    """A mask ``[m]`` broadcasts to ``[..., n, m]`` as documented; the Newton direction raised
+    an IndexError on it."""
+    xi, k = _data()
+    pad = torch.tensor([True] * 5 + [False] * 2)
+    got = hopfield_newton_direction(xi, k, mask=pad, kind=kind)
+    torch.testing.assert_close(got, hopfield_newton_direction(xi, k, mask=pad.expand(2, 5, 7),
+                                                              kind=kind))
