@@ -177,10 +177,15 @@ def zero_unseen_keys(m: Masks, k: torch.Tensor) -> torch.Tensor:
     A blocked key gets probability 0, but ``0 · inf`` is NaN: without this, ``inf`` or NaN
     behind a key padding mask reached every output through the read-out ``P K``. ``m.allowed``
     broadcasts to ``[B, H, N, M]``; keys blocked for some queries only are left as they are.
+    Causality counts: a key that ``m.allowed`` leaves only to earlier queries is unseen too.
     """
     if m.allowed is None:
         return k
     allowed = m.allowed.reshape((1,) * (4 - m.allowed.dim()) + tuple(m.allowed.shape))
+    if m.is_causal and allowed.shape[-2] > 1:
+        # Query i sees key j only if j <= i. (A mask with one query row broadcasts to every
+        # query, and query j sees key j since N == M: causality then hides no key.)
+        allowed = allowed & causal(allowed.shape[-2], k.shape[-2], allowed.device)
     used = allowed.any(dim=-2)  # [B|1, H|1, M]
     if used.shape[-2] not in (1, k.shape[1]):  # grouped heads: used by any head of the group
         used = used.unflatten(-2, (k.shape[1], -1)).any(dim=-2)

@@ -298,6 +298,36 @@ def test_non_finite_keys_behind_a_key_padding_mask_are_never_seen(optimizer, rho
             hopfield_fixed_point(q.detach(), clean, mask=pad, num_steps=20, step_size=0.7))
 
 
+@pytest.mark.parametrize("optimizer,rho", OPTS)
+def test_keys_that_causality_and_a_mask_together_hide_are_never_seen(optimizer, rho):
+    """A key the mask leaves only to earlier queries is blocked for every query once causality
+    is folded in: inf there reaches no output and no gradient (it made every row NaN)."""
+    q, k = data(B=1, H=2, Hk=1, N=4, M=4, D=3)
+    mask = torch.ones(4, 4, dtype=torch.bool)
+    mask[2:, 2] = False  # key 2: only queries 0 and 1 may attend it, which causality blocks
+    clean = k.detach().clone().requires_grad_()
+    dirty = k.detach().clone()
+    dirty[..., 2, :] = float("inf")
+    dirty.requires_grad_()
+    backends = ["reference"] + (["autograd"] if optimizer != "newton_light" else [])
+    for backend in backends:
+        kw = dict(mask=mask, is_causal=True, num_steps=2, step_size=0.7, optimizer=optimizer,
+                  momentum=rho, backend=backend)
+        want = hopfield_descent(q, clean, **kw)
+        got = hopfield_descent(q, dirty, **kw)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        w = torch.randn_like(want)
+        g_want = torch.autograd.grad((want * w).sum(), (q, clean))
+        g_got = torch.autograd.grad((got * w).sum(), (q, dirty))
+        for a, b in zip(g_got, g_want):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if optimizer == "gd":
+        torch.testing.assert_close(
+            hopfield_fixed_point(q.detach(), dirty, mask=mask, is_causal=True, num_steps=5),
+            hopfield_fixed_point(q.detach(), clean, mask=mask, is_causal=True, num_steps=5),
+            rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("optimizer", ["newton_2nd1st", "newton_light"])
 def test_newton_steps_centre_the_keys_once_per_call_not_once_per_step(monkeypatch, optimizer):
     """The keys are fixed: their centring (and the explicit logits' mask) is per-call work
