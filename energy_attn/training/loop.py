@@ -407,9 +407,22 @@ def train(cfg: TrainConfig, *, corpus=None, resume: bool = False, stop_at: int |
             :data:`RESUME_FIXED` must match the checkpoint's (ValueError naming those that
             differ); the others may change, e.g. a larger ``steps`` extends the run.
         stop_at: stop (with a checkpoint) after this many steps, as if interrupted; the
-            schedule still runs to ``cfg.steps``.
+            schedule still runs to ``cfg.steps``. An int >= 1, and on a resume larger than
+            the checkpoint's step.
         progress: show the progress bar (rank 0 only).
+
+    Raises:
+        TypeError: ``stop_at`` is not an int (or None).
+        ValueError: a setting :func:`check_config` refuses, a corpus too small for
+            ``context``, ``stop_at < 1``, or a resume that the checkpoint does not allow
+            (a changed :data:`RESUME_FIXED` setting, ``steps`` or ``stop_at`` not past its
+            step).
     """
+    if stop_at is not None:
+        if isinstance(stop_at, bool) or not isinstance(stop_at, numbers.Integral):
+            raise TypeError(f"stop_at must be an int or None, got {stop_at!r}")
+        if stop_at < 1:
+            raise ValueError(f"stop_at must be >= 1 (steps to run before stopping), got {stop_at}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     check_config(cfg)
@@ -514,6 +527,10 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
         if ck["step"] > cfg.steps:
             raise ValueError(f"cannot resume {ckpt_path} at step {ck['step']} with "
                              f"steps={cfg.steps}: give --steps >= {ck['step']}")
+        if stop_at is not None and stop_at <= ck["step"]:
+            # nothing would run, and the validation made at that stop would be dropped
+            raise ValueError(f"cannot resume {ckpt_path} at step {ck['step']} with "
+                             f"stop_at={stop_at}: give --stop-at > {ck['step']} (or none)")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):

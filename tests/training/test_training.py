@@ -250,3 +250,26 @@ def test_config_keeps_plain_values_and_names_a_field_of_the_wrong_type(text_file
                          ("amp", 1), ("block", None), ("data", 3), ("device", 0)):
         with pytest.raises(TypeError, match=field):
             TrainConfig(**{field: value})
+
+
+def test_stop_at_must_be_past_the_start(text_file, tmp_path, capsys):
+    # --stop-at -2 (or 0) ran no step and wrote no checkpoint, so a later --resume started a
+    # new run from the defaults; a resume with --stop-at at or before the checkpoint's step
+    # ran nothing and dropped the validation at that step ("final validation loss (step 0)")
+    cfg = tiny(text_file, steps=6, eval_interval=4, out=str(tmp_path / "run"))
+    for stop_at in (0, -2):
+        with pytest.raises(ValueError, match="stop_at must be >= 1"):
+            train(cfg, stop_at=stop_at, progress=False)
+    with pytest.raises(TypeError, match="stop_at"):
+        train(cfg, stop_at=2.0, progress=False)
+    assert not (tmp_path / "run").exists()
+    train(cfg, stop_at=3, progress=False)
+    before = (tmp_path / "run" / "log.json").read_text()
+    for stop_at in (2, 3):
+        with pytest.raises(ValueError, match=f"stop_at={stop_at}: give --stop-at > 3"):
+            train(cfg, resume=True, stop_at=stop_at, progress=False)
+    assert (tmp_path / "run" / "log.json").read_text() == before  # the run is left alone
+    assert main(["train", "--out", str(tmp_path / "run"), "--resume", "--stop-at", "3"]) == 2
+    assert "give --stop-at > 3" in capsys.readouterr().err
+    log = train(cfg, resume=True, stop_at=5, progress=False)
+    assert [e["step"] for e in log["eval"]] == [0, 4, 5] and log["eval"][-1]["at_stop"]
