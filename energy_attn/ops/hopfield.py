@@ -81,6 +81,18 @@ def _check_inputs(q, k, scale, step_size, num_steps, mask, is_causal, key_bias, 
     return scale, step_size, num_steps, momentum
 
 
+def _canonical_masks(mask, is_causal, k):
+    """A validated user ``mask`` -> ``(Masks, k)`` with the keys no query may attend zeroed.
+
+    A mask of fewer than 4 dims (e.g. a ``[M]`` key mask) is laid out as ``[1, ..., M]``: SDPA
+    takes no 1-d mask.
+    """
+    if exists(mask) and mask.dim() < 4:
+        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    m = masks.from_user("mask", mask, is_causal=is_causal)
+    return m, masks.zero_unseen_keys(m, k)
+
+
 def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, momentum,
                return_energies, tol=0.0):
     """``m``: the canonical :class:`energy_attn.masks.Masks` (its bias acts in every step)."""
@@ -396,10 +408,7 @@ def hopfield_descent(
     scale, step_size, num_steps, momentum = _check_inputs(
         q, k, scale, step_size, num_steps, mask, is_causal, key_bias, optimizer, momentum, backend
     )
-    if exists(mask) and mask.dim() < 4:  # e.g. a [M] key mask: SDPA wants the 4-d layout
-        mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
-    m = masks.from_user("mask", mask, is_causal=is_causal)
-    k = masks.zero_unseen_keys(m, k)
+    m, k = _canonical_masks(mask, is_causal, k)
     anderson = check_solver(solver, anderson)
     tol = check_finite_number("tol", tol)
     if tol < 0:
@@ -485,6 +494,6 @@ def hopfield_fixed_point(
     anderson = check_num_steps(anderson, "anderson")
     if step_size == 0.0:
         raise ValueError("step_size must be nonzero for solver='fixed_point'")
-    m = masks.from_user("mask", mask, is_causal=is_causal)
-    return _hopfield_fixed_point(q, masks.zero_unseen_keys(m, k), scale, step_size, num_steps, m,
-                                 key_bias, anderson, return_residual)
+    m, k = _canonical_masks(mask, is_causal, k)
+    return _hopfield_fixed_point(q, k, scale, step_size, num_steps, m, key_bias, anderson,
+                                 return_residual)

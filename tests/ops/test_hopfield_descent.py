@@ -268,6 +268,8 @@ def test_masks_with_fewer_dims_broadcast_like_sdpa(shape):
     full = mask.reshape((1,) * (4 - mask.dim()) + shape).expand(2, 2, 7, 7)
     torch.testing.assert_close(hopfield_descent(q, k, mask=mask, num_steps=2, backend="reference"),
                                hopfield_descent(q, k, mask=full, num_steps=2, backend="reference"))
+    torch.testing.assert_close(hopfield_fixed_point(q, k, mask=mask, num_steps=3),
+                               hopfield_fixed_point(q, k, mask=full, num_steps=3))
 
 
 @pytest.mark.parametrize("optimizer,rho", OPTS)
