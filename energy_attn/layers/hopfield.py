@@ -271,12 +271,14 @@ class Hopfield(nn.Module):
             raise ValueError(f"update_steps_eps > 0 (hflayers' stopping rule) runs in PyTorch; "
                              f"pass update_steps_eps=0 to use backend={backend!r}")
         # per-head values, filled by reset_parameters (so a module built on the meta device
-        # gets them back after to_empty)
+        # gets them back after to_empty). The tolerances are kept as the int64 bits of their
+        # float64 values: `module.to(dtype)` casts floating buffers (1e-8 would become 0 in
+        # float16), never integer ones; `_eps_per_head.view(torch.float64)` reads them.
         if len(set(self._steps)) > 1:
             self.register_buffer("_steps_per_head", torch.empty(num_heads, dtype=torch.long),
                                  persistent=False)
         if len(set(eps)) > 1:
-            self.register_buffer("_eps_per_head", torch.empty(num_heads, dtype=torch.float64),
+            self.register_buffer("_eps_per_head", torch.empty(num_heads, dtype=torch.int64),
                                  persistent=False)
 
         dropout = check_finite_number("dropout", dropout)
@@ -354,7 +356,8 @@ class Hopfield(nn.Module):
                 self._steps_per_head.copy_(torch.tensor([-1 if t is None else t
                                                          for t in self._steps]))
             if exists(getattr(self, "_eps_per_head", None)):
-                self._eps_per_head.copy_(torch.tensor(self._eps, dtype=torch.float64))
+                self._eps_per_head.copy_(torch.tensor(self._eps, dtype=torch.float64)
+                                         .view(torch.int64))
         projections = [lin for lin in (self.q_proj, self.k_proj, self.v_proj) if exists(lin)]
         if self._in_proj_layout and projections:
             w = projections[0].weight
@@ -593,7 +596,7 @@ class Hopfield(nn.Module):
         H, beta = self.num_heads, self.scaling
         per_head_steps = getattr(self, "_steps_per_head", None)
         eps = getattr(self, "_eps_per_head", None)
-        eps = self._eps[0] if eps is None else eps.to(q.device)
+        eps = self._eps[0] if eps is None else eps.to(q.device).view(torch.float64)
         unbounded = None in self._steps
         limit = max(t for t in self._steps if t is not None) if not unbounded else None
 

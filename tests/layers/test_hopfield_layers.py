@@ -205,6 +205,18 @@ def test_tolerance_stop_is_hflayers_rule_masked_per_head():
     assert not torch.allclose(one(x), six(x))
 
 
+def test_per_head_tolerances_survive_a_dtype_cast():
+    # module.to(dtype) casts floating buffers: float16 would turn eps = 1e-8 into 0, so the
+    # heads would run past the step where their change fell below 1e-8
+    torch.manual_seed(0)
+    hop = Hopfield(8, num_heads=2, update_steps_max=8, scaling=2.0,
+                   update_steps_eps=torch.tensor([1e-8, 2e-8])).to(DT)
+    cast = copy.deepcopy(hop).half().to(DT)
+    cast.load_state_dict(hop.state_dict())  # the weights as before; the tolerances must be too
+    x = torch.randn(2, 5, 8, dtype=DT)
+    assert torch.equal(cast(x), hop(x))
+
+
 def test_static_patterns_and_batch_first_false():
     hop = Hopfield(4, num_heads=2, stored_pattern_as_static=True, state_pattern_as_static=True,
                    pattern_projection_as_static=True, normalize_stored_pattern=False,
