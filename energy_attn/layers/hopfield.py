@@ -71,6 +71,20 @@ def _per_head(name, value, num_heads):
     return (value,) * num_heads
 
 
+def _is_elementwise(fn):
+    """Whether ``fn(x)`` returns a tensor of ``x``'s shape and dtype (tried on the meta device:
+    no values computed; ``torch.softmax`` (needs ``dim``) or ``torch.sum`` fail it)."""
+    if not callable(fn):
+        return False
+    probe = torch.empty(2, 3, device="meta")
+    try:
+        out = fn(probe)
+    except Exception:
+        return False
+    return isinstance(out, torch.Tensor) and out.shape == probe.shape and \
+        out.dtype == probe.dtype
+
+
 def _check_size(name, size):
     if size is not None:
         size = check_num_steps(size, name)
@@ -122,8 +136,10 @@ class Hopfield(nn.Module):
             ``input_size``).
         batch_first: inputs and outputs are ``[batch, seq, feature]`` (else ``[seq, batch,
             feature]``).
-        association_activation: name of a ``torch`` function (e.g. ``"tanh"``, ``"relu"``)
-            applied to the output; a name ``torch`` lacks raises (hflayers ignores it silently).
+        association_activation: name of an elementwise ``torch`` function of one tensor (e.g.
+            ``"tanh"``, ``"relu"``) applied to the output. Any other name raises ``ValueError``:
+            one ``torch`` lacks (e.g. ``"gelu"``; hflayers ignores it silently) or one that needs
+            more arguments or changes the shape (``"softmax"``, ``"sum"``; hflayers calls it).
         dropout: dropout probability on the association matrix of the final read-out.
         input_bias: bias in the input projections and the output projection.
         concat_bias_pattern: append a learned stored pattern ``bias_k`` and projection ``bias_v``
@@ -289,9 +305,10 @@ class Hopfield(nn.Module):
         if association_activation is not None:
             fn = getattr(torch, association_activation, None) if isinstance(
                 association_activation, str) else None
-            if not callable(fn):
-                raise ValueError(f"association_activation must name a torch function (e.g. "
-                                 f"'tanh', 'relu'), got {association_activation!r}")
+            if not _is_elementwise(fn):
+                raise ValueError(f"association_activation must name an elementwise torch "
+                                 f"function of one tensor (e.g. 'tanh', 'relu'), got "
+                                 f"{association_activation!r}")
             self.association_activation = fn
 
         # -- parameters --

@@ -184,6 +184,10 @@ def test_shapes_and_parameter_counts_of_issue_15():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(association_activation="gelu"), "association_activation"),
+    # torch has them, but hflayers' call fails in forward (softmax needs dim) or returns a scalar
+    (dict(association_activation="softmax"), "association_activation"),
+    (dict(association_activation="sum"), "association_activation"),
+    (dict(association_activation="isnan"), "association_activation"),
     (dict(scaling=torch.tensor([0.5, 1.0])), "per head"),
     (dict(concat_bias_pattern=True, stored_pattern_as_static=True, stored_pattern_size=4),
      "concat_bias_pattern"),
