@@ -125,10 +125,13 @@ def hopfield_energy(state_patterns, stored_patterns, scale=None, mask=None, key_
         key_bias: optional per-key logit bias ``[..., m]`` (see :func:`elastic_energy`).
 
     Raises:
-        TypeError: a pattern argument is not a tensor; a mask neither boolean nor float; a
-            non-float ``key_bias``; a ``scale`` that is not a real number or float tensor.
-        ValueError: the two pattern sets differ in their last dimension ``d``; batch dims,
-            ``mask`` or ``key_bias`` do not broadcast; a non-finite or non-positive ``scale``.
+        TypeError: a pattern argument is not a floating-point tensor; a mask neither boolean
+            nor float; a non-float ``key_bias``; a ``scale`` that is not a real number or
+            float tensor.
+        ValueError: a pattern argument with fewer than 2 dimensions; the two pattern sets
+            differ in their last dimension ``d``; batch dims, ``mask`` or ``key_bias`` do not
+            broadcast; patterns, ``mask`` or ``key_bias`` on different devices; a non-finite
+            or non-positive ``scale``.
 
     Returns:
         ``[..., n]`` energies ``½‖ξ‖² − (1/β) lse_j(β ξ·k_j + b_j)`` (float32 accumulation).
@@ -180,18 +183,24 @@ def hopfield_energy_self_grad(state_patterns, stored_patterns, scale=None, mask=
 def elastic_energy_self_grad(state_patterns, stored_patterns, scale=None, mask=None):
     """Self-consistent gradient of :func:`elastic_energy` (its key bias moves too).
 
-    With ``b_j = −½β‖ξ_j‖²``: ``∇_i = ξ_i − Σ_j p_ij ξ_j − Σ_j p_ji (ξ_j − ξ_i)``.
+    With ``b_j = −½β‖ξ_j‖²``: ``∇_i = ξ_i − Σ_j p_ij ξ_j − Σ_j p_ji (ξ_j − ξ_i)``, formed about
+    the patterns' mean ``c`` like :func:`elastic_energy` (it depends on differences of patterns
+    only, except ``ξ_i`` itself on a row with an empty memory).
     """
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
     if stored_patterns is not state_patterns:
         raise ValueError("the self-consistent gradient needs stored_patterns is state_patterns")
-    bias = elastic_key_bias(state_patterns, scale)
-    logits, valid = _logits(state_patterns, state_patterns, scale, mask, bias)
-    p, mu = _readout(logits, valid, state_patterns)
-    xi = state_patterns.to(p.dtype)
+    _check_masks(state_patterns, state_patterns, mask, None)
+    n = state_patterns.shape[-2]
+    allowed = _allowed(mask, n, n, state_patterns.device)
+    x = state_patterns.to(acc_dtype(state_patterns))
+    xs = x - centred(x, *key_rows(allowed))[1]
+    logits, valid = _logits(xs, xs, scale, mask, elastic_key_bias(xs, scale))
+    p, mu = _readout(logits, valid, xs)
     pt = p.transpose(-1, -2)  # pt[i, j] = p_ji: pattern i read as a key by query j
+    own = xs if valid is None else torch.where(valid, xs, x)  # ξ_i − c, or ξ_i if empty
     with no_autocast(p):
-        return (xi - mu - pt @ xi + pt.sum(-1, keepdim=True) * xi).to(state_patterns.dtype)
+        return (own - mu - pt @ xs + pt.sum(-1, keepdim=True) * xs).to(state_patterns.dtype)
 
 
 def hopfield_newton_direction(
@@ -250,32 +259,60 @@ def elastic_key_bias(stored_patterns, scale=None):
     return -0.5 * scale * stored_patterns.to(dt).pow(2).sum(dim=-1)
 
 
+def _elastic_frame(state, stored, scale, mask):
+    """The elastic energy's arguments about a centre ``c`` (docs/math.md §2.1).
+
+    ``F*`` depends on ``z`` and the keys only through ``z − k_j``, so for any ``c`` it equals
+    ``F*`` of ``z − c`` and ``K − c`` (the key bias moving with the keys), and so do its
+    gradient and Newton direction. Formed about the origin, the logits
+    ``β z·k_j − ½β‖k_j‖²`` subtract two terms of size ``β‖k‖²`` (float32 gradients 10% off for
+    keys near 1000); about ``c``, the (detached) mean of the keys every query may attend
+    (:func:`energy_attn._moments.centred`, which also zeroes keys no query may attend), they
+    do not. The exception is a row with an empty memory (``F* = ½‖z‖²``, ``∇F* = z``, not
+    ``z − c``): ``valid`` (``[..., n, 1]``, None without a mask) marks the others.
+
+    Returns ``(β, z, z − c, K − c, key bias of K − c, valid)``, in the accumulation dtype.
+    """
+    scale = _resolve_scale(state, stored, scale)
+    _check_masks(state, stored, mask, None)
+    dt = acc_dtype(state, stored)
+    allowed = _allowed(mask, state.shape[-2], stored.shape[-2], stored.device)
+    kc, c = centred(stored.to(dt), *key_rows(allowed))
+    z = state.to(dt)
+    valid = None if allowed is None else allowed.any(dim=-1, keepdim=True)
+    return scale, z, z - c, kc, elastic_key_bias(kc, scale), valid
+
+
 def elastic_energy(state_patterns, stored_patterns, scale=None, mask=None):
     """Helmholtz free energy with elastic local energy ``E_j(z) = ½‖z − k_j‖²`` (docs/math.md §2.1).
 
     ``F*(z) = −T log Σ_j exp(−E_j(z)/T) = ½‖z‖² − T lse_j((z·k_j − ½‖k_j‖²)/T)``, ``T = 1/scale``,
-    i.e. the Hopfield energy with key bias :func:`elastic_key_bias`. Returns ``[..., n]``.
+    i.e. the Hopfield energy with key bias :func:`elastic_key_bias`, evaluated about the keys'
+    mean (translation invariance; see :func:`hopfield_energy` for the arguments and errors).
+    Returns ``[..., n]``, accumulated in float32 (float64 stays float64); ``½‖z‖²`` on a row
+    with an empty memory.
     """
-    scale = _resolve_scale(state_patterns, stored_patterns, scale)
-    bias = elastic_key_bias(stored_patterns, scale)
-    return hopfield_energy(state_patterns, stored_patterns, scale, mask, key_bias=bias)
+    scale, z, zc, kc, bias, valid = _elastic_frame(state_patterns, stored_patterns, scale, mask)
+    e = hopfield_energy(zc, kc, scale, mask, key_bias=bias)
+    return e if valid is None else torch.where(valid.squeeze(-1), e, 0.5 * z.square().sum(-1))
 
 
 def elastic_energy_grad(state_patterns, stored_patterns, scale=None, mask=None):
-    """Closed-form ``∇F*(z) = z − Σ_j p_j k_j``, ``p = softmax((z·k_j − ½‖k_j‖²)/T)``."""
-    scale = _resolve_scale(state_patterns, stored_patterns, scale)
-    bias = elastic_key_bias(stored_patterns, scale)
-    return hopfield_energy_grad(state_patterns, stored_patterns, scale, mask, key_bias=bias)
+    """Closed-form ``∇F*(z) = z − Σ_j p_j k_j``, ``p = softmax((z·k_j − ½‖k_j‖²)/T)``, as
+    ``(z − c) − Σ_j p_j (k_j − c)`` (:func:`elastic_energy`); ``[..., n, d]`` in the state's
+    dtype."""
+    scale, z, zc, kc, bias, valid = _elastic_frame(state_patterns, stored_patterns, scale, mask)
+    g = hopfield_energy_grad(zc, kc, scale, mask, key_bias=bias)
+    return (g if valid is None else torch.where(valid, g, z)).to(state_patterns.dtype)
 
 
 def elastic_newton_direction(state_patterns, stored_patterns, scale=None, mask=None,
                              kind="2nd1st"):
-    """Newton-like direction for :func:`elastic_energy` (same Hessian form as Hopfield's)."""
-    scale = _resolve_scale(state_patterns, stored_patterns, scale)
-    bias = elastic_key_bias(stored_patterns, scale)
-    return hopfield_newton_direction(
-        state_patterns, stored_patterns, scale, mask, key_bias=bias, kind=kind
-    )
+    """Newton-like direction for :func:`elastic_energy` (same Hessian form as Hopfield's),
+    ``[..., n, d]`` in the state's dtype."""
+    scale, z, zc, kc, bias, valid = _elastic_frame(state_patterns, stored_patterns, scale, mask)
+    d = hopfield_newton_direction(zc, kc, scale, mask, key_bias=bias, kind=kind)
+    return (d if valid is None else torch.where(valid, d, z)).to(state_patterns.dtype)
 
 
 # Closed forms that the descent engine discovers (also through functools.partial).
