@@ -24,6 +24,11 @@ exactly on the same machine.
 * Attention-pattern stability: at each validation the attention maps of every attention module
   on a fixed validation batch; ``attn_kl`` is the mean KL(previous ‖ current) over modules,
   heads and query rows.
+* Divergence: a non-finite training loss stops the run at that step (validated there; the
+  log's ``diverged_at``). That step is not checkpointed (its update made the weights
+  non-finite): the checkpoint stays the last one before it, which a resume, e.g. with a lower
+  ``lr``, continues from (the warning names its step). A checkpoint of the step just
+  before holds the weights that gave the non-finite loss, so a resume from it diverges again.
 * Learning rate: linear warm-up for ``warmup`` steps, then cosine decay to ``min_lr_ratio·lr``.
 * Time: ``time`` in the log is training wall-clock only (evaluation and checkpoints excluded).
 
@@ -519,7 +524,7 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
     log = {"config": asdict(cfg), "machine": machine_info(str(device)), "world_size": world,
            "corpus": corpus.describe(), "num_parameters": model.num_parameters(),
            "train": [], "eval": []}
-    step, train_time, prev_maps = 0, 0.0, None
+    step, train_time, prev_maps, saved_step = 0, 0.0, None, None
     ckpt_path = out / CHECKPOINT if out else None
     if resume and ckpt_path is not None and ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
@@ -535,7 +540,7 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
         opt.load_state_dict(ck["optimizer"])
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
-        step, train_time = ck["step"], ck["train_time"]
+        step, train_time, saved_step = ck["step"], ck["train_time"], ck["step"]
         # a validation made only because the run stopped there is not part of the run
         log["train"] = ck["log_train"]
         log["eval"] = [e for e in ck["log_eval"] if not e.get("at_stop")]
@@ -563,8 +568,10 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
         return rec["val_loss"]
 
     def save_checkpoint():
+        nonlocal saved_step
         if not (is_main and ckpt_path):
             return
+        saved_step = step
         out.mkdir(parents=True, exist_ok=True)
         _atomic_save({
             "config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -626,21 +633,22 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
         if isinstance(opt, AttentionInformedAdam) and opt.last_alpha:
             rec["alpha"] = opt.last_alpha[0].item()
         log["train"].append(rec)
+        diverged = not math.isfinite(loss_v)  # every rank sees the same loss
         val = None
-        if step % cfg.eval_interval == 0 or step == cfg.steps:
+        if step % cfg.eval_interval == 0 or step == cfg.steps or diverged:
             val = run_eval()
         elif step == last:  # stopped early (stop_at): the final numbers are this step's
             val = run_eval(at_stop=True)
-        if step % ckpt_every == 0 or step == last:
+        # a diverged step is not checkpointed: its weights are no longer finite, and the last
+        # finite checkpoint is what a resume (e.g. with a lower lr) should continue from
+        if not diverged and (step % ckpt_every == 0 or step == last):
             save_checkpoint()
         bar.update(step, loss_v, cfg.batch * cfg.context * world / dt, val, force=val is not None)
-        if not math.isfinite(loss_v):  # diverged: say so and stop (every rank sees the same loss)
-            print(f"warning: the training loss is {loss_v} at step {step}; stopping",
+        if diverged:
+            kept = f"; {ckpt_path} keeps step {saved_step}" if saved_step is not None else ""
+            print(f"warning: the training loss is {loss_v} at step {step}; stopping{kept}",
                   file=sys.stderr)
             log["diverged_at"] = step
-            if val is None:
-                run_eval()
-            save_checkpoint()
             break
     log["summary"] = summarize(log)
     if is_main and out is not None:

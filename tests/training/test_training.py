@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import subprocess
 import sys
@@ -273,3 +274,22 @@ def test_stop_at_must_be_past_the_start(text_file, tmp_path, capsys):
     assert "give --stop-at > 3" in capsys.readouterr().err
     log = train(cfg, resume=True, stop_at=5, progress=False)
     assert [e["step"] for e in log["eval"]] == [0, 4, 5] and log["eval"][-1]["at_stop"]
+
+
+def test_divergence_keeps_the_last_finite_checkpoint(text_file, tmp_path, capsys):
+    # the diverged step used to be checkpointed: NaN weights replaced the last good checkpoint,
+    # so a resume with a lower lr (a change a resume allows) diverged again at once
+    cfg = tiny(text_file, grad_clip=0.0, ckpt_interval=10, out=str(tmp_path / "run"))
+    full = train(replace(cfg, out=None), progress=False)
+    train(cfg, stop_at=4, progress=False)  # checkpointed at step 4
+    log = train(replace(cfg, lr=1e4), resume=True, progress=False)
+    bad = log["diverged_at"]
+    assert bad is not None and 4 < bad < 10 and log["summary"]["diverged_at"] == bad
+    assert not math.isfinite(log["train"][-1]["loss"]) and log["eval"][-1]["step"] == bad
+    assert "ckpt.pt keeps step 4" in capsys.readouterr().err
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ck["step"] == 4
+    assert all(v.isfinite().all() for v in ck["model"].values() if v.is_floating_point())
+    again = train(cfg, resume=True, progress=False)  # back to the run's own lr
+    assert again.get("diverged_at") is None
+    assert [t["loss"] for t in again["train"]] == [t["loss"] for t in full["train"]]
