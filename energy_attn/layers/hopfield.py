@@ -150,7 +150,10 @@ class Hopfield(nn.Module):
         disable_out_projection: return the concatenated heads.
         solver: ``"unrolled"`` or ``"fixed_point"`` (``T`` forward and adjoint iterations with
             implicit differentiation, memory independent of T; ``update_steps_eps`` does not
-            apply; needs a finite T).
+            apply; needs a finite T). The fixed point does not depend on where the iteration
+            starts, so with ``"fixed_point"`` the state patterns get no gradient, nor do
+            ``q_proj`` and ``norm_state_pattern`` (docs/math.md §9): HopfieldPooling's
+            ``pooling_weights`` do not learn and HopfieldLayer passes no gradient to its input.
         anderson: Anderson history size for ``solver="fixed_point"``.
         backend: backend of :func:`energy_attn.hopfield_descent` (used when
             ``update_steps_eps == 0`` or ``solver="fixed_point"``).

@@ -291,6 +291,18 @@ def test_fixed_point_solver_in_hopfield_matches_long_unrolled():
     torch.testing.assert_close(fixed(x), unrolled(x), atol=1e-7, rtol=1e-7)
 
 
+def test_fixed_point_solver_gives_state_patterns_no_gradient_as_documented():
+    kw = dict(update_steps_max=3, solver="fixed_point")
+    pool = HopfieldPooling(8, quantity=2, **kw)
+    pool(torch.randn(2, 5, 8)).sum().backward()
+    assert pool.pooling_weights.grad is None and pool.hopfield.q_proj.weight.grad is None
+    assert pool.hopfield.k_proj.weight.grad is not None
+    layer = HopfieldLayer(8, quantity=3, **kw)
+    x = torch.randn(2, 5, 8, requires_grad=True)
+    layer(x).sum().backward()
+    assert x.grad is None and layer.lookup_weights.grad is not None
+
+
 @pytest.mark.parametrize("solver", ["unrolled", "fixed_point"])
 def test_compile_fullgraph_with_steps(solver):
     # fullgraph=True fails on any graph break (a host sync, a Python branch on tensor values);
