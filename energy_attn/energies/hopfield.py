@@ -31,10 +31,9 @@ from .._utils import (
 )
 
 
-def _resolve_scale(state, stored, scale):
-    """Check that the patterns are float tensors ``[..., n, d]``, ``[..., m, d]`` on one device
-    sharing the pattern size ``d``; return ``β`` (``d ** -0.5`` when ``scale`` is None, as
-    everywhere in the package)."""
+def _check_patterns(state, stored):
+    """The patterns are float tensors ``[..., n, d]``, ``[..., m, d]`` on one device sharing the
+    pattern size ``d`` (ValueError/TypeError naming the argument otherwise)."""
     for name, t in (("state_patterns", state), ("stored_patterns", stored)):
         check_float_tensor(name, t)
         if t.dim() < 2:
@@ -46,6 +45,12 @@ def _resolve_scale(state, stored, scale):
             f"state_patterns and stored_patterns must share the last (pattern) dimension d, got "
             f"{tuple(state.shape)} and {tuple(stored.shape)}"
         )
+
+
+def _resolve_scale(state, stored, scale):
+    """Check the patterns (:func:`_check_patterns`); return ``β`` (``d ** -0.5`` when ``scale``
+    is None, as everywhere in the package)."""
+    _check_patterns(state, stored)
     if scale is None:
         return state.shape[-1] ** -0.5
     return check_finite_number("scale", scale, positive=True, allow_tensor=True)

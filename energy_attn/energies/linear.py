@@ -24,7 +24,15 @@ import torch
 
 from .. import masks
 from .._moments import acc_dtype, no_autocast
-from .._utils import check_bool_mask, check_float_tensor, exists
+from .._utils import (
+    broadcasts_to,
+    check_bool_mask,
+    check_finite_number,
+    check_float_tensor,
+    check_same_device,
+    exists,
+)
+from .hopfield import _check_patterns
 
 
 def gate_weights(gates: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -58,22 +66,32 @@ def linear_weights(n: int, m: int, mask=None, causal: bool = False, gates=None,
     return w
 
 
-def _check(state, stored, mask, gates, causal):
+def _check(state, stored, scale, mask, gates, causal):
+    _check_patterns(state, stored)
+    check_finite_number("scale", scale, positive=True, allow_tensor=True)
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     n, m = state.shape[-2], stored.shape[-2]
+    try:
+        batch = torch.broadcast_shapes(state.shape[:-2], stored.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"state_patterns {tuple(state.shape)} and stored_patterns "
+                         f"{tuple(stored.shape)} have batch dims that do not broadcast")
     if (causal or exists(gates)) and n != m:
         raise ValueError(f"causal or gated linear energies need n == m, got n={n}, m={m}")
     if exists(mask):  # a weight of 0 or 1: an additive float mask has no meaning here
-        batch = torch.broadcast_shapes(state.shape[:-2], stored.shape[:-2])
         check_bool_mask("mask", mask, (*batch, n, m))
     if exists(gates):
         check_float_tensor("gates", gates)
-        if gates.shape[-1] != n:
-            raise ValueError(f"gates must have shape [..., n={n}], got {tuple(gates.shape)}")
+        if gates.shape[-1] != n or not broadcasts_to(gates.shape[:-1], batch):
+            raise ValueError(f"gates must have shape [..., n] = {(*batch, n)} (or broadcast "
+                             f"to it), got {tuple(gates.shape)}")
+    check_same_device(state_patterns=state, mask=mask, gates=gates)
 
 
 def _scores(state, stored, scale, mask, causal, gates):
     """``(w ⊙ ξKᵀ)`` in the accumulation dtype, plus the keys in that dtype."""
-    _check(state, stored, mask, gates, causal)
+    _check(state, stored, scale, mask, gates, causal)
     dt = acc_dtype(state, stored)
     keys = stored.to(dt)
     with no_autocast(state):  # autocast would run it in 16 bits again
@@ -89,13 +107,22 @@ def linear_energy(state_patterns, stored_patterns, scale=1.0, mask=None, *, caus
     Args:
         state_patterns: ``ξ`` ``[..., n, d]``.
         stored_patterns: keys ``[..., m, d]`` (held fixed).
-        scale: ``β`` (default 1, the paper's form).
+        scale: inverse temperature ``β > 0`` (default 1, the paper's form).
         mask: optional boolean ``[..., n, m]``-broadcastable, True = may attend.
         causal: keep keys ``j <= i`` (needs ``n == m``).
         gates: optional per-token gates ``[..., n]`` in ``[0, 1]`` (see the module docstring);
             :func:`gated_linear_energy` is the same energy with gates required.
 
     Returns ``[..., n]``; closed-form gradient :func:`linear_energy_grad`.
+
+    Raises:
+        TypeError: a pattern or ``gates`` that is not a floating-point tensor; a non-boolean
+            ``mask``; a non-bool ``causal``; a ``scale`` that is not a real number or float
+            tensor.
+        ValueError: a pattern with fewer than 2 dimensions; patterns that differ in ``d`` or
+            whose batch dims do not broadcast; ``causal`` or ``gates`` with ``n != m``; a
+            ``mask`` or ``gates`` of the wrong shape; inputs on different devices; a
+            non-finite or non-positive ``scale``.
     """
     s, ws, _ = _scores(state_patterns, stored_patterns, scale, mask, causal, gates)
     return -0.5 * scale * (ws * s).sum(dim=-1)

@@ -234,3 +234,31 @@ def test_linear_attention_accumulates_in_float32_under_autocast():
             got = linear_attention(q, k, v, causal=True, form=form)
         assert got.dtype == torch.float32
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize(
+    "kw, exc, match",
+    [
+        (dict(scale=-1.0), ValueError, "scale"),
+        (dict(scale=float("nan")), ValueError, "scale"),
+        (dict(scale=None), TypeError, "scale"),
+        (dict(causal=1), TypeError, "causal"),
+        (dict(stored_patterns=torch.randn(6, 5, dtype=f64)), ValueError, "dimension d"),
+        (dict(stored_patterns=torch.randn(3, 6, 3, dtype=f64)), ValueError, "batch"),
+        (dict(stored_patterns=torch.ones(6, 3, dtype=torch.long)), TypeError, "stored_patterns"),
+        (dict(state_patterns=torch.randn(3, dtype=f64)), ValueError, "state_patterns"),
+        (dict(stored_patterns=torch.randn(6, 3, dtype=f64, device="meta")), ValueError,
+         "stored_patterns"),
+        (dict(gates=torch.rand(5, 6, dtype=f64)), ValueError, "gates"),
+    ],
+)
+def test_the_energy_names_bad_arguments(kw, exc, match):
+    """A negative, NaN or None ``scale``, an integer ``causal``, integer, 1-D or mismatched
+    patterns and patterns on two devices were accepted silently (a sign-flipped or NaN
+    energy) or failed deep in torch."""
+    args = dict(state_patterns=torch.randn(2, 6, 3, dtype=f64),
+                stored_patterns=torch.randn(2, 6, 3, dtype=f64))
+    args.update(kw)
+    for fn in (linear_energy, linear_energy_grad):
+        with pytest.raises(exc, match=match):
+            fn(**args)
