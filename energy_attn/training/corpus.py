@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Corpus", "CorpusError", "load_corpus", "stdlib_files"]
+__all__ = ["Corpus", "CorpusError", "check_val_fraction", "load_corpus", "stdlib_files"]
 
 _SEPARATOR = b"\n\n"
 
@@ -62,6 +62,12 @@ def _folder_files(root: Path) -> list[Path]:
                   key=lambda p: p.relative_to(root).as_posix())
 
 
+def check_val_fraction(val_fraction) -> None:
+    """ValueError unless ``val_fraction`` lies in ``(0, 1)`` (NaN does not)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+
+
 def load_corpus(path=None, *, val_fraction: float = 0.05, min_bytes: int = 2) -> Corpus:
     """Load a byte-level corpus and split it into train/validation.
 
@@ -74,11 +80,11 @@ def load_corpus(path=None, *, val_fraction: float = 0.05, min_bytes: int = 2) ->
             ``context`` tokens needs ``context + 1``).
 
     Raises:
+        ValueError: ``val_fraction`` outside ``(0, 1)``.
         CorpusError: the path does not exist or is not a file/folder, holds no text, or a split
             is smaller than ``min_bytes``.
     """
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    check_val_fraction(val_fraction)
     if path is None:
         root, files = stdlib_files()
         source = f"Python {sysconfig.get_python_version()} standard library ({root})"
@@ -116,5 +122,8 @@ def load_corpus(path=None, *, val_fraction: float = 0.05, min_bytes: int = 2) ->
             raise CorpusError(
                 f"--data {source}: the {name} split has {len(split)} bytes, need at least "
                 f"{min_bytes} (context + 1); use a larger corpus or a smaller --context")
-    as_tensor = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8)
-    return Corpus(as_tensor(train), as_tensor(val), source, len(texts), n_val)
+    return Corpus(_as_tensor(train), _as_tensor(val), source, len(texts), n_val)
+
+
+def _as_tensor(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)  # a writable copy

@@ -59,7 +59,7 @@ from .._device import check_device
 from .._progress import StatusLine, bar
 from .._utils import check_seed
 from ..optim.attention_informed import AttentionInformedAdam, energy_modules
-from .corpus import load_corpus
+from .corpus import check_val_fraction, load_corpus
 
 __all__ = ["OPTIMIZER_NAMES", "RESUME_FIXED", "TrainConfig", "check_config", "machine_info",
            "saved_config", "train"]
@@ -101,7 +101,7 @@ class TrainConfig:
         stability_batch: sequences in the fixed attention-stability batch (0: off).
         seed, device, amp: random seed, torch device (a ``torch.device`` is kept as its
             ``str``), fp16 autocast + GradScaler (CUDA only).
-        val_fraction: validation share of the corpus.
+        val_fraction: validation share of the corpus, in ``(0, 1)``.
         log_interval: progress-line interval in steps when stderr is not a terminal.
         threads: CPU threads for this run (``torch.set_num_threads``; 0: torch's default,
             e.g. from ``OMP_NUM_THREADS``); at most ``os.cpu_count()`` (checked by
@@ -168,6 +168,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        check_val_fraction(self.val_fraction)
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):

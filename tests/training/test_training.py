@@ -206,9 +206,12 @@ def test_energy_attention_options_reach_the_model():
 @pytest.mark.parametrize("field, value", [
     ("grad_clip", -1.0), ("grad_clip", float("nan")), ("min_lr_ratio", -0.1),
     ("min_lr_ratio", 1.5), ("weight_decay", -0.1), ("beta1", 1.0), ("beta2", -0.5),
-    ("beta1", float("nan")), ("lr", float("inf"))])
+    ("beta1", float("nan")), ("lr", float("inf")), ("val_fraction", 0.0),
+    ("val_fraction", 1.0), ("val_fraction", float("nan"))])
 def test_config_rejects_out_of_range_optimizer_settings(field, value, tmp_path, capsys):
     # grad_clip=-1 used to pass (it is truthy) and clip_grad_norm_ flipped the gradient.
+    # val_fraction=0 passed the config (only load_corpus checked it): a compare grid over it
+    # trained the other variants first, and with a preloaded corpus it was never checked.
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value})
     flag = "--" + field.replace("_", "-")
