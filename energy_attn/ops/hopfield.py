@@ -145,8 +145,10 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
 
         def direction(xi32):
             if kind == "light":
-                both = masks.sdpa(xi32.to(kc.dtype), k_acc, values, attn_mask=acc_mask,
-                                  valid=valid, is_causal=sdpa_causal, scale=scale).to(xi32.dtype)
+                with no_autocast(xi32):  # autocast would read the moments out in 16 bits
+                    both = masks.sdpa(xi32.to(kc.dtype), k_acc, values, attn_mask=acc_mask,
+                                      valid=valid, is_causal=sdpa_causal,
+                                      scale=scale).to(xi32.dtype)
                 mc = both[..., :D]  # μ − c
                 var = (both[..., D:] - mc.square()).clamp_min(0)  # diag Σ
                 mu = mc + (c if valid is None else c * valid)  # μ = 0 on fully masked rows

@@ -123,3 +123,20 @@ def test_key_bias_stays_float32_in_the_reference_backend(dtype, optimizer, rho):
     truth = hopfield_descent(q.double(), k.double(), **kw)
     floor = rel_err(truth.to(dtype), truth) + torch.finfo(dtype).eps / 2
     assert rel_err(out, truth) <= FACTOR * floor
+
+
+@pytest.mark.parametrize("optimizer", ["newton_2nd1st", "newton_light"])
+def test_newton_moments_stay_float32_under_autocast(optimizer):
+    """Under torch.autocast an SDPA call runs in 16 bits whatever its inputs: newton_light's
+    moment read-out ran in bfloat16, and its variance (a second moment minus a squared mean,
+    keys in two clusters at ±30) was off by 10 where it is at most 2 (docs/math.md §4.4)."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(1, 2, 32, 8, generator=g)
+    k[..., :16, :] += 30
+    k[..., 16:, :] -= 30
+    q = k[..., :8, :] + 0.3 * torch.randn(1, 2, 8, 8, generator=g)
+    kw = dict(num_steps=1, step_size=1.0, scale=0.5, optimizer=optimizer, backend="reference")
+    want = hopfield_descent(q, k, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = hopfield_descent(q, k, **kw)
+    torch.testing.assert_close(got, want)
