@@ -155,8 +155,10 @@ class Hopfield(nn.Module):
             ``q_proj`` and ``norm_state_pattern`` (docs/math.md §9): HopfieldPooling's
             ``pooling_weights`` do not learn and HopfieldLayer passes no gradient to its input.
         anderson: Anderson history size for ``solver="fixed_point"``.
-        backend: backend of :func:`energy_attn.hopfield_descent` (used when
-            ``update_steps_eps == 0`` or ``solver="fixed_point"``).
+        backend: backend of :func:`energy_attn.hopfield_descent`, which runs the steps when
+            ``solver="fixed_point"``, or when ``update_steps_eps == 0`` and every head has the
+            same ``update_steps_max``; otherwise they run in PyTorch and a ``backend`` other
+            than ``"auto"`` or ``"reference"`` raises ``ValueError``.
 
     Raises:
         ValueError / TypeError: for arguments out of range or of the wrong type, naming them.
@@ -285,10 +287,12 @@ class Hopfield(nn.Module):
                              "update_steps_eps > 0, else it never stops")
         if solver == "fixed_point" and (None in self._steps or len(set(self._steps)) > 1):
             raise ValueError("solver='fixed_point' needs one finite update_steps_max")
-        if backend not in ("auto", "reference") and solver == "unrolled" and \
-                any(self._steps) and max(eps) > 0:
-            raise ValueError(f"update_steps_eps > 0 (hflayers' stopping rule) runs in PyTorch; "
-                             f"pass update_steps_eps=0 to use backend={backend!r}")
+        iterates = any(t is None or t > 0 for t in self._steps)
+        if backend not in ("auto", "reference") and solver == "unrolled" and iterates and \
+                (max(eps) > 0 or len(set(self._steps)) > 1):
+            raise ValueError(f"update_steps_eps > 0 (hflayers' stopping rule) and per-head "
+                             f"update_steps_max run in PyTorch; pass update_steps_eps=0 and one "
+                             f"update_steps_max for every head to use backend={backend!r}")
         # per-head values, filled by reset_parameters (so a module built on the meta device
         # gets them back after to_empty). The tolerances are kept as the int64 bits of their
         # float64 values: `module.to(dtype)` casts floating buffers (1e-8 would become 0 in

@@ -335,6 +335,10 @@ def test_compile_fullgraph_with_steps(solver):
         (dict(anderson=2), ValueError),
         (dict(dropout=1.0), ValueError),
         (dict(update_steps_max=2, backend="autograd"), ValueError),  # eps > 0 needs reference
+        (dict(update_steps_max=None, backend="autograd"), ValueError),  # so does unbounded T
+        # per-head step counts run in PyTorch too (the backend was silently unused)
+        (dict(num_heads=2, update_steps_max=torch.tensor([1, 3]), update_steps_eps=0.0,
+              backend="autograd"), ValueError),
     ],
 )
 def test_bad_constructor_arguments(kwargs, error):
