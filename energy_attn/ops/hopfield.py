@@ -378,7 +378,8 @@ def hopfield_descent(
         key_bias: per-key logit bias ``[B, Hk, M]`` (float32 recommended): ``b_ij = b_j``,
             added to a float ``mask``. Used in its own precision by every backend: with 16-bit
             ``q`` the reference backend's read-outs then run in float32 (docs/math.md §4.7).
-        return_energies: also return the energy of every iterate, ``[B, H, N, T+1]`` float32.
+        return_energies: also return the energy of every iterate, ``[B, H, N, T+1]``, float32
+            (float64 for float64 inputs).
         optimizer: ``"gd" | "momentum" | "nesterov" | "newton_2nd1st" | "newton_light"``.
         momentum: ``ρ`` in ``[0, 1)`` (momentum/Nesterov only).
         backend: ``"auto" | "reference" | "autograd" | "triton"``. ``auto`` runs the fused
