@@ -85,6 +85,17 @@ def _allowed(mask, n, m, device):
     return None if allowed is None else allowed.expand(*allowed.shape[:-2], n, m)
 
 
+def _seen_keys(state, stored, mask, key_bias=None):
+    """``stored`` with the keys no query may attend (padding) set to 0 (docs/math.md §1.2):
+    their probability is 0, but ``0 · inf`` is NaN, so inf or NaN behind a padding mask would
+    reach the read-out and every gradient. Their gradient is 0."""
+    _check_masks(state, stored, mask, key_bias)
+    allowed = _allowed(mask, state.shape[-2], stored.shape[-2], stored.device)
+    if allowed is None:
+        return stored
+    return torch.where(allowed.any(dim=-2).unsqueeze(-1), stored, stored.new_zeros(()))
+
+
 def _logits(state, stored, scale, mask=None, key_bias=None):
     """Masked logits ``β ξ·k + b`` in the accumulation dtype and the row-validity mask.
 
@@ -144,6 +155,7 @@ def hopfield_energy(state_patterns, stored_patterns, scale=None, mask=None, key_
         :func:`hopfield_energy_grad` (found by :func:`energy_attn.minimize_energy`).
     """
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
+    stored_patterns = _seen_keys(state_patterns, stored_patterns, mask, key_bias)
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
     kinetic = 0.5 * state_patterns.to(logits.dtype).pow(2).sum(dim=-1)
     lse = _logsumexp(logits)
@@ -158,6 +170,7 @@ def hopfield_energy_grad(state_patterns, stored_patterns, scale=None, mask=None,
     Same arguments as :func:`hopfield_energy`; returns ``[..., n, d]`` in the state's dtype.
     """
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
+    stored_patterns = _seen_keys(state_patterns, stored_patterns, mask, key_bias)
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
     _, mu = _readout(logits, valid, stored_patterns)
     return (state_patterns.to(mu.dtype) - mu).to(state_patterns.dtype)

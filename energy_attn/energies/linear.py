@@ -32,7 +32,7 @@ from .._utils import (
     check_same_device,
     exists,
 )
-from .hopfield import _check_patterns
+from .hopfield import _check_patterns, _seen_keys
 
 
 def gate_weights(gates: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -93,7 +93,7 @@ def _scores(state, stored, scale, mask, causal, gates):
     """``(w ⊙ ξKᵀ)`` in the accumulation dtype, plus the keys in that dtype."""
     _check(state, stored, scale, mask, gates, causal)
     dt = acc_dtype(state, stored)
-    keys = stored.to(dt)
+    keys = _seen_keys(state, stored, mask).to(dt)  # padding: inf · 0 would be NaN
     with no_autocast(state):  # autocast would run it in 16 bits again
         s = state.to(dt) @ keys.transpose(-1, -2)  # [..., n, m]
     w = linear_weights(s.shape[-2], s.shape[-1], mask, causal, gates, dt, s.device)

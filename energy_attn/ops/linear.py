@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import masks
 from .._moments import acc_dtype, no_autocast
 from .._utils import check_bool_mask, check_finite_number, check_float_tensor, check_same_device
 from ..energies.linear import linear_weights
@@ -108,6 +109,8 @@ def linear_attention(q, k, v, *, scale: float = 1.0, causal: bool = False, gates
         raise ValueError("form='recurrent' takes no mask (use causal/gates, or form='quadratic')")
     if form == "auto":
         form = "recurrent" if not causal and gates is None and mask is None else "quadratic"
+    if mask is not None:  # keys no query may attend: weight 0, but inf · 0 would be NaN
+        k, v = (masks.zero_unseen_keys(masks.from_allowed(mask), t) for t in (k, v))
     dt = acc_dtype(q)
     qa, ka, va = q.to(dt), k.to(dt), v.to(dt)
     gates = None if gates is None else gates.to(dt)

@@ -221,3 +221,23 @@ def test_elastic_energy_masks_are_exact(kind):
     k2[:, 3] += 1e3  # a future key of the queries before it
     out2 = fn(z, k2, 0.5, mask=mask)
     assert torch.equal(out2[:, :3], out[:, :3]) and torch.isfinite(out2).all()
+
+
+@pytest.mark.parametrize("additive", [False, True])
+def test_inf_behind_padding_reaches_no_output_and_no_gradient(additive):
+    """A padded key's probability is 0, but ``0 · inf`` is NaN: inf behind a padding mask made
+    the closed-form gradient and autograd's gradients NaN (the Newton direction zeroed them)."""
+    xi, k = _data()
+    pad = torch.tensor([True] * 5 + [False] * 2)
+    mask = torch.zeros(7, dtype=f64).masked_fill(~pad, -math.inf) if additive else pad
+    bad = k.clone()
+    bad[:, 5:] = float("inf")
+    bad.requires_grad_(True)
+    xi.requires_grad_(True)
+    e = hopfield_energy(xi, bad, 0.5, mask=mask)
+    assert torch.equal(e, hopfield_energy(xi, k, 0.5, mask=mask))
+    assert torch.equal(hopfield_energy_grad(xi, bad, 0.5, mask=mask),
+                       hopfield_energy_grad(xi, k, 0.5, mask=mask))
+    gx, gk = torch.autograd.grad(e.sum(), (xi, bad))
+    assert torch.isfinite(gx).all() and torch.isfinite(gk).all()
+    assert torch.equal(gk[:, 5:], torch.zeros_like(gk[:, 5:]))

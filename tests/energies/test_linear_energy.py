@@ -262,3 +262,19 @@ def test_the_energy_names_bad_arguments(kw, exc, match):
     for fn in (linear_energy, linear_energy_grad):
         with pytest.raises(exc, match=match):
             fn(**args)
+
+
+def test_inf_behind_padding_reaches_no_output():
+    """A padded key's weight is 0, but ``0 · inf`` is NaN: inf in a padded key (or value)
+    made every output of the energy, its gradient and linear attention NaN."""
+    q, k, v = qkv()
+    pad = torch.tensor([True] * 4 + [False] * 2)
+    mask = pad.expand(2, 2, 6, 6)
+    bad_k, bad_v = k.clone(), v.clone()
+    bad_k[..., 4:, :] = float("inf")
+    bad_v[..., 4:, :] = float("nan")
+    for fn in (linear_energy, linear_energy_grad):
+        assert torch.equal(fn(q, bad_k, mask=mask), fn(q, k, mask=mask))
+    for form in ("auto", "quadratic"):
+        assert torch.equal(linear_attention(q, bad_k, bad_v, mask=mask, form=form),
+                           linear_attention(q, k, v, mask=mask, form=form))
