@@ -393,9 +393,11 @@ def _threads() -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
 
-def _atomic_save(obj, path: Path):
+def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)`` then rename ``tmp`` to ``path``: an interrupted write leaves the previous
+    ``path`` whole (a reader never sees half a file)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
+    write(tmp)
     os.replace(tmp, path)
 
 
@@ -574,14 +576,15 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
             return
         saved_step = step
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_save({
+        state = {
             "config": asdict(cfg), "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "train_time": train_time, "log_train": log["train"], "log_eval": log["eval"],
             "prev_maps": prev_maps, "rng": torch.get_rng_state(),
             "resumes": log.get("resumes", []),
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-        }, ckpt_path)
+        }
+        _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))
 
     if progress and is_main:
         print(f"energy-attn train: GPT {cfg.block}/{cfg.attention} {cfg.n_layer}x{cfg.d_model}, "
@@ -678,7 +681,8 @@ def write_log(log: dict, out: Path) -> dict:
     """``log.json``, ``log.csv`` (one row per step, validation columns at eval steps) and
     ``loss.png`` (if matplotlib is installed); returns ``{file: why}`` of the files skipped."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / "log.json").write_text(json.dumps(log, indent=1))
+    text = json.dumps(log, indent=1)
+    _atomic_write(out / "log.json", lambda tmp: tmp.write_text(text))  # compare reads it
     evals = {e["step"]: e for e in log["eval"]}
     cols = ["step", "loss", "lr", "time", "step_time", "mean_energy", "alpha", "val_loss",
             "attn_kl"]

@@ -296,3 +296,29 @@ def test_divergence_keeps_the_last_finite_checkpoint(text_file, tmp_path, capsys
     again = train(cfg, resume=True, progress=False)  # back to the run's own lr
     assert again.get("diverged_at") is None
     assert [t["loss"] for t in again["train"]] == [t["loss"] for t in full["train"]]
+
+
+def test_an_interrupted_write_leaves_the_previous_log_and_checkpoint_whole(text_file, tmp_path,
+                                                                          monkeypatch):
+    # log.json was written in place: interrupted mid-write, it was left truncated, and
+    # `energy-attn compare`, which reads it to reuse finished runs, failed on it
+    run = tmp_path / "run"
+    cfg = tiny(text_file, steps=4, eval_interval=2, out=str(run))
+    train(cfg, progress=False)
+    before = {name: (run / name).read_bytes() for name in ("log.json", "ckpt.pt")}
+
+    def half_then_interrupt(first, *args, **kwargs):  # (path, text) or (obj, path)
+        path = first if isinstance(first, Path) else args[0]
+        Path(path).write_bytes(b'{"half": ')
+        raise KeyboardInterrupt
+
+    # the checkpoint at step 6, then (with the checkpoint written) the log at the end
+    for target, name, whole in ((torch, "save", ("ckpt.pt", "log.json")),
+                                (Path, "write_text", ("log.json",))):
+        with monkeypatch.context() as m:
+            m.setattr(target, name, half_then_interrupt)
+            with pytest.raises(KeyboardInterrupt):
+                train(replace(cfg, steps=6), resume=True, progress=False)
+        assert all((run / n).read_bytes() == before[n] for n in whole), name
+    assert json.loads((run / "log.json").read_text())["summary"]["steps"] == 4
+    assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6
