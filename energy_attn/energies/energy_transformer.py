@@ -54,16 +54,20 @@ def _check(tokens, w_q, w_k, scale, mask):
 
 def _attention(tokens, w_q, w_k, scale, mask):
     """Queries, keys ``[..., H, N, Y]``, attention ``P [..., H, N, N]``, row validity, logits."""
+    N = tokens.shape[-2]
+    allowed = ~torch.eye(N, dtype=torch.bool, device=tokens.device)
     dt = acc_dtype(tokens, w_q, w_k)
     g = tokens.to(dt)
+    if exists(mask):
+        allowed = allowed & mask.expand(*mask.shape[:-2], N, N)  # [..., N, N]
+        # A token in no allowed pair (padding) is never read, but 0 · inf is NaN: zero it.
+        used = allowed.any(dim=-1) | allowed.any(dim=-2)  # [..., N]
+        g = torch.where(used.unsqueeze(-1), g, g.new_zeros(()))
+        allowed = allowed.unsqueeze(-3)  # [..., 1, N, N]: one mask for every head
     with no_autocast(g):  # autocast would run the upcast products in 16 bits
         q = torch.einsum("...nd,hyd->...hny", g, w_q.to(dt))
         k = torch.einsum("...nd,hyd->...hny", g, w_k.to(dt))
         logits = scale * q @ k.transpose(-1, -2)  # [..., H, N(query C), N(key B)]
-    N = tokens.shape[-2]
-    allowed = ~torch.eye(N, dtype=torch.bool, device=tokens.device)
-    if exists(mask):
-        allowed = allowed & mask.unsqueeze(-3)  # [..., 1, N, N]: one mask for every head
     logits = logits.masked_fill(~allowed, float("-inf"))
     valid = allowed.any(dim=-1, keepdim=True)  # [..., 1, N, 1]: queries with a key to attend
     logits = logits.masked_fill(~valid, 0.0)

@@ -190,3 +190,30 @@ def test_energy_and_layer_accumulate_in_float32_under_autocast():
     assert energies_ac.dtype == torch.float32 and out_ac.dtype == torch.float32
     torch.testing.assert_close(energies_ac, energies)
     torch.testing.assert_close(out_ac, out)
+
+
+def test_inf_in_padding_reaches_no_token():
+    """A padded token is neither query nor key (weight 0), but ``0 · inf`` is NaN: inf in a
+    padded token made every token's gradient, and the layer's every output, NaN."""
+    layer = EnergyTransformerAttention(8, heads=2, dim_head=4, num_steps=3).to(DT)
+    x = torch.randn(2, 6, 8, dtype=DT)
+    real = torch.ones(2, 6, dtype=torch.bool)
+    real[0, 4:] = False
+    x2 = x.clone()
+    x2[0, 4:] = float("inf")
+    pair = real[:, :, None] & real[:, None, :]
+    for fn in (energy_transformer_energy, energy_transformer_energy_grad):
+        got = fn(x2, layer.w_q, layer.w_k, 0.5, mask=pair)
+        assert torch.equal(got[real], fn(x, layer.w_q, layer.w_k, 0.5, mask=pair)[real])
+    assert torch.equal(layer(x2, mask=real)[real], layer(x, mask=real)[real])
+
+
+def test_a_key_mask_broadcasts_like_the_full_mask():
+    """``mask`` broadcasts to ``[..., N, N]`` as documented; a ``[N]`` key mask raised an
+    IndexError."""
+    w_q, w_k = _weights()
+    g = torch.randn(2, 6, 5, dtype=DT)
+    keys = torch.tensor([True, False, True, True, False, True])
+    for fn in (energy_transformer_energy, energy_transformer_energy_grad):
+        assert torch.equal(fn(g, w_q, w_k, 0.5, mask=keys),
+                           fn(g, w_q, w_k, 0.5, mask=keys.expand(2, 6, 6)))
