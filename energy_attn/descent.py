@@ -98,6 +98,18 @@ def _bound(energy_func, name: str):
     return getattr(energy_func, name, None)
 
 
+def _needs_graph(energy_func, queries, keys, mask, self_consistent) -> bool:
+    """Whether the autograd descent must be differentiable: grad mode is on and the queries, the
+    keys, a float mask or anything else the energy reads (a key bias or parameters it closes
+    over) requires grad. The last is found by one evaluation of the energy per call."""
+    if not torch.is_grad_enabled():
+        return False
+    if queries.requires_grad or keys.requires_grad or (mask is not None and mask.requires_grad):
+        return True
+    x = queries.detach()
+    return energy_func(x, x if self_consistent else keys, mask=mask).requires_grad
+
+
 def _autograd_direction(energy_func, keys, mask, optimizer, create_graph, self_consistent=False):
     """Direction by autograd on a user energy (the blog's path); HVP for ``newton_2nd1st``.
 
@@ -242,7 +254,7 @@ def minimize_energy(
                 "optimizer='newton_light' needs a closed-form energy (one with a "
                 "`newton_direction` attribute, e.g. hopfield_energy); this energy has none"
             )
-        create_graph = torch.is_grad_enabled() and (queries.requires_grad or keys.requires_grad)
+        create_graph = _needs_graph(energy_func, queries, keys, mask, self_consistent)
         direction = _autograd_direction(energy_func, keys, mask, optimizer, create_graph,
                                         self_consistent)
 

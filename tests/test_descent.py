@@ -121,6 +121,30 @@ def test_user_energy_result_is_differentiable():
     assert out.requires_grad
 
 
+@pytest.mark.parametrize("optimizer", ["gd", "nesterov", "newton_2nd1st"])
+@pytest.mark.parametrize("self_consistent", [False, True])
+def test_user_energy_parameters_get_gradients_when_the_patterns_need_none(optimizer,
+                                                                          self_consistent):
+    """A learnable β inside a user energy (no closed form) gets the gradient the closed form
+    gives it, also when neither queries nor keys require grad (it was silently None)."""
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 3, 4, generator=g, dtype=f64), torch.randn(2, 3, 4, generator=g,
+                                                                       dtype=f64)
+    beta = torch.tensor(0.6, dtype=f64, requires_grad=True)
+    kw = dict(num_steps=3, step_size=0.5, optimizer=optimizer, self_consistent=self_consistent,
+              momentum=0.5 if optimizer == "nesterov" else 0.0)
+    keys = None if self_consistent else k
+
+    def user(xi, stored, mask=None):  # no `gradient` attribute: the autograd path
+        return hopfield_energy(xi, stored, beta, mask=mask)
+
+    got = torch.autograd.grad(minimize_energy(user, q, keys, **kw).sum(), beta)[0]
+    want = torch.autograd.grad(
+        minimize_energy(functools.partial(hopfield_energy, scale=beta), q, keys, **kw).sum(),
+        beta)[0]
+    torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize(
     "kwargs, exc, match",
     [

@@ -300,6 +300,22 @@ def test_non_finite_keys_behind_a_key_padding_mask_are_never_seen(optimizer, rho
             hopfield_fixed_point(q.detach(), clean, mask=pad, num_steps=20, step_size=0.7))
 
 
+@pytest.mark.parametrize("optimizer,rho", OPTS[:4])
+def test_autograd_backend_differentiates_key_bias_and_float_mask_alone(optimizer, rho):
+    """With q and k constant, the key bias and a float mask still get their gradients on the
+    autograd backend, equal to the reference backend's (they were silently dropped)."""
+    q, k = data(grad=False)
+    bias = torch.randn(2, 2, 7, dtype=f64, requires_grad=True)
+    mask = torch.randn(2, 1, 7, 7, dtype=f64, requires_grad=True)
+    grads = []
+    for backend in ("reference", "autograd"):
+        out = hopfield_descent(q, k, key_bias=bias, mask=mask, num_steps=2, step_size=0.7,
+                               optimizer=optimizer, momentum=rho, backend=backend)
+        grads.append(torch.autograd.grad(out.square().sum(), (bias, mask)))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.parametrize("optimizer,rho", OPTS)
 def test_keys_that_causality_and_a_mask_together_hide_are_never_seen(optimizer, rho):
     """A key the mask leaves only to earlier queries is blocked for every query once causality
