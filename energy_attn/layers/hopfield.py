@@ -169,8 +169,9 @@ class Hopfield(nn.Module):
         first if not ``batch_first``), of the parameters' float dtype (another dtype raises
         ``TypeError``); under ``torch.autocast`` a float32 module also takes 16-bit input.
         ``stored_pattern_padding_mask``: ``[B, M]`` boolean, **True = padding (blocked)**.
-        ``association_mask``: ``[N, M]`` or ``[B * num_heads, N, M]`` boolean, **True =
-        blocked**. Returns ``[B, N, out]``.
+        ``association_mask``: ``[N, M]`` or ``[B * num_heads, N, M]`` (row ``b * num_heads +
+        h``) boolean, **True = blocked**. Returns ``[B, N, out]`` (``[N, B, out]`` if not
+        ``batch_first``).
     """
 
     def __init__(self, input_size=None, hidden_size=None, output_size=None, pattern_size=None,
