@@ -57,8 +57,17 @@ class EnergyTransformerAttention(nn.Module):
     ``mask`` is a ``[B, N]`` boolean token mask, **True = real token** (False = padding: neither
     query nor key; it keeps its value and does not influence the others). Returns ``x_T``
     ``[B, N, D]``, or ``(x_T, energies)`` with the per-token energy of every iterate
-    ``[B, N, T + 1]`` (float32; sum over tokens for the global energy; of ``LayerNorm(x_t)``
-    when ``normalize``).
+    ``[B, N, T + 1]`` (float32, float64 for float64 ``x``; sum over tokens for the global
+    energy; of ``LayerNorm(x_t)`` when ``normalize``).
+
+    Raises:
+        TypeError: non-int ``dim``/``heads``/``dim_head``/``num_steps``, non-bool
+            ``normalize`` (constructor); ``x`` not a float tensor or of another dtype than the
+            parameters, a ``mask`` that is not a boolean tensor (forward).
+        ValueError: sizes below 1, an unknown ``optimizer``, ``momentum`` outside ``[0, 1)``, a
+            non-finite or non-positive ``scale``, a negative or non-finite ``step_size``
+            (constructor or forward); ``x`` not ``[B, N, dim]`` or on another device, a
+            ``mask`` not of shape ``[B, N]`` or on another device (forward).
     """
 
     def __init__(self, dim, heads=1, dim_head=64, scale=None, num_steps=12, step_size=0.1,

@@ -27,7 +27,18 @@ class LinearAttention(nn.Module):
         bias: biases in the projections.
 
     ``forward(x [B, N, d_model], mask=None, is_causal=False) -> [B, N, d_model]``; ``mask``
-    boolean broadcastable to ``[B, n_head, N, N]``, True = may attend.
+    boolean broadcastable to ``[B, n_head, N, N]``, True = may attend; ``x`` has the
+    parameters' dtype and device (or is 16-bit under ``torch.autocast``); the attention sums
+    accumulate in float32 (:func:`linear_attention`).
+
+    Raises:
+        TypeError: non-int ``d_model``/``n_head``, non-bool ``gated``, non-number ``scale``
+            (constructor); ``x`` not a float tensor or of another dtype than the parameters, a
+            non-boolean ``mask``, a non-bool ``is_causal`` (forward).
+        ValueError: ``d_model`` not a positive multiple of ``n_head``, a non-finite or
+            non-positive ``scale``, an unknown ``form`` (constructor); ``x`` not
+            ``[B, N, d_model]`` or on another device, a ``mask`` that does not broadcast, a
+            ``mask`` with ``form="recurrent"`` (forward).
     """
 
     def __init__(self, d_model: int, n_head: int, *, gated: bool = False,
@@ -40,6 +51,8 @@ class LinearAttention(nn.Module):
                              f"({n_head})")
         if form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        if not isinstance(gated, bool):
+            raise TypeError(f"gated must be a bool, got {type(gated).__name__}")
         self.d_model, self.n_head, self.form = d_model, n_head, form
         d_head = d_model // n_head
         self.scale = (d_head**-0.5 if scale is None

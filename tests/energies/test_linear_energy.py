@@ -278,3 +278,9 @@ def test_inf_behind_padding_reaches_no_output():
     for form in ("auto", "quadratic"):
         assert torch.equal(linear_attention(q, bad_k, bad_v, mask=mask, form=form),
                            linear_attention(q, k, v, mask=mask, form=form))
+
+
+def test_linear_attention_layer_takes_a_bool_gated():
+    """``gated="no"`` built a gated layer (any truthy value did)."""
+    with pytest.raises(TypeError, match="gated"):
+        LinearAttention(8, 2, gated="no")
