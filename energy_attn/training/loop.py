@@ -292,11 +292,14 @@ def check_config(cfg: TrainConfig) -> None:
 
 
 def saved_config(out) -> dict | None:
-    """The config saved in the checkpoint of run directory ``out`` (None: no checkpoint)."""
+    """The config of run directory ``out``: its checkpoint's, else its ``log.json``'s (a run
+    that diverged before its first checkpoint, or whose checkpoint was deleted, has only the
+    log); None if it has neither."""
     path = Path(out) / CHECKPOINT
-    if not path.is_file():
-        return None
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    if path.is_file():
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)["config"]
+    log = Path(out) / "log.json"
+    return json.loads(log.read_text())["config"] if log.is_file() else None
 
 
 def _resume_changes(saved: dict, cfg: TrainConfig, path) -> dict:

@@ -1,8 +1,9 @@
 """``energy-attn train``: train the byte-level GPT on a text corpus (see ``training.loop``).
 
 Only the options given on the command line are taken from it; the others come from the
-:class:`TrainConfig` defaults, or, with ``--resume``, from the run's checkpoint, so
-``energy-attn train --out RUN --resume --steps 60`` extends a finished 30-step run.
+:class:`TrainConfig` defaults, or, with ``--resume``, from the run's checkpoint (without one,
+its ``log.json``), so ``energy-attn train --out RUN --resume --steps 60`` extends a finished
+30-step run.
 """
 
 from __future__ import annotations
@@ -87,7 +88,8 @@ def default_run_dir() -> str:
 
 
 def resolve_config(args):
-    """The run's config: with ``--resume`` the checkpoint's config updated by the options
+    """The run's config: with ``--resume`` the run's saved config (its checkpoint's, else its
+    ``log.json``'s: :func:`~energy_attn.training.loop.saved_config`) updated by the options
     given, else the given options over the defaults (``out`` defaulting to a new run
     directory). Prints where the run goes."""
     from .loop import CHECKPOINT, TrainConfig, saved_config
@@ -98,11 +100,12 @@ def resolve_config(args):
         if "out" not in given:
             raise ValueError("--resume needs --out RUN_DIR (the run to continue)")
         saved = saved_config(given["out"])
+        if main and not (Path(given["out"]) / CHECKPOINT).is_file():
+            print(f"no checkpoint {Path(given['out']) / CHECKPOINT}: starting a new run"
+                  + (" with the settings of its log.json" if saved is not None else ""),
+                  file=sys.stderr)
         if saved is not None:
             return TrainConfig.from_dict({**saved, **given})
-        if main:
-            print(f"no checkpoint {Path(given['out']) / CHECKPOINT}: starting a new run",
-                  file=sys.stderr)
     elif "out" not in given:
         given["out"] = default_run_dir()
         if main:
@@ -140,7 +143,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its checkpoint: its settings unless "
                         "given again; --steps, intervals, --threads, learning-rate settings "
-                        "may change, the model, data and optimizer may not")
+                        "may change, the model, data and optimizer may not (no checkpoint, "
+                        "e.g. diverged before the first: start it anew with its log's settings)")
     p.add_argument("--stop-at", type=int, default=None,
                    help="stop after this many steps (checkpointed), keeping the schedule")
     p.set_defaults(func=_run)

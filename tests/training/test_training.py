@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 import zlib
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import pytest
@@ -322,3 +322,23 @@ def test_an_interrupted_write_leaves_the_previous_log_and_checkpoint_whole(text_
         assert all((run / n).read_bytes() == before[n] for n in whole), name
     assert json.loads((run / "log.json").read_text())["summary"]["steps"] == 4
     assert torch.load(run / "ckpt.pt", weights_only=True)["step"] == 6
+
+
+def test_resume_without_a_checkpoint_restarts_with_the_logged_settings(text_file, tmp_path,
+                                                                       capsys):
+    # a run that diverged before its first checkpoint (or whose ckpt.pt was deleted) has only
+    # log.json: --resume started a new run from the defaults (the 4x128 GPT on the standard
+    # library) and overwrote that log
+    from argparse import Namespace
+
+    from energy_attn.training.train import resolve_config
+
+    run = str(tmp_path / "run")
+    cfg = tiny(text_file, lr=1e4, grad_clip=0.0, warmup=0, ckpt_interval=10, out=run)
+    assert train(cfg, progress=False)["diverged_at"] < 10
+    assert not (tmp_path / "run" / "ckpt.pt").exists()
+    assert resolve_config(Namespace(out=run, lr=1e-2, resume=True)) == replace(cfg, lr=1e-2)
+    assert "with the settings of its log.json" in capsys.readouterr().err
+    assert main(["train", "--out", run, "--resume", "--lr", "1e-2"]) == 0
+    log = json.loads((tmp_path / "run" / "log.json").read_text())
+    assert log["config"] == asdict(replace(cfg, lr=1e-2)) and log.get("diverged_at") is None
