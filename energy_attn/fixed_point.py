@@ -29,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import masks
+from ._moments import acc_dtype
 from ._utils import check_num_steps, exists, expand_heads
 from .energies.hopfield import _logits, _readout
 
@@ -60,6 +61,7 @@ def _iterate(g: Callable, z: torch.Tensor, num_iters: int, anderson: int) -> tor
         return z
     shape = z.shape
     z = z.reshape(-1, shape[-1])  # [R, D]: R independent systems
+    acc = acc_dtype(z)  # the small solves run in float32 at least (no 16-bit linalg.solve)
     zs, gs = [], []
     reg = 1e-4  # relative Tikhonov regularisation of the (normalised) Gram matrix
     for _ in range(num_iters):
@@ -70,23 +72,23 @@ def _iterate(g: Callable, z: torch.Tensor, num_iters: int, anderson: int) -> tor
         if len(zs) == 1:
             z = gz
             continue
-        G = torch.stack(gs, dim=1)  # [R, m, D]
-        res = G - torch.stack(zs, dim=1)  # [R, m, D]
+        G = torch.stack(gs, dim=1).to(acc)  # [R, m, D]
+        res = G - torch.stack(zs, dim=1).to(acc)  # [R, m, D]
         gram = res @ res.transpose(1, 2)  # [R, m, m]
         # Regularise relative to the Gram matrix's own scale (dimensionless), so converged rows
         # (gram ≈ 0) stay well posed and fall back to a plain average of identical images.
         m = gram.shape[-1]
         size = gram.diagonal(dim1=1, dim2=2).mean(-1, keepdim=True).unsqueeze(-1)
-        size = size + torch.finfo(z.dtype).tiny
-        eye = torch.eye(m, dtype=z.dtype, device=z.device)
-        ones = torch.ones(gram.shape[0], m, 1, dtype=z.dtype, device=z.device)
+        size = size + torch.finfo(acc).tiny
+        eye = torch.eye(m, dtype=acc, device=z.device)
+        ones = torch.ones(gram.shape[0], m, 1, dtype=acc, device=z.device)
         w = torch.linalg.solve(gram / size + reg * eye, ones)  # [R, m, 1]
         alpha = w / w.sum(dim=1, keepdim=True)
         # Safeguard (masked, per row): where the newest residual is no smaller than the best in
         # the window, extrapolation is not helping; take the plain step g(z) for that row.
         rnorm = res.pow(2).sum(-1)  # [R, m]
         stalled = rnorm[:, -1] >= rnorm[:, :-1].min(dim=1).values
-        z = torch.where(stalled.unsqueeze(-1), gz, (alpha * G).sum(dim=1))
+        z = torch.where(stalled.unsqueeze(-1), gz, (alpha * G).sum(dim=1).to(z.dtype))
     return z.reshape(shape)
 
 

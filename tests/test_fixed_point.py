@@ -88,6 +88,23 @@ def test_generic_fixed_point_of_a_linear_map():
         torch.testing.assert_close(a, e, atol=atol, rtol=rtol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_generic_anderson_runs_in_16_bits(dtype):
+    """Anderson's small least-squares solves run in float32 (torch.linalg.solve has no 16-bit
+    kernel: a float16 z0 raised NotImplementedError); z* keeps z0's dtype, forward and back."""
+    torch.manual_seed(3)
+    A = (0.3 * torch.randn(4, 4) / 2).to(dtype).requires_grad_()
+    c = torch.randn(3, 4).to(dtype).requires_grad_()
+    z = fixed_point(lambda z, A, c: z @ A.T + c, torch.zeros(3, 4, dtype=dtype), (A, c),
+                    num_iters=30, anderson=3)
+    exact = torch.linalg.solve(torch.eye(4) - A.float(), c.float().T).T
+    assert z.dtype == dtype
+    eps = torch.finfo(dtype).eps  # z* is rounded to the dtype: a few of its ulps
+    torch.testing.assert_close(z.float(), exact, atol=2 * eps, rtol=2 * eps)
+    ga, gc = torch.autograd.grad(z.float().sum(), (A, c))
+    assert ga.dtype == gc.dtype == dtype and ga.isfinite().all() and gc.isfinite().all()
+
+
 def test_torch_func_vmap_and_grad_with_closed_form_products():
     # z = A z + c: J = A, uᵀ∂f/∂A = u zᵀ, uᵀ∂f/∂c = u (one row, batched over vmap).
     torch.manual_seed(4)
