@@ -15,9 +15,11 @@ exactly on the same machine.
   so a resumed log equals the uninterrupted one).
 * Resuming: the checkpoint holds the run's config. Settings that would change the model, the
   data or the optimizer state (:data:`RESUME_FIXED`) must match; the others (``steps``, the
-  eval/log/checkpoint intervals, ``threads``, the learning-rate settings, ``device``) may
-  change, e.g. a larger ``steps`` extends a finished run (the cosine schedule is then
-  stretched to the new length). Each resume and what it changed is logged under ``"resumes"``.
+  eval/log/checkpoint intervals, ``threads``, ``device``, ``amp``, and the optimizer's
+  settings: the learning-rate schedule, ``weight_decay``, ``beta1``/``beta2``, ``grad_clip``,
+  aiadam's ``gamma`` and ``attention_norm``) may change and take effect from the resumed
+  step, e.g. a larger ``steps`` extends a finished run (the cosine schedule is then stretched
+  to the new length). Each resume and what it changed is logged under ``"resumes"``.
 * Threads: ``threads > 0`` sets ``torch.set_num_threads`` for the run (restored after). On a
   machine shared with other busy processes, 1 thread avoids OpenMP threads spinning against
   them (like ``OMP_NUM_THREADS=1``).
@@ -543,7 +545,10 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
             raise ValueError(f"cannot resume {ckpt_path} at step {ck['step']} with "
                              f"stop_at={stop_at}: give --stop-at > {ck['step']} (or none)")
         model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
+        opt.load_state_dict(ck["optimizer"])  # its state, and its groups' settings ...
+        for group, own in zip(opt.param_groups, settings):
+            group.update(own)  # ... which give way to cfg's: a resume may change them
         if scaler is not None and ck.get("scaler"):
             scaler.load_state_dict(ck["scaler"])
         step, train_time, saved_step = ck["step"], ck["train_time"], ck["step"]

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import zlib
@@ -342,3 +343,21 @@ def test_resume_without_a_checkpoint_restarts_with_the_logged_settings(text_file
     assert main(["train", "--out", run, "--resume", "--lr", "1e-2"]) == 0
     log = json.loads((tmp_path / "run" / "log.json").read_text())
     assert log["config"] == asdict(replace(cfg, lr=1e-2)) and log.get("diverged_at") is None
+
+
+def test_resume_applies_the_optimizer_settings_it_changes(text_file, tmp_path):
+    # weight_decay, beta1/beta2 and aiadam's gamma may change on a resume (and were logged as
+    # changed), but opt.load_state_dict put the checkpoint's values back: nothing changed
+    cfg = tiny(text_file, steps=6, eval_interval=3, optimizer="aiadam", out=str(tmp_path / "a"))
+    train(cfg, stop_at=3, progress=False)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    same = train(cfg, resume=True, progress=False)
+    new = {"weight_decay": 0.5, "beta1": 0.5, "beta2": 0.9, "gamma": -2.0}
+    changed = train(replace(cfg, out=str(tmp_path / "b"), **new), resume=True, progress=False)
+    assert changed["resumes"][-1]["changed"] == {k: [getattr(cfg, k), v] for k, v in new.items()}
+    groups = torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["optimizer"]["param_groups"]
+    assert [(g["weight_decay"], tuple(g["betas"]), g["gamma"]) for g in groups] == [
+        (0.5, (0.5, 0.9), -2.0), (0.0, (0.5, 0.9), -2.0)]  # the second group: no decay
+    assert changed["train"][:3] == same["train"][:3]
+    assert changed["train"][3]["loss"] == same["train"][3]["loss"]  # forward before any update
+    assert changed["train"][4]["loss"] != same["train"][4]["loss"]
