@@ -111,8 +111,10 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
     raw_mask, valid, sdpa_causal = masks.readout_args(masks.with_key_bias(m, bias), N, M,
                                                       q.device)
     attn_mask = masks.sdpa_mask(raw_mask, read, M) if exists(raw_mask) else None
-    # Explicit-logit paths (2nd-order Newton, energies): causality folded in once, not per step.
-    m = masks.Masks(masks.full_allowed(m, N, M, q.device), m.bias)
+    if optimizer in _NEWTON_KIND or return_energies:
+        # Explicit-logit paths (Newton, energies): causality folded in once, not per step. (The
+        # first-order read-outs keep SDPA's is_causal flag and need no N×M mask.)
+        m = masks.Masks(masks.full_allowed(m, N, M, q.device), m.bias)
 
     def readout(xi32, values):
         return masks.sdpa(xi32.to(q.dtype).to(read), k_read, values, attn_mask=attn_mask,
