@@ -404,7 +404,9 @@ def hopfield_descent(
 
     Raises:
         TypeError: a non-tensor, non-float or mismatched-dtype ``q``/``k``/``key_bias``, a mask
-            that is neither boolean nor float, a non-bool ``is_causal``, a non-int ``num_steps``.
+            that is neither boolean nor float, a non-bool ``is_causal``, a non-int ``num_steps``
+            or ``anderson``, a ``step_size``/``scale``/``momentum``/``tol`` that is not a real
+            Python number (a tensor included: they are not differentiable).
         ValueError: mismatched shapes (batch, head dim, ``Hk`` not dividing ``H``, ``D == 0`` or
             no keys, mask or ``key_bias`` shape), devices, a negative or non-finite
             ``step_size``/``scale``/``tol``, ``momentum`` outside ``[0, 1)``, an unknown
