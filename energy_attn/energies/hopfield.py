@@ -306,11 +306,9 @@ def _elastic_frame(state, stored, scale, mask):
     Returns ``(β, z, z − c, K − c, key bias of K − c, valid)``, in the accumulation dtype.
     """
     scale = _resolve_scale(state, stored, scale)
-    _check_masks(state, stored, mask, None)
-    dt = acc_dtype(state, stored)
+    kc, c = _centred_keys(state, stored, mask)
+    z = state.to(kc.dtype)
     allowed = _allowed(mask, state.shape[-2], stored.shape[-2], stored.device)
-    kc, c = centred(stored.to(dt), *key_rows(allowed))
-    z = state.to(dt)
     valid = None if allowed is None else allowed.any(dim=-1, keepdim=True)
     return scale, z, z - c, kc, elastic_key_bias(kc, scale), valid
 
