@@ -29,7 +29,8 @@ HELP = {
     "batch": "sequences per step per process",
     "steps": "training steps (the schedule's length)",
     "context": "sequence length in bytes",
-    "amp": "fp16 autocast with a GradScaler (CUDA only)",
+    "amp": "fp16 autocast with a GradScaler (CUDA only; --no-amp turns a resumed run's off, "
+           "e.g. to continue it on the CPU)",
     "ckpt_interval": "steps between checkpoints (0: at each validation)",
     "stability_batch": "sequences in the fixed attention-stability batch (0: off)",
     "threads": "CPU threads (torch.set_num_threads; 0: torch's default; at most the CPU "
@@ -49,9 +50,9 @@ def add_train_arguments(p, help_overrides=None) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
-                           help=helps.get(f.name))
+        if f.type in ("bool", bool):  # --no-X too: a resumed run may turn a saved X off
+            p.add_argument(flag, action=argparse.BooleanOptionalAction,
+                           default=argparse.SUPPRESS, help=helps.get(f.name))
             continue
         typ = {"int": int, "float": float}.get(str(f.type), str)
         text = helps.get(f.name, f.name.replace("_", " "))

@@ -153,3 +153,22 @@ def test_compare_help_describes_its_own_out(capsys):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "runs/train-DATE-TIME" in text and "(default None)" not in text
+
+
+def test_a_resume_can_turn_amp_off_to_continue_a_cuda_run_on_the_cpu(corpus, tmp_path, capsys):
+    # --device may change on a resume, but a run saved with amp (CUDA only) could not continue
+    # on the CPU: the command line had --amp and no way to turn it off
+    run = str(tmp_path / "run")
+    assert main(["train", "--data", corpus, *TINY, "--steps", "4", "--stop-at", "2",
+                 "--out", run]) == 0
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    ck["config"].update(amp=True, device="cuda")  # as if saved by a CUDA run with --amp
+    torch.save(ck, tmp_path / "run" / "ckpt.pt")
+    capsys.readouterr()
+    assert main(["train", "--out", run, "--resume", "--device", "cpu"]) == 2
+    assert "amp=True needs a CUDA device" in capsys.readouterr().err
+    assert main(["train", "--out", run, "--resume", "--device", "cpu", "--no-amp"]) == 0
+    log = log_of(run)
+    assert log["resumes"] == [{"step": 2, "changed": {"device": ["cuda", "cpu"],
+                                                      "amp": [True, False]}}]
+    assert log["summary"]["steps"] == 4 and log["config"]["amp"] is False
