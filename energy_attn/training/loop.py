@@ -100,7 +100,8 @@ class TrainConfig:
         batch, steps: per-rank batch size and number of steps.
         eval_interval, eval_batches: validation every ``eval_interval`` steps over
             ``eval_batches`` batches; ``ckpt_interval`` checkpoints (0: with each validation).
-        stability_batch: sequences in the fixed attention-stability batch (0: off).
+        stability_batch: sequences in the fixed attention-stability batch: the first
+            validation windows, so at most ``eval_batches · batch`` are used (0: off).
         seed, device, amp: random seed, torch device (a ``torch.device`` is kept as its
             ``str``), fp16 autocast + GradScaler (CUDA only).
         val_fraction: validation share of the corpus, in ``(0, 1)``.
