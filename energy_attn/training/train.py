@@ -32,7 +32,8 @@ HELP = {
     "amp": "fp16 autocast with a GradScaler (CUDA only; --no-amp turns a resumed run's off, "
            "e.g. to continue it on the CPU)",
     "ckpt_interval": "steps between checkpoints (0: at each validation)",
-    "stability_batch": "sequences in the fixed attention-stability batch (0: off)",
+    "stability_batch": "sequences in the fixed attention-stability batch: the first "
+                       "validation windows, at most eval-batches x batch (0: off)",
     "threads": "CPU threads (torch.set_num_threads; 0: torch's default; at most the CPU "
                "count). On a machine shared with other busy jobs use 1 (or OMP_NUM_THREADS=1)",
 }
