@@ -345,7 +345,8 @@ def evaluate(model, data, starts, cfg, device, rank, world):
         x, y = _windows(data, starts[lo:lo + cfg.batch], cfg.context, device)
         _, loss = model(x, y)
         total += torch.tensor([loss.item() * x.shape[0], x.shape[0]], dtype=torch.float64)
-    if world > 1:
+    if world > 1:  # on the model's device: an NCCL group has no CPU backend
+        total = total.to(device)
         dist.all_reduce(total)
     model.train(was_training)
     return (total[0] / total[1]).item()
