@@ -257,7 +257,7 @@ def _hopfield_step_vjp(scale, step_size, m):
     """
 
     def vjp(z, keys, bias=None):
-        logits, valid = _logits(z, keys, scale, m, bias)
+        logits, valid = _logits(z, keys, scale, masks.with_key_bias(m, bias))
         p, mu = _readout(logits, valid, keys)  # [B, H, N, M], [B, H, N, D]
         kk, zz = keys.to(p.dtype), z.to(p.dtype)
 

@@ -167,8 +167,9 @@ def to_sdpa_mask(m: Masks) -> torch.Tensor | None:
 
 
 def with_key_bias(m: Masks, key_bias: torch.Tensor | None) -> Masks:
-    """Add a per-key bias ``[B, H, M]`` as ``b_ij = b_j`` (docs/math.md §2)."""
-    return m if key_bias is None else combine(m, Masks(None, key_bias.unsqueeze(-2)))
+    """Add a per-key bias ``[B, H, M]`` as ``b_ij = b_j`` (docs/math.md §2). It is an additive
+    mask: ``−inf`` (or ``<= finfo.min``) there blocks the key, as in :func:`from_additive`."""
+    return m if key_bias is None else combine(m, from_additive(key_bias.unsqueeze(-2)))
 
 
 def zero_unseen_keys(m: Masks, k: torch.Tensor) -> torch.Tensor:

@@ -190,7 +190,8 @@ def _reference(q, k, scale, step_size, num_steps, m, key_bias, optimizer, moment
     if not return_energies:
         return out
     energies = torch.stack(
-        [hopfield_energy(xi, k, scale, mask=m, key_bias=bias) for xi in traj["queries"]],
+        [hopfield_energy(xi, k, scale, mask=masks.with_key_bias(m, bias))
+         for xi in traj["queries"]],
         dim=-1,
     )
     return out, energies
@@ -201,10 +202,11 @@ def _autograd(q, k, scale, step_size, num_steps, m, key_bias, optimizer, momentu
     B, H, N, D = q.shape
     M = k.shape[2]
     k = expand_heads(k, H)
-    bias = expand_heads(key_bias, H) if exists(key_bias) else None
-    # The energy's mask argument in SDPA's convention (bool, or float with −inf = blocked).
+    m = masks.with_key_bias(m, expand_heads(key_bias, H) if exists(key_bias) else None)
+    # The energy's mask argument in SDPA's convention (bool, or float with −inf = blocked), the
+    # key bias folded in (its −inf entries block, as a float mask's do).
     full = masks.to_sdpa_mask(masks.Masks(masks.full_allowed(m, N, M, q.device), m.bias))
-    energy = functools.partial(hopfield_energy, scale=scale, key_bias=bias)
+    energy = functools.partial(hopfield_energy, scale=scale)
     if optimizer == "newton_light":
         raise ValueError("backend='autograd' has no optimizer='newton_light' (needs a closed "
                          "form); use backend='reference'")

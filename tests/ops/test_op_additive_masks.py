@@ -110,6 +110,42 @@ def test_fully_blocked_rows_are_empty_and_finite(value):
     assert fp.isfinite().all()
 
 
+@pytest.mark.parametrize("value", ["-inf", "finfo.min"])
+@pytest.mark.parametrize("optimizer,rho", OPTS)
+def test_a_key_bias_that_blocks_is_a_boolean_mask(value, optimizer, rho):
+    """key_bias is the additive mask b_ij = b_j (docs/math.md §1): −inf there blocks the key on
+    every backend, the fixed point included, exactly like a boolean mask with the finite rest
+    of the bias; a head with every key blocked is empty and finite (it was NaN)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 4, 3, dtype=f64, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, 5, 3, dtype=f64, generator=g, requires_grad=True)
+    finite = torch.randn(1, 2, 5, dtype=f64, generator=g)
+    blocked = torch.zeros(1, 2, 5, dtype=torch.bool)
+    blocked[0, 0, 1] = blocked[0, 1, :] = True  # head 1 may attend nothing
+    bias = finite.masked_fill(blocked, fill_value(value, f64)).requires_grad_()
+    finite.requires_grad_()
+    allowed = (~blocked).unsqueeze(-2)
+    kw = dict(num_steps=2, step_size=0.5, optimizer=optimizer, momentum=rho)
+    runs = [dict(backend="reference", return_energies=True)]
+    if optimizer != "newton_light":
+        runs.append(dict(backend="autograd", return_energies=True))
+    if optimizer == "gd":
+        runs.append(dict(solver="fixed_point", num_steps=4))
+    for run in runs:
+        got = hopfield_descent(q, k, key_bias=bias, **{**kw, **run})
+        want = hopfield_descent(q, k, key_bias=finite, mask=allowed, **{**kw, **run})
+        got, want = (r if isinstance(r, tuple) else (r,) for r in (got, want))
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+        wants = (q, k, finite) if "solver" not in run else (k, finite)
+        ga = torch.autograd.grad(sum(r.sum() for r in got), wants[:-1] + (bias,))
+        gb = torch.autograd.grad(sum(r.sum() for r in want), wants)
+        for a, b in zip(ga, gb):
+            assert a.isfinite().all()
+            torch.testing.assert_close(a.masked_fill(blocked, 0) if a.shape == bias.shape else a,
+                                       b.masked_fill(blocked, 0) if b.shape == bias.shape else b)
+
+
 def test_half_precision_bias_below_the_dtype_range_weighs_down_not_blocks():
     """A float32 −1e9 bias with float16 queries is clamped to float16's lowest value, never
     −inf: a row whose every key is weighed down alike is not empty, and softmax's shift
