@@ -537,7 +537,10 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
     step, train_time, prev_maps, saved_step = 0, 0.0, None, None
     ckpt_path = out / CHECKPOINT if out else None
     if resume and ckpt_path is not None and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        # on the CPU: load_state_dict moves the weights and the optimizer state to the
+        # device, and the saved attention maps must stay beside the CPU ones they are compared
+        # with (mean_kl)
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changes = _resume_changes(ck["config"], cfg, ckpt_path)
         if ck["step"] > cfg.steps:
             raise ValueError(f"cannot resume {ckpt_path} at step {ck['step']} with "
@@ -563,9 +566,9 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
             print(f"resuming {ckpt_path} at step {step}" + (f"; changed: {what}" if what else ""),
                   file=sys.stderr)
         prev_maps = ck.get("prev_maps")
-        torch.set_rng_state(ck["rng"].cpu())
+        torch.set_rng_state(ck["rng"])
         if device.type == "cuda" and ck.get("cuda_rng") is not None:
-            torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
+            torch.cuda.set_rng_state(ck["cuda_rng"], device)
 
     def run_eval(at_stop=False):
         nonlocal prev_maps
