@@ -19,7 +19,8 @@ exactly on the same machine.
   settings: the learning-rate schedule, ``weight_decay``, ``beta1``/``beta2``, ``grad_clip``,
   aiadam's ``gamma`` and ``attention_norm``) may change and take effect from the resumed
   step, e.g. a larger ``steps`` extends a finished run (the cosine schedule is then stretched
-  to the new length). Each resume and what it changed is logged under ``"resumes"``.
+  to the new length). Each resume and what it changed (settings, and the number of processes,
+  which changes the global batch) is logged under ``"resumes"``.
 * Threads: ``threads > 0`` sets ``torch.set_num_threads`` for the run (restored after). On a
   machine shared with other busy processes, 1 thread avoids OpenMP threads spinning against
   them (like ``OMP_NUM_THREADS=1``).
@@ -542,6 +543,8 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
         # with (mean_kl)
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         changes = _resume_changes(ck["config"], cfg, ckpt_path)
+        if ck.get("world_size", world) != world:  # the global batch changes with it
+            changes["world_size"] = [ck["world_size"], world]
         if ck["step"] > cfg.steps:
             raise ValueError(f"cannot resume {ckpt_path} at step {ck['step']} with "
                              f"steps={cfg.steps}: give --steps >= {ck['step']}")
@@ -594,7 +597,7 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
             "scaler": scaler.state_dict() if scaler is not None else None, "step": step,
             "train_time": train_time, "log_train": log["train"], "log_eval": log["eval"],
             "prev_maps": prev_maps, "rng": torch.get_rng_state(),
-            "resumes": log.get("resumes", []),
+            "resumes": log.get("resumes", []), "world_size": world,
             "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
         }
         _atomic_write(ckpt_path, lambda tmp: torch.save(state, tmp))

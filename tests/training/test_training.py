@@ -361,3 +361,15 @@ def test_resume_applies_the_optimizer_settings_it_changes(text_file, tmp_path):
     assert changed["train"][:3] == same["train"][:3]
     assert changed["train"][3]["loss"] == same["train"][3]["loss"]  # forward before any update
     assert changed["train"][4]["loss"] != same["train"][4]["loss"]
+
+
+def test_a_resume_logs_a_change_of_the_number_of_processes(text_file, tmp_path):
+    # resuming a 2-process run in 1 process halves the global batch; the log said nothing
+    cfg = tiny(text_file, steps=4, eval_interval=2, out=str(tmp_path / "run"))
+    train(cfg, stop_at=2, progress=False)
+    ck = torch.load(tmp_path / "run" / "ckpt.pt", weights_only=True)
+    assert ck["world_size"] == 1
+    ck["world_size"] = 2  # as if saved under torchrun --nproc-per-node 2
+    torch.save(ck, tmp_path / "run" / "ckpt.pt")
+    log = train(cfg, resume=True, progress=False)
+    assert log["resumes"] == [{"step": 2, "changed": {"world_size": [2, 1]}}]
