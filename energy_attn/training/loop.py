@@ -659,8 +659,8 @@ def _run_steps(cfg, corpus, resume, stop_at, progress, world, rank, device):
             val = run_eval()
         elif step == last:  # stopped early (stop_at): the final numbers are this step's
             val = run_eval(at_stop=True)
-        # a diverged step is not checkpointed: its weights are no longer finite, and the last
-        # finite checkpoint is what a resume (e.g. with a lower lr) should continue from
+        # a diverged step is not checkpointed (its update made the weights non-finite): a
+        # resume, e.g. with a lower lr, continues from the last checkpoint before it
         if not diverged and (step % ckpt_every == 0 or step == last):
             save_checkpoint()
         bar.update(step, loss_v, cfg.batch * cfg.context * world / dt, val, force=val is not None)
