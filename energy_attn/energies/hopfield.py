@@ -77,6 +77,16 @@ def _check_masks(state, stored, mask, key_bias):
     check_same_device(state_patterns=state, mask=mask, key_bias=key_bias)
 
 
+def _with_key_bias(state, stored, mask, key_bias):
+    """Check ``mask`` and ``key_bias`` (:func:`_check_masks`) and fold the key bias into the
+    mask as the additive mask ``b_ij = b_j`` (:func:`energy_attn.masks.with_key_bias`,
+    docs/math.md §1.2): ``−inf`` or an entry ``<= finfo.min`` blocks its key, so a row whose
+    keys it blocks entirely has an empty memory, as in ``hopfield_descent``. Added raw, such a
+    row was a softmax over ``−inf`` (NaN)."""
+    _check_masks(state, stored, mask, key_bias)
+    return mask if key_bias is None else masks.with_key_bias(masks.as_masks(mask), key_bias)
+
+
 def _allowed(mask, n, m, device):
     """The boolean ``[..., n, m]`` mask (True = may attend) of any mask, or None."""
     if mask is None:
@@ -85,25 +95,25 @@ def _allowed(mask, n, m, device):
     return None if allowed is None else allowed.expand(*allowed.shape[:-2], n, m)
 
 
-def _seen_keys(state, stored, mask, key_bias=None):
+def _seen_keys(state, stored, mask):
     """``stored`` with the keys no query may attend (padding) set to 0 (docs/math.md §1.2):
     their probability is 0, but ``0 · inf`` is NaN, so inf or NaN behind a padding mask would
     reach the read-out and every gradient. Their gradient is 0."""
-    _check_masks(state, stored, mask, key_bias)
+    _check_masks(state, stored, mask, None)
     allowed = _allowed(mask, state.shape[-2], stored.shape[-2], stored.device)
     if allowed is None:
         return stored
     return torch.where(allowed.any(dim=-2).unsqueeze(-1), stored, stored.new_zeros(()))
 
 
-def _centred_keys(state, stored, mask, key_bias=None):
+def _centred_keys(state, stored, mask):
     """``(kc, c)``: the keys about ``c``, the detached mean of the keys every query may attend,
     with keys no query may attend set to 0 (:func:`energy_attn._moments.centred`), in the
     accumulation dtype (docs/math.md §4.4). Logits ``β ξ·(k_j − c)`` differ from ``β ξ·k_j``
     by a per-query constant, which the softmax ignores, but not by the keys' common offset:
     formed about the origin, their float32 rounding (``β ξ·k ≈ 4·10⁴`` for keys and queries
     near 100, d = 16) put errors of 5·10⁻⁴ into ``p`` and the gradient."""
-    _check_masks(state, stored, mask, key_bias)
+    _check_masks(state, stored, mask, None)
     allowed = _allowed(mask, state.shape[-2], stored.shape[-2], stored.device)
     return centred(stored.to(acc_dtype(state, stored)), *key_rows(allowed))
 
@@ -115,18 +125,17 @@ def _centred_readout(logits, valid, kc, c):
     return p, mc, mc + (c if valid is None else c * valid)
 
 
-def _logits(state, stored, scale, mask=None, key_bias=None):
-    """Masked logits ``β ξ·k + b`` in the accumulation dtype and the row-validity mask.
+def _logits(state, stored, scale, mask=None):
+    """Masked logits ``β ξ·k + b`` in the accumulation dtype and the row-validity mask (a key
+    bias comes folded into ``mask``: :func:`_with_key_bias`).
 
     Fully masked rows get all-zero logits (so softmax/lse stay finite) and ``valid = False``;
     callers zero their read-out and potential.
     """
-    _check_masks(state, stored, mask, key_bias)
+    _check_masks(state, stored, mask, None)
     dt = acc_dtype(state, stored)
     with no_autocast(state):  # autocast would run the einsum in 16 bits again
         logits = torch.einsum("...id,...jd->...ij", state.to(dt), stored.to(dt)) * scale
-    if exists(key_bias):
-        logits = logits + key_bias.to(dt).unsqueeze(-2)
     return masks.logits_mask(logits, mask)  # blocked: −inf; fully masked rows: 0, valid False
 
 
@@ -174,8 +183,9 @@ def hopfield_energy(state_patterns, stored_patterns, scale=None, mask=None, key_
         :func:`hopfield_energy_grad` (found by :func:`energy_attn.minimize_energy`).
     """
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
-    stored_patterns = _seen_keys(state_patterns, stored_patterns, mask, key_bias)
-    logits, valid = _logits(state_patterns, stored_patterns, scale, mask, key_bias)
+    mask = _with_key_bias(state_patterns, stored_patterns, mask, key_bias)
+    stored_patterns = _seen_keys(state_patterns, stored_patterns, mask)
+    logits, valid = _logits(state_patterns, stored_patterns, scale, mask)
     kinetic = 0.5 * state_patterns.to(logits.dtype).pow(2).sum(dim=-1)
     lse = _logsumexp(logits)
     if exists(valid):
@@ -189,8 +199,9 @@ def hopfield_energy_grad(state_patterns, stored_patterns, scale=None, mask=None,
     Same arguments as :func:`hopfield_energy`; returns ``[..., n, d]`` in the state's dtype.
     """
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
-    kc, c = _centred_keys(state_patterns, stored_patterns, mask, key_bias)
-    logits, valid = _logits(state_patterns, kc, scale, mask, key_bias)
+    mask = _with_key_bias(state_patterns, stored_patterns, mask, key_bias)
+    kc, c = _centred_keys(state_patterns, stored_patterns, mask)
+    logits, valid = _logits(state_patterns, kc, scale, mask)
     _, _, mu = _centred_readout(logits, valid, kc, c)
     return (state_patterns.to(mu.dtype) - mu).to(state_patterns.dtype)
 
@@ -210,7 +221,8 @@ def hopfield_energy_self_grad(state_patterns, stored_patterns, scale=None, mask=
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
     if stored_patterns is not state_patterns:
         raise ValueError("the self-consistent gradient needs stored_patterns is state_patterns")
-    logits, valid = _logits(state_patterns, state_patterns, scale, mask, key_bias)
+    mask = _with_key_bias(state_patterns, state_patterns, mask, key_bias)
+    logits, valid = _logits(state_patterns, state_patterns, scale, mask)
     p, mu = _readout(logits, valid, state_patterns)
     xi = state_patterns.to(p.dtype)
     with no_autocast(p):
@@ -232,7 +244,8 @@ def elastic_energy_self_grad(state_patterns, stored_patterns, scale=None, mask=N
     allowed = _allowed(mask, n, n, state_patterns.device)
     x = state_patterns.to(acc_dtype(state_patterns))
     xs = x - centred(x, *key_rows(allowed))[1]
-    logits, valid = _logits(xs, xs, scale, mask, elastic_key_bias(xs, scale))
+    mask = _with_key_bias(xs, xs, mask, elastic_key_bias(xs, scale))
+    logits, valid = _logits(xs, xs, scale, mask)
     p, mu = _readout(logits, valid, xs)
     pt = p.transpose(-1, -2)  # pt[i, j] = p_ji: pattern i read as a key by query j
     own = xs if valid is None else torch.where(valid, xs, x)  # ξ_i − c, or ξ_i if empty
@@ -258,8 +271,9 @@ def hopfield_newton_direction(
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
     if kind not in ("2nd1st", "light"):
         raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
-    kc, c = _centred_keys(state_patterns, stored_patterns, mask, key_bias)
-    logits, valid = _logits(state_patterns, kc, scale, mask, key_bias)
+    mask = _with_key_bias(state_patterns, stored_patterns, mask, key_bias)
+    kc, c = _centred_keys(state_patterns, stored_patterns, mask)
+    logits, valid = _logits(state_patterns, kc, scale, mask)
     return _newton_direction(state_patterns, logits, valid, kc, c, scale, kind)
 
 

@@ -1,3 +1,4 @@
+import functools
 import math
 
 import pytest
@@ -5,7 +6,7 @@ import torch
 
 from energy_attn import elastic_energy, elastic_energy_grad, hopfield_energy, hopfield_energy_grad
 from energy_attn.energies import hopfield_newton_direction
-from energy_attn.energies.hopfield import elastic_energy_self_grad
+from energy_attn.energies.hopfield import elastic_energy_self_grad, hopfield_energy_self_grad
 
 f64 = torch.float64
 
@@ -257,3 +258,28 @@ def test_keys_sharing_an_offset_cost_no_accuracy(kind):
     assert got.dtype == torch.float16
     rounding = (exact.half().double() - exact).abs().max()
     assert (got.double() - exact).abs().max() <= 1.5 * rounding
+
+
+@pytest.mark.parametrize("kind", ["energy", "gradient", "2nd1st", "light", "self"])
+def test_a_blocking_key_bias_is_a_boolean_mask(kind):
+    """``key_bias`` is the additive mask ``b_ij = b_j`` (docs/math.md §1.2): ``−inf`` or an entry
+    ``<= finfo.min`` blocks its key, as it does in ``hopfield_descent``. The energies added it
+    raw, so a row whose keys it blocked entirely was NaN instead of an empty memory."""
+    fn = {"energy": hopfield_energy, "gradient": hopfield_energy_grad,
+          "2nd1st": hopfield_newton_direction,
+          "light": functools.partial(hopfield_newton_direction, kind="light"),
+          "self": lambda xi, k, *a, **kw: hopfield_energy_self_grad(xi, xi, *a, **kw)}[kind]
+    xi, k = _data(n=5, m=5)
+    bias = torch.randn(2, 5, dtype=f64)
+    blocked = torch.zeros(2, 5, dtype=torch.bool)
+    blocked[0] = True  # every key of the first batch element
+    blocked[1, [1, 3]] = True
+    inf_bias = bias.masked_fill(blocked, -math.inf)
+    inf_bias[:, 1] = torch.finfo(f64).min
+    mask = _mask(2, 5, 5)
+    got = fn(xi, k, 0.7, mask=mask, key_bias=inf_bias)
+    assert torch.isfinite(got).all()
+    want = fn(xi, k, 0.7, mask=mask & ~blocked.unsqueeze(-2), key_bias=bias.masked_fill(blocked, 0))
+    torch.testing.assert_close(got, want)
+    empty = 0.5 * xi[0].square().sum(-1) if kind == "energy" else xi[0]
+    torch.testing.assert_close(got[0], empty)
