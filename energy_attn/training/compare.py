@@ -2,7 +2,9 @@
 
 ``--grid KEY=V1,V2`` (repeatable; any :class:`TrainConfig` field) spans the variants, their
 Cartesian product; ``--seeds`` the seeds. Each run writes ``OUT/runs/<variant>-s<seed>/`` (a run
-whose log is already complete is reused, an interrupted one resumes from its checkpoint). The
+whose log is already complete is reused, an interrupted one resumes from its checkpoint) and
+trains on the corpus of its own ``data`` and ``val_fraction`` (loaded once per distinct pair; a
+finished run whose log records another corpus is an error, not reused). The
 summary is ``OUT/compare.json``, ``compare.csv``, ``compare.md`` (mean ± std over the seeds
 whose training did not diverge, see :func:`summarize_runs`) and ``compare.png`` (validation loss
 vs step and vs training wall-clock, mean ± std band).
@@ -89,29 +91,54 @@ def run_grid(base, variants, seeds, out: Path, progress=True, train_missing=True
         except ValueError as err:
             raise ValueError(f"--grid variant {name}: {err}") from None
         planned.append((name, list(zip(seeds, cfgs))))
+    corpora = {}
     if train_missing:
-        corpus = load_corpus(base.data, val_fraction=base.val_fraction,
-                             min_bytes=base.context + 1)
-        print(corpus.describe(), file=sys.stderr)
+        # each run trains on its own config's data and val_fraction: one corpus per distinct
+        # pair, so a grid that varies neither loads it once
+        need = {}
+        for _, runs in planned:
+            for _, cfg in runs:
+                key = (cfg.data, cfg.val_fraction)
+                need[key] = max(need.get(key, 0), cfg.context + 1)
+        for (data, val_fraction), min_bytes in need.items():
+            corpus = load_corpus(data, val_fraction=val_fraction, min_bytes=min_bytes)
+            corpora[data, val_fraction] = corpus
+            print(corpus.describe(), file=sys.stderr)
+    reused, stale = {}, []
+    for _, runs in planned:
+        for _, cfg in runs:
+            done = Path(cfg.out) / "log.json"
+            if not done.exists():
+                continue
+            log = json.loads(done.read_text())
+            finished = log["summary"]["steps"] == cfg.steps or log.get("diverged_at")
+            # the log's settings as a TrainConfig: fields added since take their defaults
+            same = _settings(TrainConfig.from_dict(log["config"])) == _settings(cfg)
+            if finished and same:
+                reused[cfg.out] = log
+                # (a log that records no corpus cannot be checked; --no-train loads none)
+                wanted = corpora.get((cfg.data, cfg.val_fraction))
+                had = log.get("corpus")
+                if wanted is not None and had is not None and had != wanted.describe():
+                    stale.append(f"{done} records {had!r}, its config loads "
+                                 f"{wanted.describe()!r}")
+    if stale:  # e.g. a run of a compare that gave every variant the base's split
+        raise ValueError("finished runs trained on another corpus than their config's (remove "
+                         "their folders to train them again): " + "; ".join(stale))
     logs = {}
     for name, runs in planned:
         for seed, cfg in runs:
-            done = Path(cfg.out) / "log.json"
-            if done.exists():
-                log = json.loads(done.read_text())
-                finished = log["summary"]["steps"] == cfg.steps or log.get("diverged_at")
-                # the log's settings as a TrainConfig: fields added since take their defaults
-                same = _settings(TrainConfig.from_dict(log["config"])) == _settings(cfg)
-                if finished and same:
-                    logs.setdefault(name, []).append(log)
-                    print(f"[{name} seed {seed}] reusing {done}", file=sys.stderr)
-                    continue
+            if cfg.out in reused:
+                logs.setdefault(name, []).append(reused[cfg.out])
+                print(f"[{name} seed {seed}] reusing {Path(cfg.out) / 'log.json'}",
+                      file=sys.stderr)
+                continue
             if not train_missing:
                 print(f"[{name} seed {seed}] missing (not trained: --no-train)", file=sys.stderr)
                 continue
             print(f"[{name} seed {seed}]", file=sys.stderr)
-            logs.setdefault(name, []).append(
-                train(cfg, corpus=corpus, resume=True, progress=progress))
+            logs.setdefault(name, []).append(train(cfg, corpus=corpora[cfg.data, cfg.val_fraction],
+                                                   resume=True, progress=progress))
     return logs
 
 
