@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import nn
 
 from .. import masks
+from .._moments import centred, key_rows
 from .._utils import (
     check_finite_number,
     check_float_tensor,
@@ -77,6 +78,23 @@ def _mask_to_bhnm(mask):
     if mask.dim() == 2:
         return rearrange(mask, "b m -> b 1 1 m")
     return rearrange(mask, "b n m -> b 1 n m")
+
+
+def _about_keys_centre(q, k, mask):
+    """``(q − c, K − c, c)`` for descending the elastic energy on the fused op (docs/math.md
+    §2.1): ``F*`` depends on ``ξ − k_j`` only and every optimizer step commutes with a
+    translation, so descending ``q − c`` against ``K − c`` (key bias ``elastic_key_bias(K − c)``)
+    and adding ``c`` back is exact for any ``c``, and so is the gradient (``c`` is detached).
+    About the origin the logits ``β ξ·k − ½β‖k‖²`` subtract two terms of size ``β‖k‖²`` (float32
+    outputs 0.1 off for patterns near 1000). ``c`` is the mean of the keys every query may
+    attend, and keys no query may attend are set to 0 (:func:`energy_attn._moments.centred`),
+    so a blocked key reaches no output; a query with an empty memory (``F* = ½‖ξ‖²``, not
+    translation invariant) is not shifted (its ``c`` is 0). ``mask``: boolean
+    ``[b, 1, n|1, m]`` (True = may attend) or None. The shifted patterns keep their dtype."""
+    kc, c = centred(k, *key_rows(mask))
+    if exists(mask):
+        c = torch.where(mask.any(dim=-1, keepdim=True), c, 0.0)  # [b, h, n, d]
+    return (q.to(c.dtype) - c).to(q.dtype), kc.to(k.dtype), c
 
 
 class VanillaSoftmaxAttention(nn.Module):
@@ -142,8 +160,9 @@ class EnergyBasedAttention(nn.Module):
             (there is no ``to_v``: the descent reads out keys).
         energy_func: ``energy_func(state, stored, scale, mask=None) -> [..., n]``; default
             :func:`hopfield_energy`. Closed-form energies (``hopfield_energy``,
-            ``elastic_energy``) run on the fused op :func:`hopfield_descent`; any other callable
-            is descended with autograd like the blog.
+            ``elastic_energy``) run on the fused op :func:`hopfield_descent` (the elastic one
+            about the keys' centre, docs/math.md §2.1); any other callable is descended with
+            autograd like the blog.
         optimizer, momentum: default descent optimizer (docs/math.md §4), overridable per call.
 
     ``forward(x, context=None, mask=None, scale=None, bare_attn=False, step_size=1.0,
@@ -221,10 +240,16 @@ class EnergyBasedAttention(nn.Module):
             out = rearrange(out, "(b h) n d -> b n (h d)", h=h)
         else:
             q, k = (rearrange(t, "b n (h d) -> b h n d", h=h) for t in (q, k))
-            bias = elastic_key_bias(k, scale) if self.energy_func is elastic_energy else None
+            mask = _mask_to_bhnm(mask)
+            bias = c = None
+            if self.energy_func is elastic_energy:
+                q, k, c = _about_keys_centre(q, k, mask)
+                bias = elastic_key_bias(k, scale)
             out = hopfield_descent(
                 q, k, scale=scale, step_size=step_size, num_steps=num_steps,
-                mask=_mask_to_bhnm(mask), key_bias=bias, optimizer=optimizer, momentum=momentum,
+                mask=mask, key_bias=bias, optimizer=optimizer, momentum=momentum,
             )
+            if exists(c):
+                out = (out + c).to(out.dtype)
             out = rearrange(out, "b h n d -> b n (h d)")
         return out if bare_attn or h == 1 else self.to_out(out)
