@@ -16,16 +16,6 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--context", "16",
         "--eval-batches", "1", "--val-fraction", "0.1", "--stability-batch", "2"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    words = ("the energy of attention is a sum of log sum exp terms over keys and queries "
-             "def step(x): return x - eta * grad(x)").split()
-    picks = torch.randint(0, len(words), (1200,), generator=torch.Generator().manual_seed(0))
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(" ".join(words[i] for i in picks.tolist()))
-    return str(path)
-
-
 def cli(*args, cwd, hide_matplotlib=False):
     """Run ``energy-attn ARGS`` in ``cwd``; optionally as if matplotlib were not installed."""
     code = "import sys\n"

@@ -9,7 +9,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 
 from energy_attn.cli import main
 from energy_attn.training import corpus as corpus_module
@@ -26,17 +25,6 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = ["--n-layer", "1", "--n-head", "2", "--d-model", "16", "--context", "16", "--batch", "4",
         "--eval-batches", "1", "--stability-batch", "2", "--steps", "2", "--eval-interval", "2",
         "--threads", "1", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-    """~6 kB of text (deterministic): one file, so the split is by bytes."""
-    words = ("the energy of attention is a sum of log sum exp terms over keys and queries "
-             "def step(x): return x - eta * grad(x)").split()
-    picks = torch.randint(0, len(words), (1200,), generator=torch.Generator().manual_seed(0))
-    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
-    path.write_text(" ".join(words[i] for i in picks.tolist()))
-    return str(path)
 
 
 def fake_run(losses, diverged_at=None, alpha=None, acc=0.5, kl=0.01, ms=10.0, machine=None):
@@ -155,7 +143,7 @@ def test_committed_tables_are_the_summaries_of_their_saved_runs(out):
     assert markdown_table(rows, saved["target_loss"]) + "\n" == (out / "compare.md").read_text()
 
 
-def test_each_variant_trains_on_its_own_validation_split(text_file, tmp_path, monkeypatch,
+def test_each_variant_trains_on_its_own_validation_split(corpus, tmp_path, monkeypatch,
                                                          capsys):
     # compare loaded one corpus, the base config's, for every variant: a grid over val_fraction
     # trained and validated every run on the base's 5% split while their configs said otherwise.
@@ -168,12 +156,12 @@ def test_each_variant_trains_on_its_own_validation_split(text_file, tmp_path, mo
 
     monkeypatch.setattr(corpus_module, "load_corpus", counted)
     out = tmp_path / "cmp"
-    assert main(["compare", "--data", text_file, *TINY, "--grid", "val_fraction=0.1,0.5",
+    assert main(["compare", "--data", corpus, *TINY, "--grid", "val_fraction=0.1,0.5",
                  "--seeds", "0,1", "--out", str(out)]) == 0
-    assert sorted(loads) == [(text_file, 0.1), (text_file, 0.5)]  # once per split, not per seed
+    assert sorted(loads) == [(corpus, 0.1), (corpus, 0.5)]  # once per split, not per seed
     described = {}
     for fraction in (0.1, 0.5):
-        expected = load_corpus(text_file, val_fraction=fraction).describe()
+        expected = load_corpus(corpus, val_fraction=fraction).describe()
         for seed in (0, 1):
             log = json.loads((out / "runs" / f"val_fraction={fraction}-s{seed}" /
                               "log.json").read_text())
@@ -185,13 +173,13 @@ def test_each_variant_trains_on_its_own_validation_split(text_file, tmp_path, mo
     # a second compare reuses the finished runs; one that records another split than its
     # config's (as the runs of the old compare did) is refused before anything trains
     loads.clear()
-    assert main(["compare", "--data", text_file, *TINY, "--grid", "val_fraction=0.1,0.5",
+    assert main(["compare", "--data", corpus, *TINY, "--grid", "val_fraction=0.1,0.5",
                  "--seeds", "0,1", "--out", str(out), "--no-train"]) == 0
     assert loads == []  # summarising saved runs needs no data
     run = out / "runs" / "val_fraction=0.5-s1" / "log.json"
     log = json.loads(run.read_text())
     before = run.read_text()
-    base_split = load_corpus(text_file).describe()
+    base_split = load_corpus(corpus).describe()
     run.write_text(json.dumps({**log, "corpus": base_split}))
 
     def no_training(cfg, **kw):
@@ -199,10 +187,10 @@ def test_each_variant_trains_on_its_own_validation_split(text_file, tmp_path, mo
 
     monkeypatch.setattr("energy_attn.training.loop.train", no_training)
     capsys.readouterr()
-    assert main(["compare", "--data", text_file, *TINY, "--grid", "val_fraction=0.1,0.5",
+    assert main(["compare", "--data", corpus, *TINY, "--grid", "val_fraction=0.1,0.5",
                  "--seeds", "0,1", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert str(run) in err and base_split in err and "val_fraction=0.5-s0" not in err
     run.write_text(before)
-    assert main(["compare", "--data", text_file, *TINY, "--grid", "val_fraction=0.1,0.5",
+    assert main(["compare", "--data", corpus, *TINY, "--grid", "val_fraction=0.1,0.5",
                  "--seeds", "0,1", "--out", str(out)]) == 0
