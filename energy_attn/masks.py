@@ -231,9 +231,10 @@ def logits_mask(logits: torch.Tensor, mask) -> tuple[torch.Tensor, torch.Tensor 
     allowed = full_allowed(m, logits.shape[-2], logits.shape[-1], logits.device)
     if allowed is None:
         return logits, None
-    logits = logits.masked_fill(~allowed, float("-inf"))
     valid = allowed.any(dim=-1, keepdim=True)
-    return logits.masked_fill(~valid, 0.0), valid
+    # One pass over the logits: blocked entries are −inf, or 0 on a row with none allowed.
+    fill = torch.zeros(valid.shape, dtype=logits.dtype, device=logits.device)
+    return torch.where(allowed, logits, fill.masked_fill_(valid, float("-inf"))), valid
 
 
 def readout_args(m: Masks, n: int, k: int, device):
