@@ -88,18 +88,22 @@ def _with_key_bias(state, stored, mask, key_bias):
 
 
 def _allowed(mask, n, m, device):
-    """The boolean ``[..., n, m]`` mask (True = may attend) of any mask, or None."""
+    """The boolean mask (True = may attend) of any mask, ``[..., n|1, m]`` (a query dim it
+    broadcasts stays 1: a per-key mask costs no N×M pass), or None."""
     if mask is None:
         return None
     allowed = masks.full_allowed(masks.as_masks(mask), n, m, device)
-    return None if allowed is None else allowed.expand(*allowed.shape[:-2], n, m)
+    if allowed is None:
+        return None
+    allowed = allowed.reshape((1,) * (2 - allowed.dim()) + tuple(allowed.shape))
+    return allowed.expand(*allowed.shape[:-1], m)
 
 
 def _seen_keys(state, stored, mask):
     """``stored`` with the keys no query may attend (padding) set to 0 (docs/math.md §1.2):
     their probability is 0, but ``0 · inf`` is NaN, so inf or NaN behind a padding mask would
-    reach the read-out and every gradient. Their gradient is 0."""
-    _check_masks(state, stored, mask, None)
+    reach the read-out and every gradient. Their gradient is 0. (``mask`` checked by the
+    caller.)"""
     allowed = _allowed(mask, state.shape[-2], stored.shape[-2], stored.device)
     if allowed is None:
         return stored
@@ -112,8 +116,8 @@ def _centred_keys(state, stored, mask):
     accumulation dtype (docs/math.md §4.4). Logits ``β ξ·(k_j − c)`` differ from ``β ξ·k_j``
     by a per-query constant, which the softmax ignores, but not by the keys' common offset:
     formed about the origin, their float32 rounding (``β ξ·k ≈ 4·10⁴`` for keys and queries
-    near 100, d = 16) put errors of 5·10⁻⁴ into ``p`` and the gradient."""
-    _check_masks(state, stored, mask, None)
+    near 100, d = 16) put errors of 5·10⁻⁴ into ``p`` and the gradient. (``mask`` checked by
+    the caller.)"""
     allowed = _allowed(mask, state.shape[-2], stored.shape[-2], stored.device)
     return centred(stored.to(acc_dtype(state, stored)), *key_rows(allowed))
 
@@ -186,7 +190,12 @@ def hopfield_energy(state_patterns, stored_patterns, scale=None, mask=None, key_
     mask = _with_key_bias(state_patterns, stored_patterns, mask, key_bias)
     stored_patterns = _seen_keys(state_patterns, stored_patterns, mask)
     logits, valid = _logits(state_patterns, stored_patterns, scale, mask)
-    kinetic = 0.5 * state_patterns.to(logits.dtype).pow(2).sum(dim=-1)
+    return _energy(state_patterns, logits, valid, scale)
+
+
+def _energy(state, logits, valid, scale):
+    """``½‖ξ‖² − (1/β) lse(logits)`` per query (potential 0 on rows ``valid`` marks empty)."""
+    kinetic = 0.5 * state.to(logits.dtype).pow(2).sum(dim=-1)
     lse = _logsumexp(logits)
     if exists(valid):
         lse = lse * valid.squeeze(-1)
@@ -269,12 +278,16 @@ def hopfield_newton_direction(
     large offset do not cancel and masked-out keys are never read.
     """
     scale = _resolve_scale(state_patterns, stored_patterns, scale)
-    if kind not in ("2nd1st", "light"):
-        raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
+    _check_kind(kind)
     mask = _with_key_bias(state_patterns, stored_patterns, mask, key_bias)
     kc, c = _centred_keys(state_patterns, stored_patterns, mask)
     logits, valid = _logits(state_patterns, kc, scale, mask)
     return _newton_direction(state_patterns, logits, valid, kc, c, scale, kind)
+
+
+def _check_kind(kind):
+    if kind not in ("2nd1st", "light"):
+        raise ValueError(f"kind must be '2nd1st' or 'light', got {kind!r}")
 
 
 def _newton_direction(state, logits, valid, kc, c, scale, kind):
@@ -306,25 +319,30 @@ def elastic_key_bias(stored_patterns, scale=None):
 
 
 def _elastic_frame(state, stored, scale, mask):
-    """The elastic energy's arguments about a centre ``c`` (docs/math.md §2.1).
+    """The elastic energy's pieces about a centre ``c`` (docs/math.md §2.1).
 
     ``F*`` depends on ``z`` and the keys only through ``z − k_j``, so for any ``c`` it equals
     ``F*`` of ``z − c`` and ``K − c`` (the key bias moving with the keys), and so do its
     gradient and Newton direction. Formed about the origin, the logits
     ``β z·k_j − ½β‖k_j‖²`` subtract two terms of size ``β‖k‖²`` (float32 gradients 10% off for
     keys near 1000); about ``c``, the (detached) mean of the keys every query may attend
-    (:func:`energy_attn._moments.centred`, which also zeroes keys no query may attend), they
-    do not. The exception is a row with an empty memory (``F* = ½‖z‖²``, ``∇F* = z``, not
-    ``z − c``): ``valid`` (``[..., n, 1]``, None without a mask) marks the others.
+    (:func:`_centred_keys`, which also zeroes keys no query may attend), they do not. The
+    exception is a row with an empty memory (``F* = ½‖z‖²``, ``∇F* = z``, not ``z − c``):
+    ``valid`` (``[..., n|1, 1]``, None without a mask) marks the others.
 
-    Returns ``(β, z, z − c, K − c, key bias of K − c, valid)``, in the accumulation dtype.
+    Returns ``(β, z, z − c, K − c, logits, valid)`` in the accumulation dtype: the masked logits
+    ``β (z − c)·(k_j − c) − ½β‖k_j − c‖²`` and the row validity as :func:`_logits` gives them.
     """
     scale = _resolve_scale(state, stored, scale)
+    _check_masks(state, stored, mask, None)
     kc, c = _centred_keys(state, stored, mask)
     z = state.to(kc.dtype)
-    allowed = _allowed(mask, state.shape[-2], stored.shape[-2], stored.device)
-    valid = None if allowed is None else allowed.any(dim=-1, keepdim=True)
-    return scale, z, z - c, kc, elastic_key_bias(kc, scale), valid
+    zc = z - c
+    # The key bias of finite keys is finite, so it is a plain logit bias (no key to block):
+    # without a mask the logits stay unmasked.
+    bias = masks.Masks(bias=elastic_key_bias(kc, scale).unsqueeze(-2))  # [..., 1, m]
+    logits, valid = _logits(zc, kc, scale, masks.combine(masks.as_masks(mask), bias))
+    return scale, z, zc, kc, logits, valid
 
 
 def elastic_energy(state_patterns, stored_patterns, scale=None, mask=None):
@@ -336,8 +354,8 @@ def elastic_energy(state_patterns, stored_patterns, scale=None, mask=None):
     Returns ``[..., n]``, accumulated in float32 (float64 stays float64); ``½‖z‖²`` on a row
     with an empty memory.
     """
-    scale, z, zc, kc, bias, valid = _elastic_frame(state_patterns, stored_patterns, scale, mask)
-    e = hopfield_energy(zc, kc, scale, mask, key_bias=bias)
+    scale, z, zc, _, logits, valid = _elastic_frame(state_patterns, stored_patterns, scale, mask)
+    e = _energy(zc, logits, valid, scale)
     return e if valid is None else torch.where(valid.squeeze(-1), e, 0.5 * z.square().sum(-1))
 
 
@@ -345,8 +363,9 @@ def elastic_energy_grad(state_patterns, stored_patterns, scale=None, mask=None):
     """Closed-form ``∇F*(z) = z − Σ_j p_j k_j``, ``p = softmax((z·k_j − ½‖k_j‖²)/T)``, as
     ``(z − c) − Σ_j p_j (k_j − c)`` (:func:`elastic_energy`); ``[..., n, d]`` in the state's
     dtype."""
-    scale, z, zc, kc, bias, valid = _elastic_frame(state_patterns, stored_patterns, scale, mask)
-    g = hopfield_energy_grad(zc, kc, scale, mask, key_bias=bias)
+    _, z, zc, kc, logits, valid = _elastic_frame(state_patterns, stored_patterns, scale, mask)
+    _, mc = _readout(logits, valid, kc)  # μ − c
+    g = zc - mc
     return (g if valid is None else torch.where(valid, g, z)).to(state_patterns.dtype)
 
 
@@ -354,8 +373,11 @@ def elastic_newton_direction(state_patterns, stored_patterns, scale=None, mask=N
                              kind="2nd1st"):
     """Newton-like direction for :func:`elastic_energy` (same Hessian form as Hopfield's),
     ``[..., n, d]`` in the state's dtype."""
-    scale, z, zc, kc, bias, valid = _elastic_frame(state_patterns, stored_patterns, scale, mask)
-    d = hopfield_newton_direction(zc, kc, scale, mask, key_bias=bias, kind=kind)
+    _check_kind(kind)
+    scale, z, zc, kc, logits, valid = _elastic_frame(state_patterns, stored_patterns, scale,
+                                                     mask)
+    # About c, with c = 0: zc and kc are already centred.
+    d = _newton_direction(zc, logits, valid, kc, kc.new_zeros(()), scale, kind)
     return (d if valid is None else torch.where(valid, d, z)).to(state_patterns.dtype)
 
 
