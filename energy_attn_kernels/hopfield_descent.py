@@ -530,18 +530,21 @@ def _bwd_dq_kernel(Q, K, BIAS, PAD, MU, LSE, ELSE, DENERGY, DOUT, DQ, DMU, DELTA
         lse2 = tl.load(LSE + t * lse_step + bh * N + offs_n, mask=row_ok, other=float("inf"))
         dv = w + a  # ∂L/∂v_{t+1}: ξ_{t+1} = ξ_t + v_{t+1}
         dmu = eta * dv  # v_{t+1} = ρ v_t − η (y_t − μ_t)
-        delta = tl.sum(dmu * mu, 1)
+        # dμ enters the dots in the input dtype, and Δ = dμ·μ takes the same rounded dμ: then
+        # dS ∝ dμ·k_j − Δ = dμ·(k_j − μ) is shift-invariant, and keys with a large common
+        # offset c do not turn dμ's rounding error into a spurious dμ-error·c in every dS.
+        dmu_c = dmu.to(DT)
+        if UPCAST:
+            dmu_c = dmu_c.to(tl.float32)
+        delta = tl.sum(dmu_c.to(tl.float32) * mu, 1)
         if EGRAD:
             e = tl.load(DENERGY + de_off + t, mask=row_ok, other=0.0)
             if not NESTEROV:  # E(ξ_t) shares the read-out's logits: −lse/β adds e/β to Δ
                 delta += e / scale
         if not FUSED:
-            tl.store(DMU + t * mu_step + q_off, dmu, mask=tile_ok)
+            tl.store(DMU + t * mu_step + q_off, dmu_c, mask=tile_ok)
             tl.store(DELTA + t * lse_step + bh * N + offs_n, delta, mask=row_ok)
         # ∂L/∂ŷ = β Σ_j dS_ij k_j with dS = P ⊙ (dμ Kᵀ − Δ): flash-style, recomputing P.
-        dmu_c = dmu.to(DT)
-        if UPCAST:
-            dmu_c = dmu_c.to(tl.float32)
         acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         if SHORT:
             acc += _dq_part(yh, dmu_c, delta, k_all, 0, lse2, BIAS, b_off, PAD, p_off, offs_n,
