@@ -49,3 +49,62 @@ def test_half_precision_keys_and_queries_far_from_zero(dtype, optimizer):
     compare_to_truth(dtype, q, k, b, dout, num_steps=2, step_size=0.8, optimizer=optimizer,
                      momentum=base.OPTS[optimizer])
 
+
+def test_key_bias_blocking_a_whole_head():
+    """A key bias of −inf on every key of one key head (and on some keys of another), with
+    grouped heads and key padding: that head's queries have an empty memory (μ = 0), its keys
+    and bias get exactly zero gradient, and everything stays finite and matches the truth."""
+    g = torch.Generator().manual_seed(1)
+    B, H, Hk, N, M, D = 2, 4, 2, 19, 37, 16
+    q = torch.randn(B, H, N, D, generator=g, dtype=f64).to(DEVICE)
+    k = 0.5 * torch.randn(B, Hk, M, D, generator=g, dtype=f64).to(DEVICE)
+    b = 0.5 * torch.randn(B, Hk, M, generator=g, dtype=f64).to(DEVICE)
+    dout = torch.randn(B, H, N, D, generator=g, dtype=f64).to(DEVICE)
+    b[0, 0] = float("-inf")  # query heads 0, 1 of batch 0 see nothing
+    b[1, 1, 30:] = float("-inf")
+    mask = torch.ones(B, 1, 1, M, dtype=torch.bool, device=DEVICE)
+    mask[1, ..., :4] = False
+    eta, T = 0.8, 2
+    out, dq, dk, db = compare_to_truth(torch.float32, q, k, b, dout, num_steps=T,
+                                       step_size=eta, optimizer="momentum", momentum=0.6,
+                                       mask=mask)
+    assert (dk[0, 0] == 0).all() and (db[0, 0] == 0).all()
+    assert (dk[1, 1, 30:] == 0).all() and (db[1, 1, 30:] == 0).all()
+    # μ = 0: v_1 = −η q, ξ_1 = (1 − η) q; v_2 = ρ v_1 − η ξ_1, ξ_2 = ξ_1 + v_2
+    xi_1 = (1 - eta) * q[0, :2].float()
+    torch.testing.assert_close(out[0, :2], xi_1 - 0.6 * eta * q[0, :2].float() - eta * xi_1)
+
+
+def test_strided_expanded_inputs_and_an_odd_head_dim():
+    """Views as users pass them: a batch-``expand``ed ``q`` (stride 0), transposed ``[B, M, Hk,
+    D]`` keys, a strided key bias, a zero-stride (expanded) padding mask; head dim 40 (padded
+    to 64 inside the kernel), grouped heads and causal + padding. Gradients land in the
+    inputs' shapes."""
+    g = torch.Generator().manual_seed(2)
+    B, H, Hk, N, D = 2, 4, 2, 21, 40
+    q = torch.randn(1, H, N, D, generator=g, dtype=f64).to(DEVICE).expand(B, H, N, D)
+    k = 0.5 * torch.randn(B, N, Hk, D, generator=g, dtype=f64).to(DEVICE).transpose(1, 2)
+    b = 0.5 * torch.randn(B, N, 2 * Hk, generator=g, dtype=f64).to(DEVICE)[..., ::2]
+    b = b.transpose(1, 2)
+    dout = torch.randn(B, H, N, D, generator=g, dtype=f64).to(DEVICE)
+    mask = (torch.arange(N, device=DEVICE) % 5 != 1).expand(B, 1, 1, N)
+    assert q.stride(0) == 0 and not k.is_contiguous() and not b.is_contiguous()
+    assert mask.stride(0) == 0
+    got = compare_to_truth(torch.float32, q, k, b, dout, num_steps=2, step_size=0.8,
+                           optimizer="nesterov", momentum=0.6, mask=mask, is_causal=True)
+    assert [t.shape for t in got[1:]] == [q.shape, k.shape, b.shape]
+
+
+@pytest.mark.parametrize("optimizer", list(base.OPTS))
+@pytest.mark.parametrize("num_steps,step_size", [(0, 0.8), (2, 0.0)])
+def test_no_step_is_the_identity(optimizer, num_steps, step_size):
+    """``num_steps=0`` or ``step_size=0``: ``ξ_T = q`` and ``∂L/∂q = dout`` bit for bit, and the
+    keys and bias get exactly zero gradient (a fully masked batch element included)."""
+    (q, k, b, dout), _ = base.make_inputs(2, 2, 1, 19, 21, 16, torch.float32)
+    mask = torch.ones(2, 1, 1, 21, dtype=torch.bool, device=DEVICE)
+    mask[1] = False
+    out, dq, dk, db = base.run("triton", q, k, b, dout, num_steps=num_steps,
+                               step_size=step_size, optimizer=optimizer,
+                               momentum=base.OPTS[optimizer], mask=mask)
+    assert torch.equal(out, q) and torch.equal(dq, dout)
+    assert (dk == 0).all() and (db == 0).all()
