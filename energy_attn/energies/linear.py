@@ -93,7 +93,10 @@ def _scores(state, stored, scale, mask, causal, gates):
     """``(w ⊙ ξKᵀ)`` in the accumulation dtype, plus the keys in that dtype."""
     _check(state, stored, scale, mask, gates, causal)
     dt = acc_dtype(state, stored)
-    keys = _seen_keys(state, stored, mask).to(dt)  # padding: inf · 0 would be NaN
+    # Keys no query may attend (padding, or left by the mask only to queries causality
+    # hides them from) have weight 0, but inf · 0 would be NaN: zero them.
+    seen = masks.from_allowed(mask, causal) if exists(mask) else None
+    keys = _seen_keys(state, stored, seen).to(dt)
     with no_autocast(state):  # autocast would run it in 16 bits again
         s = state.to(dt) @ keys.transpose(-1, -2)  # [..., n, m]
     w = linear_weights(s.shape[-2], s.shape[-1], mask, causal, gates, dt, s.device)

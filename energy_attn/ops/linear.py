@@ -110,7 +110,8 @@ def linear_attention(q, k, v, *, scale: float = 1.0, causal: bool = False, gates
     if form == "auto":
         form = "recurrent" if not causal and gates is None and mask is None else "quadratic"
     if mask is not None:  # keys no query may attend: weight 0, but inf · 0 would be NaN
-        k, v = (masks.zero_unseen_keys(masks.from_allowed(mask), t) for t in (k, v))
+        m = masks.from_allowed(mask, causal)  # causality hides keys too
+        k, v = (masks.zero_unseen_keys(m, t) for t in (k, v))
     dt = acc_dtype(q)
     qa, ka, va = q.to(dt), k.to(dt), v.to(dt)
     gates = None if gates is None else gates.to(dt)

@@ -280,6 +280,21 @@ def test_inf_behind_padding_reaches_no_output():
                            linear_attention(q, k, v, mask=mask, form=form))
 
 
+def test_inf_behind_a_key_causality_hides_reaches_no_output():
+    """A key the mask leaves only to earlier queries is attended by no query under causality:
+    inf there made the outputs NaN (only the mask, not causality, was read to find it)."""
+    q, k, v = qkv()
+    mask = torch.ones(6, 6, dtype=torch.bool)
+    mask[3:, 3] = False  # key 3: queries 0-2 only, which causality keeps from it
+    bad_k, bad_v = k.clone(), v.clone()
+    bad_k[..., 3, :] = float("inf")
+    bad_v[..., 3, :] = float("nan")
+    for fn in (linear_energy, linear_energy_grad):
+        assert torch.equal(fn(q, bad_k, mask=mask, causal=True), fn(q, k, mask=mask, causal=True))
+    assert torch.equal(linear_attention(q, bad_k, bad_v, mask=mask, causal=True),
+                       linear_attention(q, k, v, mask=mask, causal=True))
+
+
 def test_linear_attention_layer_takes_a_bool_gated():
     """``gated="no"`` built a gated layer (any truthy value did)."""
     with pytest.raises(TypeError, match="gated"):
