@@ -56,16 +56,22 @@ def _resolve_scale(state, stored, scale):
     return check_finite_number("scale", scale, positive=True, allow_tensor=True)
 
 
+def _batch_shape(state, stored):
+    """The broadcast batch dims of ``[..., n, d]`` and ``[..., m, d]`` patterns (ValueError
+    naming both if they do not broadcast)."""
+    try:
+        return torch.broadcast_shapes(state.shape[:-2], stored.shape[:-2])
+    except RuntimeError:
+        raise ValueError(f"state_patterns {tuple(state.shape)} and stored_patterns "
+                         f"{tuple(stored.shape)} have batch dims that do not broadcast")
+
+
 def _check_masks(state, stored, mask, key_bias):
     """``mask`` (a tensor) broadcasts to ``[..., n, m]`` and ``key_bias`` to ``[..., m]``, on
     the patterns' device (ValueError/TypeError naming the argument)."""
     if not (isinstance(mask, torch.Tensor) or exists(key_bias)):
         return
-    try:
-        batch = torch.broadcast_shapes(state.shape[:-2], stored.shape[:-2])
-    except RuntimeError:
-        raise ValueError(f"state_patterns {tuple(state.shape)} and stored_patterns "
-                         f"{tuple(stored.shape)} have batch dims that do not broadcast")
+    batch = _batch_shape(state, stored)
     n, m = state.shape[-2], stored.shape[-2]
     if isinstance(mask, torch.Tensor):
         masks.check("mask", mask, (*batch, n, m))

@@ -32,7 +32,7 @@ from .._utils import (
     check_same_device,
     exists,
 )
-from .hopfield import _check_patterns, _seen_keys
+from .hopfield import _batch_shape, _check_patterns, _seen_keys
 
 
 def gate_weights(gates: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -72,11 +72,7 @@ def _check(state, stored, scale, mask, gates, causal):
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     n, m = state.shape[-2], stored.shape[-2]
-    try:
-        batch = torch.broadcast_shapes(state.shape[:-2], stored.shape[:-2])
-    except RuntimeError:
-        raise ValueError(f"state_patterns {tuple(state.shape)} and stored_patterns "
-                         f"{tuple(stored.shape)} have batch dims that do not broadcast")
+    batch = _batch_shape(state, stored)
     if (causal or exists(gates)) and n != m:
         raise ValueError(f"causal or gated linear energies need n == m, got n={n}, m={m}")
     if exists(mask):  # a weight of 0 or 1: an additive float mask has no meaning here
