@@ -1,29 +1,32 @@
 """Describe the machine and the code a benchmark ran on: helpers for every script here.
 
 Scripts run as ``python benchmarks/<name>.py``, so this folder is on ``sys.path`` and they
-``from _machine import machine, machine_name, commit, triton_version, provenance,
-median_ms, gpu_script_args, results_tag``.
+``from _machine import ...`` what they need: the machine and commit (``machine``,
+``machine_name``, ``commit``, ``provenance``), timing (``host_times_ms``, ``median_ms``), a
+measurement in a fresh process (``run_child``), arguments (``positive_int``, ``device_arg``,
+``cpu_script_args``, ``gpu_script_args``) and results (``write_results``, ``results_tag``).
 """
 
+import argparse
+import datetime
+import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from energy_attn._device import check_device
+from energy_attn.training.loop import machine_info
+
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+    return machine_info("cpu")["cpu"]
 
 
 def machine_name() -> str:
@@ -80,13 +83,102 @@ def median_ms(fn, reps: int, device: str) -> float:
         import triton.testing  # noqa: PLC0415
 
         return triton.testing.do_bench(fn, warmup=10, rep=reps * 10, return_mode="median")
-    fn()  # warm-up (compiles/specialises)
+    return statistics.median(host_times_ms(fn, reps))
+
+
+def host_times_ms(fn, reps: int, warmup: int = 1) -> list[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn()``, timed on the host after ``warmup``
+    untimed calls (``fn`` synchronises a GPU itself if it uses one)."""
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append(1e3 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    return times
+
+
+def positive_int(text: str) -> int:
+    """``argparse`` type for sizes and repetition counts: an integer of at least 1."""
+    return _positive(int, "an integer >= 1", text)
+
+
+def positive_float(text: str) -> float:
+    """``argparse`` type for a step size or an inverse temperature: a number above 0."""
+    return _positive(float, "a number > 0", text)
+
+
+def _positive(kind, expected: str, text: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not value > 0:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def device_arg(text: str) -> str:
+    """``argparse`` type for ``--device``: a torch device that exists on this machine."""
+    try:
+        check_device(text, name="device")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
+def run_child(cmd: list[str], env: dict | None = None) -> str:
+    """Run one measurement in a fresh process (its peak memory is its own); return its stdout.
+    If it fails, exit with its command and its error output rather than a bare exit status."""
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        sys.exit(f"measurement failed (exit status {res.returncode}): {shlex.join(cmd)}\n"
+                 f"{res.stderr.strip()}")
+    return res.stdout
+
+
+def cpu_script_args(ap, argv, name, quick: dict):
+    """Parse the arguments of a CPU benchmark with a smoke mode: adds ``--quick`` (the values
+    in ``quick`` become the defaults; arguments given explicitly still win) and ``--out`` (the
+    JSON path: ``results/<name>`` here for a full run, ``name`` a file name or a function of
+    the parsed arguments; a ``--quick`` run without ``--out`` writes nothing, so that it never
+    replaces the committed results the docs quote)."""
+    ap.add_argument("--quick", action="store_true", help="a smoke run: " + (
+        " ".join(f"{k}={v}" for k, v in quick.items()) or "small sizes"))
+    ap.add_argument("--out", type=Path, default=None,
+                    help="JSON path (default: under benchmarks/results; none for --quick)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        ap.set_defaults(**quick)
+        args = ap.parse_args(argv)
+    if args.out is None and not args.quick:
+        args.out = Path(__file__).parent / "results" / (name if isinstance(name, str)
+                                                        else name(args))
+    return args
+
+
+def command() -> str:
+    """The command line that ran this script, the script's path relative to the repository."""
+    script = Path(sys.argv[0]).resolve()
+    root = Path(__file__).resolve().parents[1]
+    if script.is_relative_to(root):
+        script = script.relative_to(root)
+    return shlex.join(["python", str(script), *sys.argv[1:]])
+
+
+def write_results(path: Path | None, record: dict) -> None:
+    """Write a benchmark's results as JSON, with where they come from first: ``machine()``,
+    the command line, the commit and the UTC date. ``path=None`` (a smoke run) writes nothing."""
+    if path is None:
+        print("not written (--quick without --out)")
+        return
+    record = {"machine": machine(), "command": command(), "commit": commit(),
+              "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+              **record}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def results_tag(smoke: bool) -> str:

@@ -6,27 +6,26 @@
 FLOPs are given twice: counted by ``torch.utils.flop_counter`` over forward+backward (it does not
 see the fused CPU SDPA kernel, so it misses MHA's attention core) and analytic forward FLOPs.
 Blocks are timed interleaved, rep by rep; the ratio uses the minimum over reps (the
-least disturbed by other jobs), the median is printed too. Prints a table relative to ``MHA`` and writes ``benchmarks/results/blocks_cpu.json``. Memory is
-reported two ways: bytes saved for backward (deterministic, from saved-tensor hooks) and the
-peak resident-set growth during one forward+backward (Linux), measured in a fresh subprocess
-per block.
+least disturbed by other jobs), the median is printed too. Prints a table relative to ``MHA``
+and writes ``benchmarks/results/blocks_cpu.json`` (or ``--out``). Memory is reported two ways:
+bytes saved for backward (deterministic, from saved-tensor hooks) and the peak resident-set
+growth during one forward+backward (Linux), measured in a fresh subprocess per block.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
-import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _machine import machine  # noqa: E402
+from _machine import machine, positive_int, run_child, write_results  # noqa: E402
 
 from energy_attn._memory import saved_bytes  # noqa: E402
 from energy_attn.layers.blocks import BLOCKS  # noqa: E402
@@ -91,19 +90,21 @@ def peak_rss_child(variant, a):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--reps", type=int, default=15)
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--batch", type=positive_int, default=8)
+    p.add_argument("--seq", type=positive_int, default=256)
+    p.add_argument("--d-model", type=positive_int, default=256)
+    p.add_argument("--heads", type=positive_int, default=4)
+    p.add_argument("--reps", type=positive_int, default=15)
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (1 keeps timings comparable on a shared machine)")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                 "blocks_cpu.json"))
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" /
+                   "blocks_cpu.json")
     p.add_argument("--no-peak", action="store_true",
                    help="skip the per-block subprocess that measures peak RSS (smoke runs)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.d_model % a.heads:
+        p.error(f"--d-model ({a.d_model}) must be a multiple of --heads ({a.heads})")
     torch.set_num_threads(a.threads)
     if a.child:
         print(peak_rss_child(a.child, a))
@@ -126,17 +127,15 @@ def main():
             step(block, x, state)
         peak = None
         if not a.no_peak:
-            child = subprocess.run(
+            peak = int(run_child(
                 [sys.executable, __file__, "--child", variant, "--threads", str(a.threads),
                  "--batch", str(a.batch), "--seq", str(a.seq), "--d-model", str(a.d_model),
                  "--heads", str(a.heads)],
-                capture_output=True, text=True, check=True,
-                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
-            )
-            peak = int(child.stdout.strip())
+                env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}).strip())
         rows.append(dict(block=NAMES[variant], variant=variant,
                          median_s=statistics.median(times[variant]), min_s=min(times[variant]),
-                         flops=fc.get_total_flops(), model_fwd_flops=model_flops(variant, a), saved_bytes=block_saved_bytes(block, x, state),
+                         flops=fc.get_total_flops(), model_fwd_flops=model_flops(variant, a),
+                         saved_bytes=block_saved_bytes(block, x, state),
                          peak_rss_bytes=peak))
     base = rows[0]
     for r in rows:
@@ -149,23 +148,20 @@ def main():
     m = machine()
     print(f"# blocks fwd+bwd, B={a.batch} N={a.seq} d_model={a.d_model} heads={a.heads} float32, "
           f"causal, {a.threads} thread(s); {m['cpu']}, {m['cores']} cores ({m['note']})")
-    print(f"{'block':<16}{'min ms':>8}{'x MHA':>7}{'median ms':>10}{'x':>6}{'cnt GF':>8}{'x':>6}{'fwd GF':>8}{'x':>6}"
-          f"{'saved MB':>10}{'x':>6}" + ("" if a.no_peak else f"{'peak MB':>9}{'x':>6}"))
+    print(f"{'block':<16}{'min ms':>8}{'x MHA':>7}{'median ms':>10}{'x':>6}{'cnt GF':>8}{'x':>6}"
+          f"{'fwd GF':>8}{'x':>6}{'saved MiB':>10}{'x':>6}"
+          + ("" if a.no_peak else f"{'peak MiB':>9}{'x':>6}"))
     for r in rows:
         print(f"{r['block']:<16}{1e3 * r['min_s']:>8.1f}{r['time_x']:>7.2f}"
               f"{1e3 * r['median_s']:>10.1f}{r['median_x']:>6.2f}"
               f"{r['flops'] / 1e9:>8.2f}{r['flops_x']:>6.2f}"
               f"{r['model_fwd_flops'] / 1e9:>8.2f}{r['model_fwd_x']:>6.2f}"
               f"{r['saved_bytes'] / 2**20:>10.1f}"
-              f"{r['saved_x']:>6.2f}" + ("" if a.no_peak else
-                                           f"{r['peak_rss_bytes'] / 2**20:>9.1f}{r['peak_x']:>6.2f}"))
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    with open(a.out, "w") as f:
-        json.dump(dict(machine=m, config=dict(batch=a.batch, seq=a.seq, d_model=a.d_model,
-                                              heads=a.heads, dtype="float32", causal=True,
-                                              reps=a.reps, threads=a.threads), rows=rows),
-                  f, indent=2)
-    print(f"wrote {a.out}")
+              f"{r['saved_x']:>6.2f}"
+              + ("" if a.no_peak else f"{r['peak_rss_bytes'] / 2**20:>9.1f}{r['peak_x']:>6.2f}"))
+    write_results(a.out, dict(config=dict(batch=a.batch, seq=a.seq, d_model=a.d_model,
+                                          heads=a.heads, dtype="float32", causal=True,
+                                          reps=a.reps, threads=a.threads), rows=rows))
 
 
 if __name__ == "__main__":

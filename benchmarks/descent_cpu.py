@@ -6,9 +6,9 @@ which keeps several N×M matrices per step; the reference backend reads out with
 peak resident memory (``ru_maxrss`` above the post-setup baseline) is its own.
 
     python benchmarks/descent_cpu.py            # B=2, H=8, N=M=1024, D=64, T=4, float32
-    python benchmarks/descent_cpu.py --quick    # small sizes, a smoke run
+    python benchmarks/descent_cpu.py --quick    # small sizes, a smoke run (writes only to --out)
 
-Prints a table and writes ``benchmarks/results/descent_cpu.json``.
+Prints a table and writes ``benchmarks/results/descent_cpu.json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-from _machine import machine_name  # this folder is on sys.path
+from _machine import (  # this folder is on sys.path
+    cpu_script_args,
+    host_times_ms,
+    machine_name,
+    positive_int,
+    run_child,
+    write_results,
+)
 
 PROVIDERS = ("reference", "autograd")
 
@@ -44,11 +48,7 @@ def run_one(provider: str, B: int, H: int, N: int, D: int, T: int, repeats: int)
         q.grad = k.grad = None
 
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    times = host_times_ms(step, repeats, warmup=0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     # Bytes autograd saves for backward (deterministic), counted on one more forward.
@@ -56,8 +56,8 @@ def run_one(provider: str, B: int, H: int, N: int, D: int, T: int, repeats: int)
                                                     backend=provider))
     return {
         "provider": provider,
-        "median_ms": 1e3 * statistics.median(times),
-        "min_ms": 1e3 * min(times),
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
         "peak_rss_mib": (peak - base) / 1024,  # ru_maxrss is KiB on Linux
         "saved_for_backward_mib": saved / 2**20,
     }
@@ -65,18 +65,15 @@ def run_one(provider: str, B: int, H: int, N: int, D: int, T: int, repeats: int)
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--B", type=int, default=2)
-    p.add_argument("--H", type=int, default=8)
-    p.add_argument("--N", type=int, default=1024, help="N = M")
-    p.add_argument("--D", type=int, default=64)
-    p.add_argument("--T", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "descent_cpu.json"))
+    p.add_argument("--B", type=positive_int, default=2)
+    p.add_argument("--H", type=positive_int, default=8)
+    p.add_argument("--N", type=positive_int, default=1024, help="N = M")
+    p.add_argument("--D", type=positive_int, default=64)
+    p.add_argument("--T", type=positive_int, default=4)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.B, args.H, args.N, args.D, args.T, args.repeats = 1, 2, 128, 32, 2, 2
+    args = cpu_script_args(p, argv, "descent_cpu.json",
+                           quick=dict(B=1, H=2, N=128, D=32, T=2, repeats=2))
     sizes = dict(B=args.B, H=args.H, N=args.N, D=args.D, T=args.T)
     if args.child:
         print(json.dumps(run_one(args.child, repeats=args.repeats, **sizes)))
@@ -86,8 +83,7 @@ def main(argv=None) -> int:
     for provider in PROVIDERS:
         cmd = [sys.executable, __file__, "--child", provider, "--repeats", str(args.repeats)]
         cmd += [f"--{k}={v}" for k, v in sizes.items()]
-        res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+        rows.append(json.loads(run_child(cmd).strip().splitlines()[-1]))
     ref, blog = rows
     speedup = blog["median_ms"] / ref["median_ms"]
     mem_ratio = blog["peak_rss_mib"] / max(ref["peak_rss_mib"], 1e-9)
@@ -101,12 +97,9 @@ def main(argv=None) -> int:
     print(f"reference is {speedup:.2f}x faster and uses {mem_ratio:.1f}x less peak memory "
           f"({blog['saved_for_backward_mib'] / ref['saved_for_backward_mib']:.1f}x less saved "
           f"for backward)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sizes": sizes, "dtype": "float32", "machine": machine_name(),
-                               "torch_threads": None, "rows": rows, "speedup": speedup,
-                               "peak_memory_ratio": mem_ratio}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out,
+                  {"sizes": sizes, "dtype": "float32", "repeats": args.repeats, "rows": rows,
+                   "speedup": speedup, "peak_memory_ratio": mem_ratio})
     return 0
 
 

@@ -9,9 +9,9 @@ on CUDA, and the bytes autograd saves for backward (deterministic, both devices)
 
     python benchmarks/fixed_point_memory.py                  # B=2, H=4, N=M=512, D=64, T=1..64
     python benchmarks/fixed_point_memory.py --device cuda
-    python benchmarks/fixed_point_memory.py --quick          # small sizes, a smoke run
+    python benchmarks/fixed_point_memory.py --quick          # a smoke run (writes only to --out)
 
-Prints a table and writes ``benchmarks/results/fixed_point_memory[_cuda].json``.
+Prints a table and writes ``benchmarks/results/fixed_point_memory[_cuda].json`` (or ``--out``).
 """
 
 from __future__ import annotations
@@ -20,12 +20,17 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
-import time
-from pathlib import Path
 
-from _machine import machine_name  # same folder: the CPU model and core count
+from _machine import (  # this folder is on sys.path
+    cpu_script_args,
+    device_arg,
+    host_times_ms,
+    machine_name,
+    positive_int,
+    run_child,
+    write_results,
+)
 
 SOLVERS = ("unrolled", "fixed_point")
 
@@ -43,28 +48,24 @@ def run_one(solver: str, T: int, B: int, H: int, N: int, D: int, repeats: int,
     q = torch.randn(B, H, N, D, device=device, requires_grad=True)
     k = (torch.randn(B, H, N, D, device=device) / D**0.5).requires_grad_()
 
+    cuda = device.startswith("cuda")
+
     def step():
         out = hopfield_descent(q, k, scale=1.0, num_steps=T, solver=solver, backend="reference")
         out.sum().backward()
         q.grad = k.grad = None
+        if cuda:
+            torch.cuda.synchronize()
 
-    cuda = device.startswith("cuda")
     if cuda:
         step()  # warm-up (allocator, kernels)
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
         # ru_maxrss is a high-water mark (KiB on Linux): take the baseline before any step
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
+    times = host_times_ms(step, repeats, warmup=0)
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
@@ -80,7 +81,7 @@ def run_one(solver: str, T: int, B: int, H: int, N: int, D: int, repeats: int,
     return {
         "solver": solver,
         "T": T,
-        "median_ms": 1e3 * statistics.median(times),
+        "median_ms": statistics.median(times),
         "peak_mib": peak / 2**20,
         "peak_kind": "cuda max_memory_allocated" if cuda else "peak RSS (coarse)",
         "saved_for_backward_mib": saved / 2**20,
@@ -90,19 +91,16 @@ def run_one(solver: str, T: int, B: int, H: int, N: int, D: int, repeats: int,
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--B", type=int, default=2)
-    p.add_argument("--H", type=int, default=4)
-    p.add_argument("--N", type=int, default=512, help="N = M")
-    p.add_argument("--D", type=int, default=64)
-    p.add_argument("--T", type=int, nargs="+", default=[1, 4, 16, 64])
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    p.add_argument("--out", default=None)
+    p.add_argument("--B", type=positive_int, default=2)
+    p.add_argument("--H", type=positive_int, default=4)
+    p.add_argument("--N", type=positive_int, default=512, help="N = M")
+    p.add_argument("--D", type=positive_int, default=64)
+    p.add_argument("--T", type=positive_int, nargs="+", default=[1, 4, 16, 64])
+    p.add_argument("--repeats", type=positive_int, default=3)
+    p.add_argument("--device", type=device_arg, default="cpu")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.B, args.H, args.N, args.D, args.T, args.repeats = 1, 2, 64, 16, [2, 8], 1
+    args = cpu_script_args(p, argv, lambda a: f"fixed_point_memory{_suffix(a.device)}.json",
+                           quick=dict(B=1, H=2, N=64, D=16, T=[2, 8], repeats=1))
     sizes = dict(B=args.B, H=args.H, N=args.N, D=args.D)
     if args.child:
         solver, T = args.child.split(":")
@@ -116,29 +114,22 @@ def main(argv=None) -> int:
             cmd = [sys.executable, __file__, "--child", f"{solver}:{T}", "--repeats",
                    str(args.repeats), "--device", args.device]
             cmd += [f"--{k}={v}" for k, v in sizes.items()]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=True)
-            rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-    where = machine_name() if args.device == "cpu" else f"{args.device} ({_gpu_name()})"
+            rows.append(json.loads(run_child(cmd).strip().splitlines()[-1]))
     print(f"hopfield_descent forward+backward, float32, {args.device}; {sizes}, scale=1")
-    print(f"machine: {where} (shared with other jobs: timings are noisy)")
+    print(f"machine: {machine_name()} (shared with other jobs: timings are noisy)")
     print(f"{'solver':<13}{'T':>4}{'median ms':>11}{'peak MiB':>10}{'saved MiB':>11}"
           f"{'residual':>10}")
     for r in rows:
         print(f"{r['solver']:<13}{r['T']:>4}{r['median_ms']:>11.1f}{r['peak_mib']:>10.1f}"
               f"{r['saved_for_backward_mib']:>11.2f}{r['max_residual']:>10.1e}")
-    suffix = "" if args.device == "cpu" else "_cuda"
-    out = Path(args.out or Path(__file__).parent / "results" / f"fixed_point_memory{suffix}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sizes": sizes, "dtype": "float32", "device": args.device,
-                               "machine": where, "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, {"sizes": sizes, "dtype": "float32", "device": args.device,
+                             "repeats": args.repeats, "rows": rows})
     return 0
 
 
-def _gpu_name() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+def _suffix(device: str) -> str:
+    """Result files of a GPU run are named apart from the CPU's: ``fixed_point_memory_cuda``."""
+    return "" if device == "cpu" else "_cuda"
 
 
 if __name__ == "__main__":

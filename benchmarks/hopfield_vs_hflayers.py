@@ -7,19 +7,24 @@ f56f929) on ``PYTHONPATH``.
 
     PYTHONPATH=path/to/hopfield-layers python benchmarks/hopfield_vs_hflayers.py [--quick]
 
-Prints a table and writes ``benchmarks/results/hopfield_vs_hflayers[_cuda].json``.
+Prints a table and writes ``benchmarks/results/hopfield_vs_hflayers[_cuda].json`` (or ``--out``;
+a ``--quick`` smoke run writes only to ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import time
-from pathlib import Path
 
 import torch
-from _machine import machine_name
+from _machine import (  # this folder is on sys.path
+    cpu_script_args,
+    device_arg,
+    host_times_ms,
+    machine_name,
+    positive_int,
+    write_results,
+)
 
 from energy_attn._memory import saved_bytes
 
@@ -32,27 +37,33 @@ CONFIGS = {  # name: (Hopfield kwargs, B, L)
 
 
 def measure(module, x, repeats):
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+    """Median ms of forward+backward (after one warm-up) and the MiB saved for backward."""
+    saved = 0
+
+    def step():
+        nonlocal saved
         out, saved = saved_bytes(lambda: module(x))
         out.square().mean().backward()
         if x.is_cuda:
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[1:]) * 1e3, saved / 2**20
+
+    return statistics.median(host_times_ms(step, repeats)), saved / 2**20
 
 
-def main():
-    import hflayers
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", type=device_arg, default="cpu")
+    ap.add_argument("--repeats", type=positive_int, default=5)
+    args = cpu_script_args(ap, argv, lambda a: "hopfield_vs_hflayers"
+                           f"{'' if a.device == 'cpu' else '_' + a.device}.json", quick={})
+    try:
+        import hflayers
+    except ImportError:
+        ap.error("hflayers is not importable: put a checkout of ml-jku/hopfield-layers "
+                 "(commit f56f929) on PYTHONPATH")
 
     import energy_attn
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--quick", action="store_true", help="small sizes, a smoke run")
-    args = ap.parse_args()
     rows = []
     for name, (kwargs, B, L) in CONFIGS.items():
         if args.quick:
@@ -75,12 +86,7 @@ def main():
         print(f"| {r['config']} | {r['B']} | {r['L']} | {r['hflayers_ms']:.1f} | "
               f"{r['energy_attn_ms']:.1f} | {r['speedup']:.2f}x | {r['hflayers_saved_mib']:.1f} | "
               f"{r['energy_attn_saved_mib']:.1f} |")
-    if not args.quick:
-        out = Path(__file__).parent / "results" / \
-            f"hopfield_vs_hflayers{'' if args.device == 'cpu' else '_' + args.device}.json"
-        out.write_text(json.dumps(dict(machine=machine_name(), device=args.device, rows=rows),
-                                  indent=1))
-        print(f"wrote {out}")
+    write_results(args.out, dict(device=args.device, repeats=args.repeats, rows=rows))
 
 
 if __name__ == "__main__":

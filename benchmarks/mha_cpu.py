@@ -7,28 +7,29 @@ more SDPA-sized read-out of the keys). Also the bytes autograd saves for backwar
 (distinct storages: a tensor saved twice counts once).
 
     python benchmarks/mha_cpu.py            # B=4, L=512, E=256, H=8
-    python benchmarks/mha_cpu.py --quick    # small sizes, a smoke run
+    python benchmarks/mha_cpu.py --quick    # small sizes, a smoke run (writes only to --out)
 
-Prints a table and writes ``benchmarks/results/mha_cpu.json``.
+Prints a table and writes ``benchmarks/results/mha_cpu.json`` (or ``--out``).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
-import time
-from pathlib import Path
 
 import torch
+from _machine import (  # this folder is on sys.path
+    cpu_script_args,
+    host_times_ms,
+    machine_name,
+    positive_int,
+    write_results,
+)
 from torch import nn
 
 from energy_attn import EnergyMultiheadAttention
 from energy_attn._memory import saved_bytes
-from _machine import machine_name  # noqa: E402  (this folder is on sys.path)
-
-
 
 
 def measure(layer: nn.Module, x: torch.Tensor, repeats: int) -> dict:
@@ -38,30 +39,23 @@ def measure(layer: nn.Module, x: torch.Tensor, repeats: int) -> dict:
         layer.zero_grad(set_to_none=True)
         x.grad = None
 
-    step()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    times = host_times_ms(step, repeats)
     # one entry per storage: a tensor saved twice (or two views of it) counts once
     _, saved = saved_bytes(lambda: layer(x, x, x, need_weights=False), per_storage=True)
-    return {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
+    return {"median_ms": statistics.median(times), "min_ms": min(times),
             "saved_for_backward_mib": saved / 2**20}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--B", type=int, default=4)
-    p.add_argument("--L", type=int, default=512)
-    p.add_argument("--E", type=int, default=256)
-    p.add_argument("--H", type=int, default=8)
-    p.add_argument("--repeats", type=int, default=7)
-    p.add_argument("--quick", action="store_true", help="small sizes (smoke run)")
-    p.add_argument("--out", default=str(Path(__file__).parent / "results" / "mha_cpu.json"))
-    args = p.parse_args(argv)
-    if args.quick:
-        args.B, args.L, args.E, args.H, args.repeats = 2, 64, 32, 2, 2
+    p.add_argument("--B", type=positive_int, default=4)
+    p.add_argument("--L", type=positive_int, default=512)
+    p.add_argument("--E", type=positive_int, default=256)
+    p.add_argument("--H", type=positive_int, default=8)
+    p.add_argument("--repeats", type=positive_int, default=7)
+    args = cpu_script_args(p, argv, "mha_cpu.json", quick=dict(B=2, L=64, E=32, H=2, repeats=2))
+    if args.E % args.H:
+        p.error(f"--E ({args.E}) must be a multiple of --H ({args.H})")
     sizes = {"B": args.B, "L": args.L, "E": args.E, "H": args.H}
 
     torch.manual_seed(0)
@@ -70,7 +64,8 @@ def main(argv=None) -> int:
     rows = [{"layer": "nn.MultiheadAttention", **measure(mha, x, args.repeats)}]
     for T in (1, 2, 4):
         energy = EnergyMultiheadAttention.from_mha(mha, num_steps=T)
-        rows.append({"layer": f"EnergyMultiheadAttention T={T}", **measure(energy, x, args.repeats)})
+        rows.append({"layer": f"EnergyMultiheadAttention T={T}",
+                     **measure(energy, x, args.repeats)})
 
     base = rows[0]["median_ms"]
     print(f"one self-attention layer, forward+backward, float32, CPU; {sizes}")
@@ -80,11 +75,8 @@ def main(argv=None) -> int:
         r["relative_to_mha"] = r["median_ms"] / base
         print(f"{r['layer']:<32}{r['median_ms']:>11.1f}{r['min_ms']:>9.1f}"
               f"{r['relative_to_mha']:>8.2f}{r['saved_for_backward_mib']:>11.1f}")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"sizes": sizes, "dtype": "float32", "machine": machine_name(),
-                               "torch_threads": torch.get_num_threads(), "rows": rows}, indent=2))
-    print(f"wrote {out}")
+    write_results(args.out, {"sizes": sizes, "dtype": "float32", "repeats": args.repeats,
+                             "rows": rows})
     return 0
 
 

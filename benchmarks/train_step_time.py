@@ -7,20 +7,22 @@ shared machine hits all of them alike; the table reports the median step time an
 mha + AdamW, and the bare optimizer ``step()`` time (no forward/backward).
 
     python benchmarks/train_step_time.py --out benchmarks/results/train_step_time.json
+
+Writes JSON only where ``--out`` says.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
+from _machine import device_arg, machine_name, positive_int, write_results  # this folder
 
 from energy_attn.optim import AttentionInformedAdam
-from energy_attn.training.loop import TrainConfig, build_model, build_optimizer, machine_info
+from energy_attn.training.loop import TrainConfig, build_model, build_optimizer
 
 VARIANTS = {"mha + adamw": {"optimizer": "adamw"},
             "momen + adamw": {"block": "momen"},
@@ -33,15 +35,17 @@ VARIANTS = {"mha + adamw": {"optimizer": "adamw"},
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--n-layer", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--context", type=int, default=64)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--repeats", type=int, default=6)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--n-layer", type=positive_int, default=2)
+    p.add_argument("--d-model", type=positive_int, default=64, help="a multiple of 4 (4 heads)")
+    p.add_argument("--context", type=positive_int, default=64)
+    p.add_argument("--batch", type=positive_int, default=16)
+    p.add_argument("--steps", type=positive_int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=6)
+    p.add_argument("--device", type=device_arg, default="cpu")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default: none written)")
     args = p.parse_args(argv)
+    if args.d_model % 4:
+        p.error(f"--d-model ({args.d_model}) must be a multiple of 4, the number of heads")
     dev = torch.device(args.device)
     setups = {}
     for name, kw in VARIANTS.items():
@@ -102,12 +106,10 @@ def main(argv=None):
     for r in rows:
         print(f"{r['variant']:<28}{r['median_step_ms']:>10.1f}{r['ratio_to_mha_adamw']:>13.2f}"
               f"{r['median_optimizer_step_ms']:>13.2f}")
-    info = machine_info(args.device)
-    print(f"machine: {info['cpu']}, {info['cores']} cores (shared with other jobs)")
+    print(f"machine: {machine_name()} (shared with other jobs)")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "machine": info,
-                                              "rows": rows}, indent=1))
+        write_results(args.out, {"args": {k: v for k, v in vars(args).items() if k != "out"},
+                                 "rows": rows})
 
 
 if __name__ == "__main__":
