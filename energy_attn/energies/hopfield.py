@@ -140,9 +140,9 @@ def _logits(state, stored, scale, mask=None):
     bias comes folded into ``mask``: :func:`_with_key_bias`).
 
     Fully masked rows get all-zero logits (so softmax/lse stay finite) and ``valid = False``;
-    callers zero their read-out and potential.
+    callers zero their read-out and potential. Callers check ``mask`` (:func:`_check_masks`):
+    the Hopfield layer calls this in every step.
     """
-    _check_masks(state, stored, mask, None)
     dt = acc_dtype(state, stored)
     with no_autocast(state):  # autocast would run the einsum in 16 bits again
         logits = torch.einsum("...id,...jd->...ij", state.to(dt), stored.to(dt)) * scale
