@@ -71,9 +71,10 @@ def triton_version() -> str | None:
 
 
 def provenance() -> dict:
-    """What a GPU benchmark's JSON records about where it ran: machine, torch, Triton, commit."""
+    """What a kernel benchmark's JSON records about where it ran: machine, torch, Triton, commit
+    and the command line."""
     return {"machine": machine_name(), "torch": torch.__version__, "triton": triton_version(),
-            "commit": commit()}
+            "commit": commit(), "command": command()}
 
 
 def median_ms(fn, reps: int, device: str) -> float:

@@ -26,7 +26,7 @@ from energy_attn.kernels.compile_check import markdown_table, resource_report
 from energy_attn.kernels.hopfield_descent import _interpreting
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # also when loaded by path
-from _machine import machine_name  # noqa: E402
+from _machine import machine_name, provenance  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -51,8 +51,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "kernel_resources-quick" if args.quick else "kernel_resources"
-    (out / f"{name}.json").write_text(json.dumps(
-        {"machine": machine_name(), "triton": triton.__version__, "rows": rows}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({**provenance(), "rows": rows}, indent=1))
     (out / f"{name}.md").write_text(header + "\n" + table + "\n")
     return 0
 

@@ -160,3 +160,9 @@ def test_a_failed_measurement_shows_its_error():
     with pytest.raises(SystemExit) as err:
         _machine.run_child([sys.executable, "-c", "import sys; sys.exit('out of memory here')"])
     assert "out of memory here" in str(err.value) and "exit status 1" in str(err.value)
+
+
+def test_kernel_benchmarks_record_their_command_and_commit():
+    record = _machine.provenance()
+    assert {"machine", "torch", "triton", "commit", "command"} <= set(record)
+    assert record["command"].startswith("python ")
