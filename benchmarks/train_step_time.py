@@ -62,12 +62,17 @@ def main(argv=None):
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    def full_step(model, opt):
+    def forward_backward(model, opt):
+        """AttentionInformedAdam takes the loss itself: it adds the attention gradient's
+        backward."""
         _, loss = model(x, y)
         if isinstance(opt, AttentionInformedAdam):
             opt.backward(loss)
         else:
             loss.backward()
+
+    def full_step(model, opt):
+        forward_backward(model, opt)
         opt.step()
         opt.zero_grad(set_to_none=False)
 
@@ -84,11 +89,7 @@ def main(argv=None):
                 sync()
                 times[name].append(time.perf_counter() - t0)
             # the bare optimizer step (AIAdam with its attention gradient from a fresh backward)
-            _, loss = model(x, y)
-            if isinstance(opt, AttentionInformedAdam):
-                opt.backward(loss)
-            else:
-                loss.backward()
+            forward_backward(model, opt)
             sync()
             t0 = time.perf_counter()
             opt.step()
