@@ -247,8 +247,13 @@ def _kernel_masks(m, key_bias, k_shape):
     """Canonical masks -> the kernel's ``(bool mask, per-key bias [B, Hk, M], why_not)``.
 
     An additive mask that is per key (``[B|1, 1, 1, M]``) joins the per-key bias (float32);
-    one that varies over heads or queries has no kernel form (``why_not`` says so).
+    one that varies over heads or queries has no kernel form (``why_not`` says so). ``key_bias``
+    is an additive mask (:func:`energy_attn.masks.from_additive`): its entries ``<= finfo.min``
+    and NaN reach the kernel as ``−inf``, which blocks the key there too.
     """
+    if key_bias is not None:
+        kb = masks.from_additive(key_bias)
+        key_bias = kb.bias.float().masked_fill(~kb.allowed, float("-inf"))
     if m.bias is None:
         return m.allowed, key_bias, None
     if not masks.is_key_padding(m.bias):

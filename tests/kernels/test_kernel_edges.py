@@ -108,3 +108,22 @@ def test_no_step_is_the_identity(optimizer, num_steps, step_size):
                                momentum=base.OPTS[optimizer], mask=mask)
     assert torch.equal(out, q) and torch.equal(dq, dout)
     assert (dk == 0).all() and (db == 0).all()
+
+
+@pytest.mark.parametrize("value", [torch.finfo(torch.float16).min, float("nan")],
+                         ids=["finfo.min", "nan"])
+def test_key_bias_at_finfo_min_or_nan_blocks_its_key(value):
+    """A 16-bit key bias at ``finfo.min`` (or NaN) blocks its key, as in any additive mask: the
+    kernel read −65504 as a finite bias (output 0.5 off the reference) and NaN as NaN
+    everywhere."""
+    (q, k, b, dout), (q64, k64, b64, dout64) = base.make_inputs(1, 4, 2, 19, 21, 16,
+                                                                torch.float16)
+    b[0, 0], b[0, 1, 5:9] = value, value
+    b64[0, 0], b64[0, 1, 5:9] = float("-inf"), float("-inf")
+    kw = dict(num_steps=2, step_size=0.8, optimizer="nesterov", momentum=0.6)
+    got = base.run("triton", q, k, b, dout, **kw)
+    ref = base.run("reference", q, k, b, dout, **kw)
+    truth = base.run("reference", q64, k64, b64, dout64, **kw)
+    for name, g, r, t in zip(["out", "dq", "dk", "dkey_bias"], got, ref, truth):
+        base.assert_close_to_truth(name, g, r, t.nan_to_num(), torch.float16)
+    assert (got[3][0, 0] == 0).all() and (got[2][0, 0] == 0).all()
