@@ -166,3 +166,14 @@ def test_kernel_benchmarks_record_their_command_and_commit():
     record = _machine.provenance()
     assert {"machine", "torch", "triton", "commit", "command"} <= set(record)
     assert record["command"].startswith("python ")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "steps must be >= 1"),
+    (["--grid", "lr=-1"], "lr must be a finite number >= 0"),
+    (["--seeds", "0,a"], "--seeds '0,a': expected integers separated by commas"),
+])
+def test_digits_experiment_refuses_bad_arguments_before_any_run(tmp_path, args, message):
+    res = run("experiments/digits.py", "--task", "vit", "--out", tmp_path, *args)
+    assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()

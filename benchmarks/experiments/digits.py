@@ -232,35 +232,41 @@ def main(argv=None) -> int:
     p.add_argument("--target-loss", type=float, default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r}: expected integers separated by commas, e.g. 0,1,2")
+    try:  # every configuration is checked before the first run
+        base = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr,
+                           d_model=args.d_model, n_layer=args.n_layer, n_head=4,
+                           eval_interval=args.eval_interval, warmup=20, beta2=0.99)
+        runs = [(variant_name(variant), seed, replace(base, **variant, seed=seed))
+                for variant in parse_grid(args.grid or ["optimizer=adamw,aiadam"], TrainConfig)
+                for seed in seeds]
+    except ValueError as err:
+        p.error(str(err))
     data = None  # loaded for the first run that is not saved yet
-    base = TrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, d_model=args.d_model,
-                       n_layer=args.n_layer, n_head=4, eval_interval=args.eval_interval,
-                       warmup=20, beta2=0.99)
-    variants = parse_grid(args.grid or ["optimizer=adamw,aiadam"], TrainConfig)
     out = Path(args.out)
     logs = {}
-    for variant in variants:
-        name = variant_name(variant)
-        for seed in (int(s) for s in args.seeds.split(",")):
-            run_file = out / "runs" / f"{name}-s{seed}.json"
-            cfg = replace(base, **variant, seed=seed)
-            if run_file.exists():
-                log = json.loads(run_file.read_text())
-            else:
-                data = data or load_digits()
-                if data is None:
-                    print("scikit-learn is not installed: its bundled digits data set is "
-                          "unavailable; skipping (pip install scikit-learn to run this "
-                          "experiment)")
-                    return 0
-                log = run(args.task, cfg, data)
-                run_file.parent.mkdir(parents=True, exist_ok=True)
-                run_file.write_text(json.dumps(log))
-            s = log["summary"]
-            print(f"[{args.task} {name} seed {seed}] val loss {s['final_val_loss']:.4f} "
-                  f"acc {s['final_val_acc']:.3f} {s['median_step_ms']:.1f} ms/step",
-                  file=sys.stderr, flush=True)
-            logs.setdefault(name, []).append(log)
+    for name, seed, cfg in runs:
+        run_file = out / "runs" / f"{name}-s{seed}.json"
+        if run_file.exists():
+            log = json.loads(run_file.read_text())
+        else:
+            data = data or load_digits()
+            if data is None:
+                print("scikit-learn is not installed: its bundled digits data set is "
+                      "unavailable; skipping (pip install scikit-learn to run this "
+                      "experiment)")
+                return 0
+            log = run(args.task, cfg, data)
+            run_file.parent.mkdir(parents=True, exist_ok=True)
+            run_file.write_text(json.dumps(log))
+        s = log["summary"]
+        print(f"[{args.task} {name} seed {seed}] val loss {s['final_val_loss']:.4f} "
+              f"acc {s['final_val_acc']:.3f} {s['median_step_ms']:.1f} ms/step",
+              file=sys.stderr, flush=True)
+        logs.setdefault(name, []).append(log)
     rows = summarize_runs(logs, args.target_loss, extra_keys=("final_val_acc",))
     print(write_summary(logs, rows, out, args.target_loss,
                         "python benchmarks/experiments/digits.py " + " ".join(sys.argv[1:])))
