@@ -45,18 +45,25 @@ def machine() -> dict:
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "note": "shared machine: other jobs were running, timings are noisy",
+        # what else was running: the docs quote it beside CPU timings taken on shared machines
+        "load_average": [round(x, 2) for x in os.getloadavg()],  # 1, 5, 15 minutes
     }
 
 
-def commit() -> str | None:
+def commit(repo: Path = Path(__file__).parent) -> str | None:
     """The repository's commit (the results' provenance): ``$BENCH_COMMIT`` when set (a copy
-    of the tree without ``.git``, as on a lent GPU machine), else ``git rev-parse``, else None."""
+    of the tree without ``.git``, as on a lent GPU machine), else ``git rev-parse`` with
+    ``+dirty`` appended when tracked files differ from it, else None."""
     if os.environ.get("BENCH_COMMIT"):
         return os.environ["BENCH_COMMIT"]
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=repo,
+                              check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return None
 

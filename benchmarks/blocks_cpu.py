@@ -147,7 +147,8 @@ def main():
         r["peak_x"] = None if a.no_peak else r["peak_rss_bytes"] / base["peak_rss_bytes"]
     m = machine()
     print(f"# blocks fwd+bwd, B={a.batch} N={a.seq} d_model={a.d_model} heads={a.heads} float32, "
-          f"causal, {a.threads} thread(s); {m['cpu']}, {m['cores']} cores ({m['note']})")
+          f"causal, {a.threads} thread(s); {m['cpu']}, {m['cores']} cores, load average "
+          f"{m['load_average'][0]}")
     print(f"{'block':<16}{'min ms':>8}{'x MHA':>7}{'median ms':>10}{'x':>6}{'cnt GF':>8}{'x':>6}"
           f"{'fwd GF':>8}{'x':>6}{'saved MiB':>10}{'x':>6}"
           + ("" if a.no_peak else f"{'peak MiB':>9}{'x':>6}"))

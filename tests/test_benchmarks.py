@@ -34,6 +34,7 @@ def load_results(path, script):
     """The JSON a benchmark wrote, after checking the provenance every result file carries."""
     data = json.loads(path.read_text())
     assert data["machine"]["cpu"] and data["machine"]["torch_threads"] >= 1
+    assert len(data["machine"]["load_average"]) == 3
     assert data["command"].startswith(f"python benchmarks/{script} ")
     assert "commit" in data and data["date"].endswith("UTC")
     return data
@@ -177,3 +178,22 @@ def test_digits_experiment_refuses_bad_arguments_before_any_run(tmp_path, args, 
     res = run("experiments/digits.py", "--task", "vit", "--out", tmp_path, *args)
     assert res.returncode == 2 and message in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_commit_says_when_the_tree_differs_from_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("BENCH_COMMIT", raising=False)
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("commit", "-qm", "a")
+    clean = _machine.commit(tmp_path)
+    assert clean and not clean.endswith("+dirty")
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert _machine.commit(tmp_path) == clean + "+dirty"
+    monkeypatch.setenv("BENCH_COMMIT", "abc1234")
+    assert _machine.commit(tmp_path) == "abc1234"
