@@ -9,6 +9,9 @@ chosen by autotuning on the GPU. Needs no GPU; must run without ``TRITON_INTERPR
     python benchmarks/kernel_resources.py            # sm_80 and sm_90; bf16 and fp32; D 64, 128
     python benchmarks/kernel_resources.py --quick    # sm_90, bf16, D = 128
 
+A second table compiles the benchmarked target calls (sm_90, bf16, GD, no masks) with the
+two-kernel backward and both forms of the one-kernel backward (``FUSED_BACKWARD``).
+
 Prints a markdown table and writes ``benchmarks/results/kernel_resources.{json,md}``.
 """
 
@@ -42,7 +45,14 @@ def main(argv=None) -> int:
     rows = []
     for light in (True, False):
         rows += resource_report(archs, dtypes, dims, light=light)
-    table = markdown_table(rows, tier=True)
+    # the benchmarked target calls (GD, no masks) on sm_90, with each backward form
+    target = [r for fused in (None, "red", "tma")
+              for r in resource_report((90,), ("bf16",), dims, light=True, fused=fused,
+                                       masked=False)
+              if fused is None or r["kernel"] != "_fwd_kernel"]
+    table = (markdown_table(rows, tier=True) + "\n\nThe benchmarked target calls (sm_90, bf16, "
+             "GD without energies and without masks), two-kernel and one-kernel backward:\n\n"
+             + markdown_table(target))
     header = (f"Compiled on {machine_name()} (no GPU) with Triton {triton.__version__}, "
               f"{time.perf_counter() - start:.0f} s. light = GD without energies; heavy = "
               "Nesterov with energies (both with key bias, padding and causal masks).\n")
@@ -51,7 +61,8 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = "kernel_resources-quick" if args.quick else "kernel_resources"
-    (out / f"{name}.json").write_text(json.dumps({**provenance(), "rows": rows}, indent=1))
+    (out / f"{name}.json").write_text(json.dumps({**provenance(), "rows": rows,
+                                                    "target_rows": target}, indent=1))
     (out / f"{name}.md").write_text(header + "\n" + table + "\n")
     return 0
 

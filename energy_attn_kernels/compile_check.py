@@ -148,16 +148,19 @@ def with_tiles(launch: hd.Launch, tiles) -> hd.Launch:
 
 
 def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=False,
-                    space=False, fused=None):
+                    space=False, fused=None, masked=True):
     """Compile every kernel for each (arch, dtype, head dim, key path); one row each.
 
     ``space``: compile every autotuning candidate of each launch, not only its default (the
     first candidate, what runs without autotuning); rows say which is the default. ``fused``:
     plan the one-kernel backward (``FUSED_BACKWARD``; ``"tma"`` compiles as ``"red"`` below
-    sm_90, which has no TMA).
+    sm_90, which has no TMA). ``masked=False``: no key bias, padding or causal mask (the
+    benchmarked target calls), where the default is all three.
     """
     rows = []
     flags = {"optimizer": "gd", "energies": False} if light else {}
+    if not masked:
+        flags.update(key_bias=False, padding=False, is_causal=False)
     for arch in archs:
         for dt in dtypes:
             for D in head_dims:
@@ -173,7 +176,7 @@ def resource_report(archs=(90,), dtypes=("bf16",), head_dims=(64, 128), light=Fa
                                                   launch.candidates[:1]):
                             row = compile_launch(with_tiles(launch, tiles), arch)
                             row.update(dtype=dt, flags="light" if light else "heavy",
-                                       default=i == 0)
+                                       default=i == 0, masked=masked)
                             rows.append(row)
     return rows
 
