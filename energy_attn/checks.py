@@ -97,8 +97,12 @@ def run_checks(seed: int = 0, dtype: torch.dtype = torch.float32, device="cpu",
         results.append(CheckResult("autograd energy step == hopfield_descent step (max |diff|)",
                                    maxdiff(via_autograd, out_en), _tol(1e-6, dtype)))
         via_closed_form = minimize_energy(energy, state, stored)
+        # 3e-6, not the blog's 1e-6: the closed form centres its logits and read-out about the
+        # keys' mean (docs/math.md §4.3), which rounds differently from autograd's uncentred
+        # path; over 2000 seeds the two steps differed by up to 17 eps in float32 (34 eps in
+        # float64), each within ~8 eps of a float64 step. 3e-6 is 25 eps (float64: 50 eps).
         results.append(CheckResult("closed-form energy step == autograd step (max |diff|)",
-                                   maxdiff(via_closed_form, via_autograd), _tol(1e-6, dtype)))
+                                   maxdiff(via_closed_form, via_autograd), _tol(3e-6, dtype)))
 
         # 4. Q/K/V: one energy step gives softmax(QKᵀ)K; undo W_K, apply W_V (pseudo-inverse).
         out_qkv = softmax_attn(state, context=stored)

@@ -100,3 +100,12 @@ def test_bad_values_are_one_line_errors_with_exit_2_before_any_work(argv, names,
     err = capsys.readouterr().err
     assert code == 2 and names in err and "Traceback" not in err, err
     assert not out.exists(), "nothing is written for a refused command"
+
+
+@pytest.mark.parametrize("dtype, seed", [(torch.float32, 39), (torch.float32, 55),
+                                         (torch.float64, 52), (torch.float64, 81)])
+def test_closed_form_row_allows_the_centred_forms_rounding(dtype, seed):
+    # These seeds failed the closed-form row at the blog's 1e-6 (1.2–1.5x over) once the
+    # closed form centred its keys: a different, equally accurate rounding from autograd's.
+    row = next(r for r in run_checks(seed=seed, dtype=dtype) if r.name.startswith("closed-form"))
+    assert row.passed, (row.measured, row.tolerance)
